@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (see README):  `make train`  and  `make test`.
+# Both are idempotent: the virtual environment is built once and reused.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train train-full test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+# The main job: HF-softmax on the built-in synthetic identities, ending with a held-out verification table.
+train: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train_hf.sh $(ARGS)
+
+# Full-softmax baseline on the same data.
+train-full: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train.sh $(ARGS)
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs outputs

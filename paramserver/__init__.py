@@ -1,0 +1,1 @@
+"""paramserver: the home of the K x d class matrix (numpy + pyzmq, never torch)."""
