@@ -1,0 +1,35 @@
+"""Backbones: image [B, 3, H, W] -> embedding [B, feature_dim].
+
+``get_backbone(name, feature_dim, image_size)`` is the one factory that training, evaluation and
+tools use, so a checkpoint's config (``model.backbone``) is enough to rebuild its network.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .hynet import Hynet
+from .resnet import RESNET_DEPTHS, FaceResNet
+from .tiny import TinyNet
+
+BACKBONES = ("tiny", "hynet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+
+
+def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0) -> nn.Module:
+    """Build a backbone by name.
+
+    Args:
+        name: one of ``tiny``, ``hynet``, ``resnet18``, ``resnet34``, ``resnet50``, ``resnet100``.
+        feature_dim: embedding size d.
+        image_size: input side in pixels (112 for the face nets; tiny accepts any multiple of 4).
+        dropout: dropout before the embedding FC (face ResNet, Hynet).
+    """
+    if name == "tiny":
+        return TinyNet(feature_dim=feature_dim, image_size=image_size)
+    if name == "hynet":
+        return Hynet(feature_dim=feature_dim, image_size=image_size, dropout=dropout)
+    if name.startswith("resnet") and name[len("resnet"):].isdigit() and int(name[6:]) in RESNET_DEPTHS:
+        return FaceResNet(depth=int(name[6:]), feature_dim=feature_dim, image_size=image_size, dropout=dropout)
+    raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+
+
+__all__ = ["get_backbone", "BACKBONES", "FaceResNet", "Hynet", "TinyNet"]

@@ -1,0 +1,36 @@
+"""Classifier heads behind one interface: ``loss = head(features, labels)``, ``head.scores(features)``.
+
+``build_head(cfg.head, num_classes, feature_dim, device, store=None)`` picks one from the config:
+full (linear/CosFace/ArcFace), hf and random (selective softmax on a parameter store), mach, rp.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import ClassifierHead
+from .full import FullSoftmax, margin_logits
+
+
+def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.device | str | None = None,
+               store: Any = None) -> ClassifierHead:
+    """Build the head named by ``cfg.name`` (a :class:`hfsoftmax.config.HeadConfig`)."""
+    if cfg.name == "full":
+        return FullSoftmax(num_classes, feature_dim, margin=cfg.margin, scale=cfg.scale, margin_m=cfg.margin_m,
+                           device=device)
+    if cfg.name in ("hf", "random"):
+        from .selective import SelectiveSoftmax
+        if store is None:
+            raise ValueError(f"head '{cfg.name}' needs a parameter store (store.kind=local or remote)")
+        return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim)
+    if cfg.name == "mach":
+        from .mach import MachHead
+        return MachHead.from_config(cfg, num_classes, feature_dim, device=device)
+    if cfg.name == "rp":
+        from .rp import RPSoftmax
+        return RPSoftmax.from_config(cfg, num_classes, feature_dim, device=device)
+    raise ValueError(f"unknown head '{cfg.name}'")
+
+
+__all__ = ["ClassifierHead", "FullSoftmax", "margin_logits", "build_head"]

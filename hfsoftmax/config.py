@@ -1,0 +1,298 @@
+"""Typed configuration: dataclasses, YAML files layered on a base, and ``key=value`` overrides.
+
+A config file is YAML whose top-level keys are the sections below. It may name a file to layer on::
+
+    _base_: base.yaml          # relative to this file; merged first, this file wins
+    head:
+      name: hf
+      num_active: 100
+
+Overrides on the command line use dotted keys: ``train.steps=200 head.margin=arcface``. Values are
+parsed as YAML scalars (``true``, ``0.1``, ``[30, 60]``) and checked against the field's type.
+An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key (and the
+file it came from), so a misspelling never silently trains something else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                 # "" -> the built-in synthetic identities; else a .rec folder or image list
+    image_size: int = 32           # input side; face ResNets and Hynet expect 112
+    num_workers: int = 0
+    skip_bad: bool = False         # corrupt records: False -> error naming the record; True -> counted skip
+    # Synthetic identities (used when path is empty).
+    num_classes: int = 1000        # K; memory does not grow with it
+    samples_per_class: int = 32
+    families: int = 0              # >0: identities come in families of similar faces (hard negatives)
+    family_spread: float = 0.35    # how far an identity sits from its family's centre (smaller = harder)
+    nuisance: float = 1.0          # strength of pose/light/noise nuisance (0 = clean renders)
+    val_identities: int = 200      # held-out identities (never trained on) for verification pairs
+    val_pairs: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"          # tiny | hynet | resnet18 | resnet34 | resnet50 | resnet100
+    feature_dim: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class MachConfig:
+    num_hashes: int = 16           # R
+    num_buckets: int = 0           # B; 0 -> chosen from K (see heads/mach.py)
+    hidden: int = 0                # >0: a hidden layer of this width per head
+
+
+@dataclass
+class RPConfig:
+    proj_dim: int = 64             # m: the projected feature dimension (m < d)
+
+
+@dataclass
+class HeadConfig:
+    name: str = "full"             # full | hf | random | mach | rp
+    margin: str = "none"           # none | cosface | arcface
+    scale: float = 64.0            # s, for cosface/arcface
+    margin_m: float = 0.35         # m: 0.35 cosface, 0.5 arcface are the usual values
+    # Selective softmax (hf, random): see heads/selective.py.
+    num_active: int = 1000         # M
+    index: str = "forest"          # forest | ivf | hnsw | exact | random
+    candidates: int = 64           # nearest classes asked of the index per sample
+    rebuild_every: int = 100       # T (a minimum period: builds never queue)
+    ntrees: int = 50
+    search_k: int = -1
+    nlist: int = 0                 # IVF lists; 0 -> about sqrt(K)
+    nprobe: int = 8
+    cpk_every: int = 0             # P: log CPK(M) on a probe batch every P steps (0 = off)
+    adaptive: bool = False         # adaptive allocation of M and T from CPK
+    tau_cp: float = 0.9
+    m_min: int = 100
+    m_max: int = 10000
+    mach: MachConfig = field(default_factory=MachConfig)
+    rp: RPConfig = field(default_factory=RPConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"       # constant | step | cosine
+    warmup_steps: int = 0
+    milestones: list[int] = field(default_factory=list)   # step schedule: steps where lr *= gamma
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64           # per process (global batch = batch_size * world size)
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/default"
+    resume: str = ""               # "" | auto | path/to/ckpt.pt
+    ckpt_every: int = 0            # 0 -> only at the end
+    keep_every: int = 0            # >0: also keep ckpt_<step>.pt every this many steps
+    log_every: int = 20
+    eval_every: int = 0            # held-out verification every this many steps (0 = at the end only)
+    grad_clip: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class StoreConfig:
+    kind: str = "local"            # local (in-process WeightStore) | remote (parameter server)
+    address: str = ""              # remote: comma-separated shard addresses tcp://host:port
+    token: str = ""
+    timeout: float = 60.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Building a Config from nested dicts, checking every key and type.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    where = f"{key}" + (f" (from {origin})" if origin else "")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{where}' expects a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{where}' expects an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{where}' expects a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)   # e.g. store.token=1234
+        raise ConfigError(f"config key '{where}' expects a string, got {value!r}")
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    raise ConfigError(f"config key '{where}' has an unsupported type {tp}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, origin: str) -> None:
+    """Set fields of dataclass ``obj`` from ``values`` recursively, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' (from {origin}) must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{key}'" + (f" in {origin}" if origin else "")
+                              + f" (valid keys here: {valid})")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _apply(current, v, key + ".", origin)
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key, origin))
+
+
+def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config, resolving its ``_base_`` chain (bases first, this file wins)."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"config file {path} includes itself through _base_")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = _read_yaml(os.path.join(os.path.dirname(path), base), _seen + (path,))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.steps=200'`` -> (['train', 'steps'], 200)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (with its ``_base_`` chain) <- ``key=value`` overrides."""
+    cfg = Config()
+    if path:
+        _apply(cfg, _read_yaml(path), "", path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        _apply(cfg, nested, "", f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, d, "", "checkpoint")
+    return cfg
+
+
+_CHOICES = {
+    "head.name": ("full", "hf", "random", "mach", "rp"),
+    "head.margin": ("none", "cosface", "arcface"),
+    "head.index": ("forest", "ivf", "hnsw", "exact", "random"),
+    "optim.schedule": ("constant", "step", "cosine"),
+    "store.kind": ("local", "remote"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "model.feature_dim": cfg.model.feature_dim, "data.image_size": cfg.data.image_size,
+                "data.num_classes": cfg.data.num_classes, "head.num_active": cfg.head.num_active}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    if cfg.train.resume not in ("", "auto") and not os.path.isfile(cfg.train.resume):
+        raise ConfigError(f"config key 'train.resume': checkpoint not found: {cfg.train.resume}")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomic), so a run directory says how it was made."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_summary(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=False)
