@@ -1,0 +1,210 @@
+"""Training datasets read from disk: InsightFace RecordIO folders and image list files.
+
+* ``RecordDataset``: ``train.rec`` + ``train.idx`` (see :mod:`hfsoftmax.data.recordio`), JPEG
+  payloads decoded with Pillow. Works with DataLoader workers: each worker opens its own handle.
+* ``ImageListDataset``: a text file with ``relative/path label`` per line, paths relative to the
+  list file's folder (``tools/rec2img.py`` writes ``train_list.txt`` / ``val_list.txt`` this way).
+
+``dataset_from_path`` picks one from a path; every dataset returns ``(image [3, H, W] float32 in
+[-1, 1], label: int)`` and has ``num_classes``.
+
+Bad records raise a ``ValueError`` naming the file and record. With ``skip_bad=True`` a bad record
+is instead counted (``dataset.skipped`` in the process that met it, and a warning) and the next good
+record is returned *with its own label*; a record is never given another record's label.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hfsoftmax.data.recordio import (RecordIOReader, RecordIOError, class_of, read_insightface_layout,
+                                     read_property, unpack)
+from hfsoftmax.data.transforms import decode_image, random_hflip, to_tensor_normalized
+
+logger = logging.getLogger(__name__)
+
+
+class _SkippingDataset(Dataset):
+    """Shared ``__getitem__``: load one item, or with skip_bad move on to the next good one."""
+
+    skip_bad: bool
+    skipped: int
+
+    def __len__(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        if not self.skip_bad:
+            return self._load(index)
+        for step in range(n):
+            j = (index + step) % n
+            try:
+                return self._load(j)
+            except (ValueError, OSError) as exc:
+                self.skipped += 1
+                logger.warning("skipping bad item (%d skipped so far in pid %d): %s", self.skipped,
+                               os.getpid(), exc)
+        raise ValueError("every item of the dataset failed to load")
+
+
+class RecordDataset(_SkippingDataset):
+    """Images and labels from an InsightFace ``train.rec`` / ``train.idx`` pair.
+
+    Args:
+        rec_path: the ``.rec`` file.
+        idx_path: its ``.idx`` (default: same name with ``.idx``).
+        image_size: output side; images of another size are resized.
+        train: random horizontal flip when True.
+        skip_bad: skip undecodable records (counted) instead of raising.
+    """
+
+    def __init__(self, rec_path: str, image_size: int, idx_path: Optional[str] = None, train: bool = True,
+                 skip_bad: bool = False) -> None:
+        idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
+        if not os.path.isfile(idx_path):
+            raise FileNotFoundError(f"RecordDataset needs the index next to {rec_path}: {idx_path} not found")
+        self.reader = RecordIOReader(rec_path, idx_path)
+        self.rec_path = rec_path
+        self.image_size = image_size
+        self.train = train
+        self.skip_bad = skip_bad
+        self.skipped = 0
+        layout = read_insightface_layout(self.reader)
+        self.keys: list[int] = layout.image_keys
+        self.identity_ranges = layout.identity_ranges
+        prop = read_property(os.path.dirname(os.path.abspath(rec_path)))
+        if layout.identity_ranges is not None:
+            num = len(layout.identity_ranges)
+        elif prop is not None:
+            num = prop[0]
+        else:
+            num = 1 + max(self._label_of_key(k) for k in self.keys) if self.keys else 0
+        if prop is not None and prop[0] != num:
+            logger.warning("%s: property says %d classes, record 0 says %d; using %d", rec_path, prop[0], num,
+                           max(num, prop[0]))
+            num = max(num, prop[0])
+        self.num_classes = int(num)
+        logger.info("%s: %d images, %d classes", rec_path, len(self.keys), self.num_classes)
+
+    def _label_of_key(self, key: int) -> int:
+        header, _ = unpack(self.reader.read_idx(key), f"{self.rec_path}: record {key}")
+        return class_of(header.label, f"{self.rec_path}: record {key}")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        key = self.keys[index]
+        where = f"{self.rec_path}: record {key}"
+        header, payload = unpack(self.reader.read_idx(key), where)
+        label = class_of(header.label, where)
+        if label >= self.num_classes:
+            raise RecordIOError(f"{where}: label {label} outside 0..{self.num_classes - 1}")
+        img = to_tensor_normalized(decode_image(payload, where), self.image_size)
+        if self.train:
+            img = random_hflip(img)
+        return img, label
+
+
+class ImageListDataset(_SkippingDataset):
+    """Images listed as ``relative/path label`` per line (paths relative to the list's folder).
+
+    Args:
+        list_path: the list file.
+        image_size: output side; images of another size are resized.
+        train: random horizontal flip when True.
+        skip_bad: skip unreadable images (counted) instead of raising.
+        num_classes: override (default: max label + 1).
+    """
+
+    def __init__(self, list_path: str, image_size: int, train: bool = True, skip_bad: bool = False,
+                 num_classes: Optional[int] = None) -> None:
+        if not os.path.isfile(list_path):
+            raise FileNotFoundError(f"image list not found: {list_path}")
+        self.list_path = list_path
+        self.root = os.path.dirname(os.path.abspath(list_path))
+        self.image_size = image_size
+        self.train = train
+        self.skip_bad = skip_bad
+        self.skipped = 0
+        paths: list[str] = []
+        labels: list[int] = []
+        self.line_numbers: list[int] = []
+        with open(list_path, "r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.rsplit(None, 1)
+                try:
+                    if len(parts) != 2:
+                        raise ValueError
+                    label = int(parts[1])
+                    if label < 0:
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"{list_path}: line {lineno} is not 'relative/path label': {line[:80]!r}") from None
+                paths.append(parts[0])
+                labels.append(label)
+                self.line_numbers.append(lineno)
+        if not paths:
+            raise ValueError(f"{list_path}: no images listed")
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = int(num_classes if num_classes is not None else self.labels.max() + 1)
+        if self.labels.max() >= self.num_classes:
+            raise ValueError(f"{list_path}: label {int(self.labels.max())} >= num_classes {self.num_classes}")
+        logger.info("%s: %d images, %d classes", list_path, len(paths), self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = os.path.join(self.root, self.paths[index])
+        where = f"{self.list_path}: line {self.line_numbers[index]} ({path})"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
+        img = to_tensor_normalized(decode_image(data, where), self.image_size)
+        if self.train:
+            img = random_hflip(img)
+        return img, int(self.labels[index])
+
+
+def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: bool = False) -> Dataset:
+    """The dataset a path points at (``train`` only switches augmentation on).
+
+    * a folder with ``train.rec`` (and ``train.idx``) -> :class:`RecordDataset`
+    * a folder with ``train_list.txt`` -> :class:`ImageListDataset` over that list
+    * a ``.rec`` file -> :class:`RecordDataset` (its ``.idx`` beside it)
+    * any other file -> :class:`ImageListDataset` (``relative/path label`` per line)
+
+    Raises:
+        FileNotFoundError: naming the path when it, or what it should contain, is missing.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset path not found: {path}")
+    if os.path.isdir(path):
+        rec = os.path.join(path, "train.rec")
+        lst = os.path.join(path, "train_list.txt")
+        if os.path.isfile(rec):
+            return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad)
+        if os.path.isfile(lst):
+            return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad)
+        raise FileNotFoundError(f"dataset folder {path} has neither train.rec nor train_list.txt")
+    if path.endswith(".rec"):
+        return RecordDataset(path, image_size, train=train, skip_bad=skip_bad)
+    return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad)

@@ -1,0 +1,54 @@
+"""Image transforms shared by every dataset (no torchvision).
+
+Contract: an image becomes a float32 tensor [3, H, W], RGB, normalised as ``(x / 255 - 0.5) / 0.5``
+so values lie in [-1, 1].
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) to an RGB PIL image.
+
+    Raises:
+        ValueError: naming ``where`` (file and record) when the bytes are not a decodable image.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # force the decode here so a corrupt payload fails with our message
+    except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+        raise ValueError(f"{where}: payload of {len(data)} bytes is not a decodable image ({exc})") from None
+    return img.convert("RGB")
+
+
+def to_tensor_normalized(img: Image.Image, image_size: Optional[int] = None) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]; resized (bilinear) to image_size x image_size
+    when given and different."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if image_size is not None and img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # [3, H, W]
+    return (t / 255.0 - 0.5) / 0.5
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flip a [..., H, W] tensor left-right with probability p (torch RNG, so DataLoader seeds it)."""
+    if torch.rand((), generator=generator).item() < p:
+        return torch.flip(x, dims=[-1])
+    return x
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Deterministic left-right flip of a [..., H, W] tensor."""
+    return torch.flip(x, dims=[-1])

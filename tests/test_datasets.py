@@ -1,0 +1,111 @@
+"""Record and list datasets: labels, pixels, workers, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from hfsoftmax.data.binset import encode_jpeg
+from hfsoftmax.data.datasets import ImageListDataset, RecordDataset, dataset_from_path
+from hfsoftmax.data.recordio import IRHeader, RecordIOWriter, pack, write_insightface_rec
+
+S = 16
+
+
+def solid(value: int) -> np.ndarray:
+    """A flat [S, S, 3] image: JPEG keeps flat colours (almost) exactly."""
+    img = np.zeros((S, S, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = value, 255 - value, 128
+    return img
+
+
+def make_rec(folder, labels=(0, 0, 1, 2, 2, 2), label_as_array=False):
+    items = [(encode_jpeg(solid((20 * i) % 250)), lbl) for i, lbl in enumerate(labels)]
+    write_insightface_rec(str(folder), items, image_size=S, label_as_array=label_as_array)
+    return items
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_record_dataset_labels_and_pixels(tmp_path, as_array):
+    make_rec(tmp_path, label_as_array=as_array)
+    ds = dataset_from_path(str(tmp_path), image_size=S, train=False)
+    assert isinstance(ds, RecordDataset) and len(ds) == 6 and ds.num_classes == 3
+    for i, lbl in enumerate((0, 0, 1, 2, 2, 2)):
+        img, label = ds[i]
+        assert label == lbl and img.shape == (3, S, S) and img.dtype == torch.float32
+        expect = (torch.tensor([20 * i, 255 - 20 * i, 128]) / 255.0 - 0.5) / 0.5
+        torch.testing.assert_close(img.mean(dim=(1, 2)), expect.float(), atol=0.03, rtol=0)
+
+
+def test_record_dataset_resizes_and_flips(tmp_path):
+    img = np.zeros((S, S, 3), np.uint8)
+    img[:, : S // 2] = 255  # left half white
+    write_insightface_rec(str(tmp_path), [(encode_jpeg(img), 0)], image_size=S)
+    ds = RecordDataset(str(tmp_path / "train.rec"), image_size=8, train=True)
+    torch.manual_seed(0)
+    seen = {bool(ds[0][0][0, 4, 0] > 0) for _ in range(20)}
+    assert ds[0][0].shape == (3, 8, 8) and seen == {True, False}  # both orientations occur
+
+
+def test_workers_each_read_correct_labels(tmp_path):
+    labels = [k // 3 for k in range(24)]
+    make_rec(tmp_path, labels=labels)
+    ds = dataset_from_path(str(tmp_path), image_size=S, train=False)
+    ds[0]  # open the handle in the parent first: workers must not share it
+    got = []
+    for _, y in DataLoader(ds, batch_size=5, num_workers=2, shuffle=False):
+        got += y.tolist()
+    assert got == labels
+
+
+def test_bad_payload_names_file_and_record_or_is_skipped(tmp_path):
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    good = encode_jpeg(solid(50))
+    with RecordIOWriter(str(rec), str(idx)) as w:
+        w.write_idx(0, pack(IRHeader(2, np.array([4, 6], np.float32), 0, 0), b""))
+        w.write_idx(1, pack(IRHeader(0, 0.0, 1, 0), good))
+        w.write_idx(2, pack(IRHeader(0, 1.0, 2, 0), b"definitely not a jpeg"))
+        w.write_idx(3, pack(IRHeader(0, 1.0, 3, 0), good))
+        w.write_idx(4, pack(IRHeader(2, np.array([1, 2], np.float32), 4, 0), b""))
+        w.write_idx(5, pack(IRHeader(2, np.array([2, 4], np.float32), 5, 0), b""))
+    ds = RecordDataset(str(rec), S, train=False)
+    with pytest.raises(ValueError, match=r"train\.rec: record 2.*not a decodable image"):
+        ds[1]
+    ds = RecordDataset(str(rec), S, train=False, skip_bad=True)
+    img, label = ds[1]
+    assert label == 1 and ds.skipped == 1  # record 3's own label, never record 2's
+    assert ds[0][1] == 0
+
+
+def test_label_outside_identities_is_an_error(tmp_path):
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    with RecordIOWriter(str(rec), str(idx)) as w:
+        w.write_idx(0, pack(IRHeader(2, np.array([2, 3], np.float32), 0, 0), b""))
+        w.write_idx(1, pack(IRHeader(0, 5.0, 1, 0), encode_jpeg(solid(0))))
+        w.write_idx(2, pack(IRHeader(2, np.array([1, 2], np.float32), 2, 0), b""))
+    with pytest.raises(ValueError, match=r"record 1: label 5 outside 0\.\.0"):
+        RecordDataset(str(rec), S)[0]
+
+
+def test_image_list_dataset(tmp_path):
+    from PIL import Image
+    (tmp_path / "images" / "3").mkdir(parents=True)
+    Image.fromarray(solid(10)).save(tmp_path / "images" / "3" / "0.jpg")
+    Image.fromarray(solid(200)).save(tmp_path / "images" / "3" / "1.jpg")
+    (tmp_path / "train_list.txt").write_text("images/3/0.jpg 3\nimages/3/1.jpg 3\nimages/3/9.jpg 3\n")
+    ds = dataset_from_path(str(tmp_path), S, train=False)
+    assert isinstance(ds, ImageListDataset) and ds.num_classes == 4 and len(ds) == 3
+    assert ds[1][1] == 3 and ds[1][0][0].mean() > 0.4
+    with pytest.raises(OSError, match=r"train_list\.txt: line 3"):
+        ds[2]
+    (tmp_path / "bad.txt").write_text("images/3/0.jpg 3\nimages/3/1.jpg three\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 2"):
+        dataset_from_path(str(tmp_path / "bad.txt"), S)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        dataset_from_path(str(tmp_path / "nowhere"), S)
+    with pytest.raises(FileNotFoundError, match="neither train.rec"):
+        dataset_from_path(str(tmp_path), S)
