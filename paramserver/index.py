@@ -1,0 +1,785 @@
+"""Class indexes over the rows of W and the per-batch active-class selection of HF-softmax.
+
+Implements the "dynamic class selection" of Zhang et al., AAAI 2018, "Accelerated Training for
+Massive Classification via Dynamic Class Selection": per mini-batch, the softmax is computed over
+only M << K "active" classes -- the batch's own labels plus the classes whose weight vectors score
+highest against the batch features. The paper finds those classes with a hashing forest (Annoy)
+rebuilt every T steps from the current W; this module provides that index and the alternatives we
+compare it with, all behind one interface (`ClassIndex.build(W)`, `ClassIndex.query(F, n)`):
+
+- `ExactIndex`:   blocked matmul top-n over all rows; the reference for recall (and CPK).
+- `HashingForest`: Annoy random-projection forest (angular or dot), the paper's index
+                   (default ntrees = 50, as in the paper's code).
+- `HNSWIndex`:    hnswlib graph index (angular = cosine space, dot = inner-product space).
+- `IVFIndex`:     inverted file (k-means centroids + faiss IndexIVFFlat). Incremental: a step
+                   changes only the M pushed rows, and `update(ids, rows)` re-assigns just those rows
+                   to their nearest centroid, so the index stays fresh at per-step cost; only the
+                   centroids age, and they are re-clustered rarely in the background.
+- `RandomIndex`:  random class ids; with `select_active` this is the Partial-FC style random
+                   sampling baseline at the same M.
+
+`IndexManager` owns the live index of one store shard: it rebuilds in a background thread (Annoy's
+build, hnswlib's add and all faiss calls release the GIL), never queues builds, swaps the new index
+in atomically, and reports build time, achieved rebuild period and staleness.
+
+`select_active` turns per-feature candidates into exactly M unique active class ids (labels first)
+and remaps the labels into 0..M-1.
+
+This package never imports torch. annoy / faiss / hnswlib are imported lazily by the index that
+needs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("angular", "dot")
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Return a new float32 array with unit-L2 rows (zero rows stay zero)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return (X / np.maximum(norms, _EPS)).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: Optional[int]) -> Iterator[None]:
+    """Limit faiss' OpenMP threads for the calling thread (OpenMP's setting is per thread), so a
+    background build leaves the other core to the trainer; restores the previous value."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    prev = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
+def _sort_desc(ids: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sort each row of (ids [B, n], scores [B, n]) by descending score; -1 ids go last."""
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the interface
+# ----------------------------------------------------------------------------------------------
+class ClassIndex:
+    """Nearest-class index over the rows of one shard's W ([K, d], row i = class offset + i).
+
+    Scores are "higher = better": the cosine for metric "angular" (normalized / margin heads) and
+    the inner product for metric "dot" (plain linear head).
+
+    Args:
+        dim: feature dimension d.
+        metric: "angular" or "dot".
+        class_offset: global class id of row 0 (shards split class ids by range).
+        seed: seed for any randomness in build or query.
+    """
+
+    name: str = "base"
+    incremental: bool = False
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0) -> None:
+        if not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if class_offset < 0:
+            raise ValueError(f"class_offset must be >= 0, got {class_offset}")
+        self.dim = int(dim)
+        self.metric = metric
+        self.class_offset = int(class_offset)
+        self.seed = int(seed)
+        self.num_classes = 0  # K of the last build
+        # Threads the heavy build may use (None = library default). IndexManager sets 1 for
+        # background builds so the trainer keeps the other core.
+        self.build_threads: Optional[int] = None
+
+    # -- validation shared by subclasses ------------------------------------------------------
+    def _check_W(self, W: np.ndarray) -> np.ndarray:
+        W = np.asarray(W)
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D [K, d], got shape {W.shape}")
+        if W.shape[1] != self.dim:
+            raise ValueError(f"W row dim {W.shape[1]} does not match index dim {self.dim}")
+        if W.shape[0] == 0:
+            raise ValueError("W has no rows (K = 0)")
+        return np.ascontiguousarray(W, dtype=np.float32)
+
+    def _check_query(self, F: np.ndarray, n: int) -> np.ndarray:
+        if self.num_classes == 0:
+            raise RuntimeError(f"{type(self).__name__}.query called before build()")
+        F = np.asarray(F)
+        if F.ndim != 2:
+            raise ValueError(f"features F must be 2-D [B, d], got shape {F.shape}")
+        if F.shape[1] != self.dim:
+            raise ValueError(f"feature dim {F.shape[1]} does not match index dim {self.dim}")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (candidates per feature) must be an int >= 1, got {n!r}")
+        return np.ascontiguousarray(F, dtype=np.float32)
+
+    # -- API ------------------------------------------------------------------------------------
+    def build(self, W: np.ndarray) -> None:
+        """Build from W [K, d] float32. The index copies what it keeps, so W may change after."""
+        raise NotImplementedError
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """F [B, d] -> (ids int64 [B, n] global class ids, -1 where fewer found;
+        scores float32 [B, n], sorted descending per row)."""
+        raise NotImplementedError
+
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows of W changed (incremental indexes only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not incremental; rebuild it instead")
+
+    def _pad(self, ids: np.ndarray, scores: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Pad [B, m] results to [B, n] with id -1 / score -inf (when K < n)."""
+        B, m = ids.shape
+        if m >= n:
+            return ids[:, :n], scores[:, :n]
+        out_i = np.full((B, n), -1, dtype=np.int64)
+        out_s = np.full((B, n), -np.inf, dtype=np.float32)
+        out_i[:, :m] = ids
+        out_s[:, :m] = scores
+        return out_i, out_s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, K={self.num_classes})"
+
+
+class ExactIndex(ClassIndex):
+    """Exact top-n by blocked matmul; the reference every approximate index is measured against.
+
+    Memory stays bounded at K = 1M: rows are scored in blocks of `block_rows`, and a running top-n
+    ([B, n]) is merged with each block's top-n via np.argpartition.
+    """
+
+    name = "exact"
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 block_rows: int = 65536) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        self.block_rows = int(block_rows)
+        self._W: Optional[np.ndarray] = None
+
+    def build(self, W: np.ndarray) -> None:
+        W = self._check_W(W)
+        self._W = _normalize_rows(W) if self.metric == "angular" else W.copy()
+        self.num_classes = W.shape[0]
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        assert self._W is not None
+        if self.metric == "angular":
+            F = _normalize_rows(F)
+        B, K = F.shape[0], self.num_classes
+        k = min(n, K)
+        best_i = np.empty((B, 0), dtype=np.int64)
+        best_s = np.empty((B, 0), dtype=np.float32)
+        for start in range(0, K, self.block_rows):
+            S = F @ self._W[start:start + self.block_rows].T  # [B, blk]
+            kb = min(k, S.shape[1])
+            part = np.argpartition(-S, kb - 1, axis=1)[:, :kb] if kb < S.shape[1] else \
+                np.broadcast_to(np.arange(S.shape[1]), S.shape)
+            cand_s = np.concatenate([best_s, np.take_along_axis(S, part, axis=1)], axis=1)
+            cand_i = np.concatenate([best_i, part + start], axis=1)
+            if cand_s.shape[1] > k:
+                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+                cand_s = np.take_along_axis(cand_s, keep, axis=1)
+                cand_i = np.take_along_axis(cand_i, keep, axis=1)
+            best_s, best_i = cand_s, cand_i
+        ids, scores = _sort_desc(best_i + self.class_offset, best_s)
+        return self._pad(ids, scores, n)
+
+
+class HashingForest(ClassIndex):
+    """The paper's hashing forest: an Annoy forest of random-projection trees over the rows of W.
+
+    Annoy's "angular" distance is sqrt(2 - 2 cos), converted back to the cosine here; its "dot"
+    distance is the inner product itself. search_k = -1 means Annoy's default (n * ntrees).
+    """
+
+    name = "forest"
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 ntrees: int = 50, search_k: int = -1) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        if ntrees < 1:
+            raise ValueError(f"ntrees must be >= 1, got {ntrees}")
+        if search_k < -1 or search_k == 0:
+            raise ValueError(f"search_k must be -1 (Annoy default) or >= 1, got {search_k}")
+        self.ntrees = int(ntrees)
+        self.search_k = int(search_k)
+        self._annoy: Any = None
+
+    def build(self, W: np.ndarray) -> None:
+        import annoy
+
+        W = self._check_W(W)
+        index = annoy.AnnoyIndex(self.dim, self.metric)
+        index.set_seed(self.seed)
+        # One Python call per row (holds the GIL; ~31 s at 1M x 512). Passing the numpy row is
+        # faster than .tolist() in annoy 1.17.
+        for i in range(W.shape[0]):
+            index.add_item(i, W[i])
+        # Annoy's build releases the GIL; n_jobs=-1 means all cores.
+        index.build(self.ntrees, n_jobs=self.build_threads if self.build_threads else -1)
+        self._annoy = index
+        self.num_classes = W.shape[0]
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        B = F.shape[0]
+        ids = np.full((B, n), -1, dtype=np.int64)
+        scores = np.full((B, n), -np.inf, dtype=np.float32)
+        for b in range(B):
+            got, dist = self._annoy.get_nns_by_vector(F[b], n, self.search_k, True)
+            m = len(got)
+            if m == 0:
+                continue
+            ids[b, :m] = got
+            d = np.asarray(dist, dtype=np.float32)
+            scores[b, :m] = 1.0 - 0.5 * d * d if self.metric == "angular" else d
+        ids = np.where(ids >= 0, ids + self.class_offset, -1)
+        return _sort_desc(ids, scores)
+
+
+class HNSWIndex(ClassIndex):
+    """HNSW graph index (hnswlib). Space "cosine" for angular, "ip" for dot; both return
+    1 - similarity as distance, converted back to the similarity here."""
+
+    name = "hnsw"
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 M: int = 16, ef_construction: int = 100, ef_search: int = 128) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        for key, val in (("M", M), ("ef_construction", ef_construction), ("ef_search", ef_search)):
+            if val < 1:
+                raise ValueError(f"{key} must be >= 1, got {val}")
+        self.M = int(M)
+        self.ef_construction = int(ef_construction)
+        self.ef_search = int(ef_search)
+        self._hnsw: Any = None
+        self._lock = threading.Lock()  # set_ef + knn_query must pair up
+
+    def build(self, W: np.ndarray) -> None:
+        import hnswlib
+
+        W = self._check_W(W)
+        index = hnswlib.Index(space="cosine" if self.metric == "angular" else "ip", dim=self.dim)
+        index.init_index(max_elements=W.shape[0], ef_construction=self.ef_construction, M=self.M,
+                         random_seed=self.seed)
+        index.add_items(W, np.arange(W.shape[0]), num_threads=self.build_threads or -1)
+        self._hnsw = index
+        self.num_classes = W.shape[0]
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        k = min(n, self.num_classes)
+        with self._lock:
+            self._hnsw.set_ef(max(self.ef_search, k))
+            labels, dist = self._hnsw.knn_query(F, k=k)
+        ids = labels.astype(np.int64) + self.class_offset
+        ids, scores = _sort_desc(ids, (1.0 - dist).astype(np.float32))
+        return self._pad(ids, scores, n)
+
+
+class IVFIndex(ClassIndex):
+    """Incremental inverted-file index (IVF): k-means centroids over W, each row in the list of its
+    nearest centroid (faiss IndexIVFFlat with an array direct map).
+
+    `update(ids, rows)` re-assigns just the changed rows (faiss update_vectors: O(1) removal from
+    the old list, append to the new one), so the rows themselves are never stale; only the
+    centroids age, and a rebuild (re-clustering) is needed rarely.
+
+    Assignment is by L2 to the centroids (k-means' own criterion, which keeps the residual
+    w - c small); probing ranks centroids by q . c, so for a member w of list c,
+    q . w = q . c + q . (w - c) ~ q . c. For angular, rows and queries are normalized and the
+    centroids are spherical, where L2 and inner-product rankings coincide. Members of the probed
+    lists are scored exactly.
+
+    Args (besides the base ones):
+        nlist: number of lists (None: round(sqrt(K)), at most K // 8, at least 1).
+        nprobe: lists probed per query (None: max(8, nlist // 8)).
+        niter: k-means iterations.
+        train_points_per_centroid: k-means runs on a sample of this many rows per centroid.
+    """
+
+    name = "ivf"
+    incremental = True
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 nlist: Optional[int] = None, nprobe: Optional[int] = None, niter: int = 10,
+                 train_points_per_centroid: int = 64) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        if niter < 1:
+            raise ValueError(f"niter must be >= 1, got {niter}")
+        if train_points_per_centroid < 1:
+            raise ValueError(f"train_points_per_centroid must be >= 1, got {train_points_per_centroid}")
+        self.nlist_opt = nlist
+        self.nprobe_opt = nprobe
+        self.niter = int(niter)
+        self.train_points_per_centroid = int(train_points_per_centroid)
+        self.nlist = 0
+        self.nprobe = 0
+        self._ivf: Any = None
+        self._centroids: Optional[np.ndarray] = None  # [nlist, d], for probing by q . c
+        self._lock = threading.Lock()  # update_vectors reshapes the lists under a concurrent search
+
+    def _prep(self, X: np.ndarray) -> np.ndarray:
+        return _normalize_rows(X) if self.metric == "angular" else np.ascontiguousarray(X, dtype=np.float32)
+
+    def build(self, W: np.ndarray) -> None:
+        import faiss
+
+        W = self._check_W(W)
+        K = W.shape[0]
+        X = self._prep(W)
+        nlist = self.nlist_opt or max(1, min(int(round(math.sqrt(K))), K // 8))
+        nlist = min(nlist, K)
+        nprobe = min(self.nprobe_opt or max(8, nlist // 8), nlist)
+        with _faiss_threads(self.build_threads):
+            rng = np.random.default_rng(self.seed)
+            n_train = min(K, nlist * self.train_points_per_centroid)
+            sample = X if n_train == K else X[np.sort(rng.choice(K, n_train, replace=False))]
+            km = faiss.Kmeans(self.dim, nlist, niter=self.niter, seed=self.seed,
+                              spherical=self.metric == "angular",
+                              max_points_per_centroid=self.train_points_per_centroid, verbose=False)
+            km.train(sample)
+            centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+            quantizer = faiss.IndexFlatL2(self.dim)
+            quantizer.add(centroids)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.is_trained = True
+            ivf.set_direct_map_type(faiss.DirectMap.Array)  # ids 0..K-1 -> (list, offset)
+            ivf.add(X)
+            ivf.nprobe = nprobe
+        self._keep_quantizer = quantizer  # the IVF does not own it from Python's side
+        with self._lock:
+            self._ivf, self._centroids = ivf, centroids
+            self.nlist, self.nprobe, self.num_classes = nlist, nprobe, K
+
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Re-assign the changed rows (global ids [m], rows [m, d]) to their nearest centroid."""
+        if self._ivf is None:
+            raise RuntimeError("IVFIndex.update called before build()")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
+            raise ValueError(f"rows must be [len(ids)={ids.shape[0]}, d], got shape {rows.shape}")
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows dim {rows.shape[1]} does not match index dim {self.dim}")
+        local = ids - self.class_offset
+        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
+            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
+                             f"got range [{ids.min()}, {ids.max()}]")
+        if local.size == 0:
+            return
+        # faiss requires unique ids in one update: keep the last occurrence of each.
+        rev_u, rev_first = np.unique(local[::-1], return_index=True)
+        if rev_u.size != local.size:
+            keep = local.size - 1 - rev_first
+            local, rows = local[keep], rows[keep]
+        X = self._prep(rows)
+        with self._lock:
+            self._ivf.update_vectors(np.ascontiguousarray(local), X)
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        Q = _normalize_rows(F) if self.metric == "angular" else F
+        assert self._centroids is not None
+        k = min(n, self.num_classes)
+        # Probe the nprobe centroids with the highest q . c (see the class docstring).
+        C = Q @ self._centroids.T  # [B, nlist]
+        p = self.nprobe
+        probe = np.argpartition(-C, p - 1, axis=1)[:, :p] if p < C.shape[1] else \
+            np.broadcast_to(np.arange(C.shape[1]), C.shape)
+        probe_s = np.take_along_axis(C, probe, axis=1)
+        with self._lock:
+            D, I = self._ivf.search_preassigned(Q, k, np.ascontiguousarray(probe, dtype=np.int64),
+                                                np.ascontiguousarray(probe_s, dtype=np.float32))
+        ids = np.where(I >= 0, I + self.class_offset, -1).astype(np.int64)
+        ids, scores = _sort_desc(ids, D.astype(np.float32))
+        return self._pad(ids, scores, n)
+
+
+class RandomIndex(ClassIndex):
+    """Random class ids (uniform, with replacement; select_active removes duplicates), score 0.
+
+    With `select_active` this gives the Partial-FC style baseline: the batch's labels plus random
+    classes, at the same M as the smart selection.
+    """
+
+    name = "random"
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()  # numpy Generators are not thread-safe
+
+    def build(self, W: np.ndarray) -> None:
+        self.num_classes = self._check_W(W).shape[0]
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        with self._lock:
+            ids = self._rng.integers(0, self.num_classes, size=(F.shape[0], n), dtype=np.int64)
+        return ids + self.class_offset, np.zeros((F.shape[0], n), dtype=np.float32)
+
+
+_INDEXES: Dict[str, type] = {c.name: c for c in (ExactIndex, HashingForest, HNSWIndex, IVFIndex, RandomIndex)}
+_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "exact": ("block_rows",),
+    "forest": ("ntrees", "search_k"),
+    "hnsw": ("M", "ef_construction", "ef_search"),
+    "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid"),
+    "random": (),
+}
+
+
+def make_index(name: str, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+               build_threads: Optional[int] = None, **options: Any) -> ClassIndex:
+    """Construct an index by name: "exact", "forest" (Annoy; ntrees=50, search_k=-1), "hnsw"
+    (M, ef_construction, ef_search), "ivf" (nlist, nprobe, niter, train_points_per_centroid),
+    "random". Unknown names or options raise ValueError naming them."""
+    if name not in _INDEXES:
+        raise ValueError(f"unknown index name {name!r}; choose one of {sorted(_INDEXES)}")
+    bad = sorted(set(options) - set(_OPTIONS[name]))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} for index {name!r}; allowed: {list(_OPTIONS[name])}")
+    index: ClassIndex = _INDEXES[name](dim, metric, class_offset=class_offset, seed=seed, **options)
+    if build_threads is not None:
+        if build_threads < 1:
+            raise ValueError(f"build_threads must be >= 1, got {build_threads}")
+        index.build_threads = int(build_threads)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------
+# background rebuilds
+# ----------------------------------------------------------------------------------------------
+class IndexManager:
+    """Owns the live index of one store shard; rebuilds in the background and swaps atomically.
+
+    Scheduling (the paper rebuilds every T steps; at K = 1M an Annoy build takes ~96 s against
+    ~22 ms per step, so T can only be a minimum): a build starts when at least `rebuild_every` steps
+    (and `min_interval_s` seconds) have passed since the last build STARTED and no build is
+    running -- builds never queue. Queries always use the current index and never wait for a build.
+
+    The background build reads the live W without a full snapshot (a 2 GB copy at 1M x 512 would
+    itself stall a step): rows pushed during the build may be read at either version, which an
+    approximate index tolerates. For an incremental index (IVF), the rows changed during the build
+    are recorded and replayed onto the new index before it goes live, so no update is lost.
+
+    The build runs in a thread: Annoy's build, hnswlib's add_items and faiss all release the GIL
+    (Annoy's per-row add_item loop does not, but each call is short). It uses `background_threads`
+    threads and, on Linux, a raised nice value so the trainer keeps priority on a small machine.
+
+    Args:
+        factory: returns a fresh, unbuilt ClassIndex (metric, offset, options already bound).
+        rebuild_every: minimum steps between build starts (T); >= 1.
+        background: build in a thread (True) or synchronously inside maybe_rebuild (False).
+        min_interval_s: minimum seconds between build starts.
+        background_threads: library threads for background builds (None = library default).
+        background_nice: nice increment of the build thread (Linux; 0 disables).
+    """
+
+    def __init__(self, factory: Callable[[], ClassIndex], rebuild_every: int, background: bool = True,
+                 min_interval_s: float = 0.0, *, background_threads: Optional[int] = 1,
+                 background_nice: int = 10) -> None:
+        if not callable(factory):
+            raise ValueError(f"factory must be callable, got {factory!r}")
+        if rebuild_every < 1:
+            raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
+        if min_interval_s < 0:
+            raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
+        self.factory = factory
+        self.rebuild_every = int(rebuild_every)
+        self.background = bool(background)
+        self.min_interval_s = float(min_interval_s)
+        self.background_threads = background_threads
+        self.background_nice = int(background_nice)
+
+        self._lock = threading.Lock()      # guards the fields below; never held during a build
+        self._index: Optional[ClassIndex] = None
+        self._source_step = 0              # step of the W the live index reflects
+        self._built_step = 0               # step at which the live index's build started
+        self._step = 0                     # latest step seen
+        self._thread: Optional[threading.Thread] = None
+        self._building = False
+        self._pending: Optional[List[Tuple[np.ndarray, np.ndarray, int]]] = None  # updates during an incremental build
+        self._last_start_step: Optional[int] = None
+        self._last_start_time = -math.inf
+        self._build_times: List[float] = []
+        self._start_steps: List[int] = []  # start step of every completed build
+        self._start_times: List[float] = []
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._name = "?"
+
+    # -- building ---------------------------------------------------------------------------
+    def build_now(self, W: np.ndarray, step: Optional[int] = None) -> None:
+        """Synchronous build from W (first build, tests); the result goes live at once."""
+        step = self._step if step is None else int(step)
+        index = self.factory()
+        self._run_build(index, W, step, background=False)
+
+    def maybe_rebuild(self, store: Any, step: int) -> bool:
+        """Called by the store after each applied update. Returns True if a build was started."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"background index build failed: {err!r}") from err
+        step = int(step)
+        with self._lock:
+            self._step = max(self._step, step)
+            if self._closed or self._building:
+                return False
+            first = self._index is None
+            if not first:
+                if self._last_start_step is not None and step - self._last_start_step < self.rebuild_every:
+                    return False
+                if time.monotonic() - self._last_start_time < self.min_interval_s:
+                    return False
+            index = self.factory()
+            self._building = True
+            self._pending = [] if index.incremental and not first else None
+            self._last_start_step, self._last_start_time = step, time.monotonic()
+        W = store.weights()
+        if first or not self.background:
+            # No index yet: nothing could answer a query, so the first build is synchronous.
+            self._run_build(index, W, step, background=False, claimed=True)
+        else:
+            if self.background_threads is not None:
+                index.build_threads = self.background_threads
+            self._thread = threading.Thread(target=self._run_build, args=(index, W, step, True, True),
+                                            name=f"index-build-{index.name}", daemon=True)
+            self._thread.start()
+        return True
+
+    def _run_build(self, index: ClassIndex, W: np.ndarray, step: int, background: bool,
+                   claimed: bool = False) -> None:
+        """Build `index` from W, replay pending incremental updates, swap it in atomically."""
+        if not claimed:
+            with self._lock:
+                if self._building:
+                    raise RuntimeError("a build is already running; builds never queue")
+                self._building = True
+                self._pending = None
+                self._last_start_step, self._last_start_time = step, time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            if background and self.background_nice and hasattr(os, "setpriority"):
+                with contextlib.suppress(OSError):  # per-thread on Linux: only this thread yields
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.background_nice)
+            index.build(W)
+            source_step = step
+            while True:  # replay rows changed during the build, then swap with nothing pending
+                with self._lock:
+                    batch = self._pending or []
+                    if not batch:
+                        self._index = index
+                        self._pending = None
+                        self._source_step = max(source_step, step)
+                        self._built_step = step
+                        self._build_times.append(time.perf_counter() - t0)
+                        self._start_steps.append(step)
+                        self._start_times.append(self._last_start_time)
+                        self._name = index.name
+                        break
+                    self._pending = []
+                for ids, rows, s in batch:
+                    index.update(ids, rows)
+                    source_step = max(source_step, s)
+            logger.info("index %s built: K=%d in %.2fs (started at step %d)", index.name,
+                        index.num_classes, self._build_times[-1], step)
+        except BaseException as err:  # surface it on the next maybe_rebuild, keep the old index
+            logger.exception("index build failed")
+            if not background:
+                raise
+            self._error = err
+        finally:
+            with self._lock:
+                self._building = False
+                self._pending = None
+
+    # -- per step -----------------------------------------------------------------------------
+    def rows_changed(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
+        """Forward changed rows to an incremental live index (and record them for a running
+        incremental build); a no-op for the other indexes."""
+        with self._lock:
+            self._step = max(self._step, int(step))
+            index = self._index
+            if self._pending is not None:
+                self._pending.append((np.array(ids, dtype=np.int64, copy=True), np.array(rows, copy=True), int(step)))
+            if index is not None and index.incremental:
+                index.update(ids, rows)
+                self._source_step = max(self._source_step, int(step))
+
+    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Query the live index; never waits for a running build."""
+        with self._lock:
+            index = self._index
+        if index is None:
+            raise RuntimeError("no index yet: call build_now(W) or maybe_rebuild(store, step) first")
+        return index.query(F, n)
+
+    @property
+    def index(self) -> Optional[ClassIndex]:
+        """The live index (None before the first build)."""
+        return self._index
+
+    def stats(self) -> Dict[str, Any]:
+        """builds, last_build_s, mean_build_s, staleness_steps (steps since the live index's source
+        W; for an incremental index the rows are current, so this counts steps since the last
+        forwarded update), steps_since_build (age of the build itself, e.g. IVF centroids),
+        achieved_period_steps / achieved_period_s (mean gap between build starts), building, name."""
+        with self._lock:
+            n = len(self._build_times)
+            period = float(np.mean(np.diff(self._start_steps))) if n >= 2 else float("nan")
+            period_s = float(np.mean(np.diff(self._start_times))) if n >= 2 else float("nan")
+            return {
+                "name": self._name,
+                "builds": n,
+                "last_build_s": self._build_times[-1] if n else float("nan"),
+                "mean_build_s": float(np.mean(self._build_times)) if n else float("nan"),
+                "staleness_steps": self._step - self._source_step if self._index is not None else -1,
+                "steps_since_build": self._step - self._built_step if self._index is not None else -1,
+                "achieved_period_steps": period,
+                "achieved_period_s": period_s,
+                "building": self._building,
+                "incremental": bool(self._index is not None and self._index.incremental),
+            }
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop starting builds and join a running one (builds cannot be interrupted)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# active-class selection
+# ----------------------------------------------------------------------------------------------
+def select_active(cand_ids: np.ndarray, cand_scores: np.ndarray, labels: np.ndarray, num_active: int,
+                  num_classes: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Choose exactly M = num_active unique active classes for one batch (HF-softmax step 2).
+
+    Order: the batch's unique labels (first-appearance order), then candidate classes by
+    descending best score over the batch (ids < 0 and duplicates ignored; the weakest are
+    truncated when too many), then uniform random classes not yet chosen when candidates run short.
+
+    Args:
+        cand_ids: [B, n] (or any shape) int global class ids from an index query, -1 = none.
+        cand_scores: scores of the same shape, higher = better.
+        labels: [B] int global class ids of the batch.
+        num_active: M.
+        num_classes: K, total number of classes (ids lie in [0, K)).
+        rng: source of the random fill.
+
+    Returns:
+        active int64 [M] and remapped labels int64 [B] with active[remapped] == labels.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    M, K = int(num_active), int(num_classes)
+    if M > K:
+        raise ValueError(f"num_active M={M} is larger than num_classes K={K}")
+    if labels.size and (labels.min() < 0 or labels.max() >= K):
+        raise ValueError(f"labels must lie in [0, num_classes={K}), got range [{labels.min()}, {labels.max()}]")
+    cand_ids = np.asarray(cand_ids).reshape(-1).astype(np.int64, copy=False)
+    cand_scores = np.asarray(cand_scores, dtype=np.float32).reshape(-1)
+    if cand_ids.shape != cand_scores.shape:
+        raise ValueError(f"cand_ids has {cand_ids.size} entries but cand_scores has {cand_scores.size}")
+
+    # Unique labels in first-appearance order, and each label's rank in that order.
+    uniq, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    lab_u = uniq[order]
+    L = lab_u.size
+    if M < L:
+        raise ValueError(f"num_active M={M} is smaller than the batch's {L} unique labels")
+    rank = np.empty(L, dtype=np.int64)
+    rank[order] = np.arange(L)
+    remapped = rank[inverse.reshape(-1)]
+
+    # Candidates: drop -1 / out-of-range; one sort by class id groups duplicates, whose best score
+    # a segmented max gives; then drop the labels and keep the M - L best classes.
+    ok = (cand_ids >= 0) & (cand_ids < K)
+    c, s = cand_ids[ok], cand_scores[ok]
+    room = M - L
+    if c.size and room > 0:
+        by_id = np.argsort(c, kind="stable")
+        c, s = c[by_id], s[by_id]
+        starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))
+        u, best = c[starts], np.maximum.reduceat(s, starts)  # [U] unique ids (sorted), best scores
+        if L:
+            pos = np.minimum(np.searchsorted(uniq, u), L - 1)  # uniq: sorted unique labels
+            not_label = uniq[pos] != u
+            u, best = u[not_label], best[not_label]
+        if u.size > room:  # keep the strongest `room`, truncating the weakest
+            top = np.argpartition(-best, room - 1)[:room]
+            u, best = u[top], best[top]
+        cand = u[np.argsort(-best, kind="stable")]
+    else:
+        cand = np.empty(0, dtype=np.int64)
+
+    need = M - L - cand.size
+    parts = [lab_u, cand]
+    if need > 0:
+        parts.append(_random_fill(np.concatenate(parts), need, K, rng))
+    active = np.concatenate(parts).astype(np.int64, copy=False)
+    return active, remapped
+
+
+def _random_fill(chosen: np.ndarray, need: int, K: int, rng: np.random.Generator) -> np.ndarray:
+    """`need` distinct classes drawn uniformly from [0, K) minus `chosen`, in random order.
+
+    Rejection sampling keeps memory O(M), not O(K); when the free pool is small relative to the
+    request (only when K is small) it falls back to an explicit permutation of the free classes.
+    """
+    free = K - chosen.size
+    if need > free:
+        raise ValueError(f"cannot fill {need} classes: only {free} of num_classes={K} remain")
+    if free < 4 * need or K <= 65536:
+        pool = np.setdiff1d(np.arange(K, dtype=np.int64), chosen, assume_unique=True)
+        return rng.permutation(pool)[:need]
+    out = np.empty(0, dtype=np.int64)
+    taken = chosen  # grows to chosen + out; O(M) memory
+    while out.size < need:
+        draw = rng.integers(0, K, size=2 * (need - out.size) + 16, dtype=np.int64)
+        draw = draw[~np.isin(draw, taken)]
+        _, first = np.unique(draw, return_index=True)
+        draw = draw[np.sort(first)]  # dedup keeping draw order (keeps the sample uniform)
+        out = np.concatenate([out, draw[: need - out.size]])
+        taken = np.concatenate([chosen, out])
+    return out
+
