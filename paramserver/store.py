@@ -1,0 +1,569 @@
+"""WeightStore: the K x d class matrix of HF-softmax (Zhang et al., AAAI 2018) and its momentum.
+
+Rows are pulled and pushed by global class id; a store may hold one contiguous shard of the ids
+(``class_offset`` .. ``class_offset + num_classes``, see :func:`shard_ranges`). Used in-process (the
+embedded default, no server) and behind ``paramserver/server.py``.
+
+Step semantics (synchronous SGD over R clients, client ids 0..R-1):
+  * Steps are numbered from 0. ``store.step`` is the number of applied updates, i.e. the step whose
+    pushes are being collected now.
+  * ``push(ids, grads, step, lr, client_id)`` records one client's row gradients for ``step``. When
+    all R clients have pushed ``step``, their gradients are summed (duplicate ids too) and one
+    row-sparse SGD update (``paramserver/optim.py``) is applied with that step's lr; ``store.step``
+    becomes ``step + 1``. A client may push ``store.step`` or ``store.step + 1`` (one step ahead);
+    older steps are refused (already applied) and further ones too. Pushes never block.
+  * ``pull(ids, step=s)`` blocks until ``store.step >= s`` (it sees the weights after step s-1's
+    update), at most ``sync_timeout`` seconds; the timeout error names the clients that have not
+    pushed. ``pull(ids)`` returns the current rows at once.
+  * All R clients of one step must send the same lr.
+
+Every bad input raises :class:`BadRequestError` before anything is modified, so a refused push or
+set_rows leaves the matrix bit-identical.
+
+Snapshot format (a directory, written atomically: a temporary sibling directory is filled and then
+renamed over ``path``): ``W.npy`` and ``momentum.npy`` (numpy .npy, [num_classes, dim] rows of
+this store) and ``manifest.json`` with ``format``, ``version``, ``num_classes``, ``class_offset``,
+``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer`` ({momentum, weight_decay, nesterov}),
+``files``. Pushes still being collected are not part of a snapshot. ``restore(path)`` is an
+instance method that loads a snapshot in place (same rows, dim and dtype required);
+:meth:`WeightStore.from_snapshot` builds a new store from one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from paramserver.optim import SGDConfig, sgd_update_rows
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = ("float32", "float64")
+INIT_SCHEMES = ("normal", "uniform", "zeros")
+# Rows are initialised in fixed blocks of global ids, each from its own seed, so a shard produces
+# exactly the rows that the unsharded matrix would hold (S shards == 1 shard).
+INIT_BLOCK_ROWS = 4096
+SNAPSHOT_FORMAT = "hfsoftmax-paramserver-snapshot"
+SNAPSHOT_VERSION = 1
+MATRICES = ("W", "momentum")
+
+
+class StoreError(Exception):
+    """Base class of the errors a store reports to its caller (and a server to its client)."""
+
+
+class BadRequestError(StoreError, ValueError):
+    """Malformed arguments: ids, shapes, dtypes, non-finite values, steps. Nothing was modified."""
+
+
+class StaleStepError(BadRequestError):
+    """A push for a step the store has already applied (or too far ahead)."""
+
+
+class SyncTimeoutError(StoreError, TimeoutError):
+    """A pull waited for a step longer than its timeout; the message names the missing clients."""
+
+
+def shard_ranges(num_classes: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous class-id ranges of S shards: shard i holds [i*K//S, (i+1)*K//S)."""
+    if num_classes <= 0 or num_shards <= 0 or num_shards > num_classes:
+        raise ValueError(f"shard_ranges: need 0 < num_shards <= num_classes, got K={num_classes}, S={num_shards}")
+    return [(i * num_classes // num_shards, (i + 1) * num_classes // num_shards) for i in range(num_shards)]
+
+
+def init_rows(lo: int, hi: int, dim: int, dtype: str, init: str, init_std: float, seed: int) -> np.ndarray:
+    """Rows [lo, hi) of the initial matrix, independent of how the ids are sharded.
+
+    ``normal``: N(0, init_std^2); ``uniform``: U(-init_std, init_std); ``zeros``.
+    """
+    out = np.empty((hi - lo, dim), dtype=dtype)
+    if init == "zeros":
+        out.fill(0)
+        return out
+    b0, b1 = lo // INIT_BLOCK_ROWS, (hi - 1) // INIT_BLOCK_ROWS
+    for b in range(b0, b1 + 1):
+        # Always draw the whole block so its values never depend on where a shard boundary falls.
+        rng = np.random.default_rng([seed, b])
+        start = b * INIT_BLOCK_ROWS
+        if init == "normal":
+            vals = rng.standard_normal((INIT_BLOCK_ROWS, dim), dtype=np.dtype(dtype).type)
+            vals *= np.dtype(dtype).type(init_std)
+        else:
+            vals = rng.uniform(-init_std, init_std, size=(INIT_BLOCK_ROWS, dim)).astype(dtype, copy=False)
+        s, e = max(lo, start), min(hi, start + INIT_BLOCK_ROWS)
+        out[s - lo:e - lo] = vals[s - start:e - start]
+    return out
+
+
+def _write_npy(path: str, arr: np.ndarray, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def _read_npy_into(path: str, out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Read a .npy file into ``out`` (or a new array) without an intermediate copy."""
+    with open(path, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            if major == 1:
+                fshape, fortran, fdtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                fshape, fortran, fdtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError as e:
+            raise BadRequestError(f"snapshot file {path}: not a valid .npy file ({e})") from None
+        if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
+            raise BadRequestError(f"snapshot file {path}: holds {np.dtype(fdtype)}{list(fshape)}"
+                                  f"{' (Fortran order)' if fortran else ''}, manifest says {dtype}{list(shape)}")
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < view.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise BadRequestError(f"snapshot file {path}: truncated ({got} of {view.nbytes} data bytes)")
+            got += n
+    return out
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str) -> dict:
+    """Read and check ``path/manifest.json``; errors name the file and the field at fault."""
+    mpath = os.path.join(path, "manifest.json")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            man = json.load(f)
+    except FileNotFoundError:
+        raise BadRequestError(f"snapshot {path}: no manifest.json (not a snapshot directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadRequestError(f"snapshot manifest {mpath}: unreadable ({e})") from None
+    if not isinstance(man, dict) or man.get("format") != SNAPSHOT_FORMAT:
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'format' is not {SNAPSHOT_FORMAT!r}")
+    if man.get("version") != SNAPSHOT_VERSION:
+        raise BadRequestError(f"snapshot manifest {mpath}: unsupported version {man.get('version')!r}")
+    for key in ("num_classes", "class_offset", "total_classes", "dim", "step"):
+        if not isinstance(man.get(key), int) or man[key] < 0:
+            raise BadRequestError(f"snapshot manifest {mpath}: field {key!r} must be a non-negative integer")
+    if man.get("dtype") not in SUPPORTED_DTYPES:
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'dtype' must be one of {SUPPORTED_DTYPES}")
+    files = man.get("files")
+    if (not isinstance(files, dict) or any(not isinstance(files.get(k), str) or not files[k]
+                                           or os.path.basename(files[k]) != files[k] for k in MATRICES)):
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'files' must map W and momentum to file names")
+    opt = man.get("optimizer")
+    if not isinstance(opt, dict):
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' missing")
+    try:
+        SGDConfig(momentum=float(opt["momentum"]), weight_decay=float(opt["weight_decay"]),
+                  nesterov=bool(opt["nesterov"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' invalid ({e})") from None
+    return man
+
+
+def _sum_duplicates(sids: np.ndarray, grads: np.ndarray, order: np.ndarray,
+                    first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum rows of ``grads`` that share an id, left to right in push order.
+
+    ``sids = ids[order]`` (stable sort), ``first`` marks the first of each run of equal ids.
+    The k-th occurrence of every id is added in one vectorised pass, so the sum is the plain
+    sequential one (g = g0 + g1 + g2 ...), which is what a dense ``index_add_``/``+=`` reference
+    gives; ``np.add.reduceat`` would associate differently and break bitwise parity.
+    Returns (unique ids [u], summed grads [u, d]).
+    """
+    starts = np.flatnonzero(first)
+    uniq = sids[starts]
+    group = np.cumsum(first) - 1                       # [n] index into uniq
+    rank = np.arange(len(sids)) - starts[group]        # [n] occurrence number within its id
+    g = grads[order[rank == 0]]                        # first occurrences, in uniq order
+    for k in range(1, int(rank.max()) + 1):
+        sel = rank == k
+        g[group[sel]] += grads[order[sel]]
+    return uniq, g
+
+
+class WeightStore:
+    """Row-sparse store of the class matrix W [num_classes, dim] plus its momentum buffer.
+
+    Args:
+        num_classes: rows held by this store (the whole K, or one shard's share).
+        dim: feature dimension d.
+        dtype: "float32" or "float64".
+        init: "normal", "uniform" or "zeros" (see :func:`init_rows`).
+        init_std: std of the normal init / half-width of the uniform one.
+        seed: init seed; rows depend on (seed, global id) only.
+        momentum, weight_decay, nesterov: the SGD of ``paramserver/optim.py``.
+        num_clients: R, the clients whose pushes make up one synchronous step.
+        sync_timeout: seconds a ``pull(step=...)`` waits by default.
+        class_offset: global id of this store's first row (shards).
+        total_classes: K of the whole matrix (defaults to class_offset + num_classes).
+    """
+
+    def __init__(self, num_classes: int, dim: int, dtype: str = "float32", init: str = "normal",
+                 init_std: float = 0.01, seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 nesterov: bool = False, num_clients: int = 1, sync_timeout: float = 60.0,
+                 class_offset: int = 0, total_classes: Optional[int] = None, _rows: Optional[np.ndarray] = None) -> None:
+        if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
+            raise ValueError(f"WeightStore: num_classes must be a positive integer, got {num_classes!r}")
+        if not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"WeightStore: dim must be a positive integer, got {dim!r}")
+        if str(dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"WeightStore: dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"WeightStore: init must be one of {INIT_SCHEMES}, got {init!r}")
+        if num_clients <= 0:
+            raise ValueError(f"WeightStore: num_clients must be >= 1, got {num_clients!r}")
+        if class_offset < 0:
+            raise ValueError(f"WeightStore: class_offset must be >= 0, got {class_offset!r}")
+        self._K = int(num_classes)
+        self._d = int(dim)
+        self._dtype = np.dtype(str(dtype))
+        self._offset = int(class_offset)
+        self._total = int(total_classes) if total_classes is not None else self._offset + self._K
+        if self._total < self._offset + self._K:
+            raise ValueError(f"WeightStore: total_classes={self._total} < class_offset+num_classes")
+        self.opt = SGDConfig(momentum=float(momentum), weight_decay=float(weight_decay), nesterov=bool(nesterov))
+        self.num_clients = int(num_clients)
+        self.sync_timeout = float(sync_timeout)
+        self.init_desc = {"init": init, "init_std": float(init_std), "seed": int(seed)}
+        if _rows is not None:  # from_snapshot: rows already loaded
+            self._W = _rows
+        else:
+            self._W = init_rows(self._offset, self._offset + self._K, self._d, str(self._dtype), init,
+                                float(init_std), int(seed))
+        self._M = np.zeros_like(self._W)  # momentum buffers; zero == "never touched" (see optim.py)
+        self._step = 0
+        # step -> client_id -> (local ids int64 [n], grads [n, d] owned copy, lr)
+        self._pending: dict[int, dict[int, tuple[np.ndarray, np.ndarray, float]]] = {}
+        self._cond = threading.Condition()
+        self._index: Any = None
+        self._t0 = time.monotonic()
+        self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "updates": 0}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_classes(self) -> int:
+        """Rows held by this store."""
+        return self._K
+
+    @property
+    def dim(self) -> int:
+        return self._d
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def step(self) -> int:
+        """Number of applied updates (= the step whose pushes are being collected)."""
+        return self._step
+
+    @property
+    def class_range(self) -> tuple[int, int]:
+        """Global ids [lo, hi) held here."""
+        return self._offset, self._offset + self._K
+
+    @property
+    def total_classes(self) -> int:
+        return self._total
+
+    # ------------------------------------------------------------------ validation
+    def _local_ids(self, ids: Any, what: str = "ids") -> np.ndarray:
+        """Global ids -> local row indices (int64 [n]); raises BadRequestError on bad input."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise BadRequestError(f"{what}: expected a 1-D array of row ids, got shape {list(arr.shape)}")
+        if arr.dtype.kind not in "iu":
+            if arr.size == 0:
+                arr = arr.astype(np.int64)
+            else:
+                raise BadRequestError(f"{what}: row ids must be integers, got dtype {arr.dtype}")
+        loc = arr.astype(np.int64) - self._offset
+        if loc.size:
+            bad = (loc < 0) | (loc >= self._K)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                lo, hi = self.class_range
+                raise BadRequestError(f"{what}: row id {int(arr[i])} at position {i} is out of range [{lo}, {hi})")
+        return loc
+
+    def _check_rows(self, rows: Any, n: int, what: str) -> np.ndarray:
+        if not isinstance(rows, np.ndarray):
+            raise BadRequestError(f"{what}: expected a numpy array, got {type(rows).__name__}")
+        if rows.shape != (n, self._d):
+            raise BadRequestError(f"{what}: shape {list(rows.shape)} does not match [{n}, {self._d}] (len(ids), dim)")
+        if rows.dtype != self._dtype:
+            raise BadRequestError(f"{what}: dtype {rows.dtype} does not match the store's {self._dtype}")
+        if not np.isfinite(rows).all():
+            raise BadRequestError(f"{what}: contains NaN or Inf")
+        return rows
+
+    @staticmethod
+    def _check_matrix(matrix: str) -> str:
+        if matrix not in MATRICES:
+            raise BadRequestError(f"unknown matrix {matrix!r}; known: {list(MATRICES)}")
+        return matrix
+
+    # ------------------------------------------------------------------ pull / push
+    def missing_clients(self, step: Optional[int] = None) -> list[int]:
+        """Clients that have not pushed ``step`` (default: the step being collected)."""
+        s = self._step if step is None else step
+        got = self._pending.get(s, {})
+        return [c for c in range(self.num_clients) if c not in got]
+
+    def pull(self, ids: Any, step: Optional[int] = None, timeout: Optional[float] = None,
+             matrix: str = "W") -> np.ndarray:
+        """Rows ``ids`` (global) as a new array [n, d]; with ``step``, first wait for store.step >= step."""
+        self._check_matrix(matrix)
+        loc = self._local_ids(ids)
+        if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
+            raise BadRequestError(f"pull: step must be a non-negative integer, got {step!r}")
+        with self._cond:
+            if step is not None and self._step < step:
+                limit = self.sync_timeout if timeout is None else float(timeout)
+                if not self._cond.wait_for(lambda: self._step >= step, timeout=limit):
+                    raise SyncTimeoutError(self.timeout_message(step, limit))
+            src = self._W if matrix == "W" else self._M
+            out = src[loc]
+            self._counts["pulls"] += 1
+            self._counts["rows_pulled"] += len(loc)
+        return out
+
+    def timeout_message(self, step: int, waited: float) -> str:
+        return (f"pull for step {step} timed out after {waited:.1f}s: store is at step {self._step}, "
+                f"client ids {self.missing_clients()} of {self.num_clients} have not pushed step {self._step}")
+
+    def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0) -> bool:
+        """Record client ``client_id``'s row gradients for ``step``; returns True if an update was applied.
+
+        ``grads`` [n, d] must have the store's dtype, be finite, and match ``len(ids)``; duplicate ids
+        are summed. The array is copied, the caller may reuse it.
+        """
+        loc = self._local_ids(ids)
+        self._check_rows(grads, len(loc), "push grads")
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise BadRequestError(f"push: step must be a non-negative integer, got {step!r}")
+        if not isinstance(client_id, (int, np.integer)) or not 0 <= client_id < self.num_clients:
+            raise BadRequestError(f"push: client_id must be in [0, {self.num_clients}), got {client_id!r}")
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            raise BadRequestError(f"push: lr must be a number, got {lr!r}") from None
+        if not np.isfinite(lr) or lr < 0:
+            raise BadRequestError(f"push: lr must be finite and >= 0, got {lr!r}")
+        step, client_id = int(step), int(client_id)
+        with self._cond:
+            if step < self._step:
+                raise StaleStepError(f"push for step {step} refused: already applied (store is at step {self._step})")
+            if step > self._step + 1:
+                raise StaleStepError(f"push for step {step} refused: store is at step {self._step}, "
+                                     f"clients may push at most one step ahead")
+            got = self._pending.get(step, {})
+            if client_id in got:
+                raise BadRequestError(f"push: client {client_id} already pushed step {step}")
+            for other, (_, _, olr) in got.items():
+                if olr != lr:
+                    raise BadRequestError(f"push: lr {lr!r} for step {step} differs from client {other}'s {olr!r}")
+            self._pending.setdefault(step, {})[client_id] = (loc, np.array(grads, copy=True), lr)
+            self._counts["pushes"] += 1
+            self._counts["rows_pushed"] += len(loc)
+            applied = False
+            while len(self._pending.get(self._step, {})) == self.num_clients:
+                self._apply(self._pending.pop(self._step))
+                applied = True
+            if applied:
+                self._cond.notify_all()
+        return applied
+
+    def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float]]) -> None:
+        """Sum the R clients' gradients of the current step and apply one SGD update (lock held)."""
+        order_clients = sorted(entries)
+        lr = entries[order_clients[0]][2]
+        if len(order_clients) == 1:
+            ids, grads, _ = entries[order_clients[0]]
+        else:
+            ids = np.concatenate([entries[c][0] for c in order_clients])
+            grads = np.concatenate([entries[c][1] for c in order_clients])
+        if ids.size:
+            order = np.argsort(ids, kind="stable")  # stable: duplicates summed in client, then position order
+            sids = ids[order]
+            first = np.ones(len(sids), dtype=bool)
+            first[1:] = sids[1:] != sids[:-1]
+            if first.all():
+                uniq, g = ids, grads  # no duplicates: keep the caller's order, grads already a private copy
+            else:
+                uniq, g = _sum_duplicates(sids, grads, order, first)
+            w = self._W[uniq]
+            buf = self._M[uniq]
+            sgd_update_rows(w, buf, g, lr, self.opt)
+            self._W[uniq] = w
+            self._M[uniq] = buf
+        else:
+            uniq, w = ids, self._W[:0]
+        self._step += 1
+        self._counts["updates"] += 1
+        if self._index is not None and uniq.size:
+            changed = getattr(self._index, "rows_changed", None)
+            if changed is not None:
+                changed(uniq + self._offset, w, self._step)
+        if self._index is not None:
+            rebuild = getattr(self._index, "maybe_rebuild", None)
+            if rebuild is not None:
+                rebuild(self, self._step)
+
+    def set_rows(self, ids: Any, rows: np.ndarray, matrix: str = "W") -> None:
+        """Overwrite rows ``ids`` of ``matrix`` ("W" or "momentum"); ids must be distinct."""
+        self._check_matrix(matrix)
+        loc = self._local_ids(ids)
+        self._check_rows(rows, len(loc), "set_rows rows")
+        if len(np.unique(loc)) != len(loc):
+            raise BadRequestError("set_rows: ids must be distinct")
+        with self._cond:
+            (self._W if matrix == "W" else self._M)[loc] = rows
+            if matrix == "W" and self._index is not None and len(loc):
+                changed = getattr(self._index, "rows_changed", None)
+                if changed is not None:
+                    changed(loc + self._offset, np.array(rows), self._step)
+
+    # ------------------------------------------------------------------ index hook
+    def attach_index(self, manager: Any) -> None:
+        """Attach a class index (``query(features, n)``, optional ``rows_changed``/``maybe_rebuild``)."""
+        self._index = manager
+
+    @property
+    def index(self) -> Any:
+        return self._index
+
+    def rows_view(self) -> np.ndarray:
+        """The live W rows [num_classes, d] (read-only view, for index builders; row i = id offset+i)."""
+        v = self._W.view()
+        v.flags.writeable = False
+        return v
+
+    def query(self, features: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` candidate classes per feature from the attached index: (ids int64 [B, n], scores float32 [B, n])."""
+        if self._index is None:
+            raise BadRequestError("query: no class index is attached to this store (attach_index first)")
+        feats = np.asarray(features)
+        if feats.ndim != 2 or feats.shape[1] != self._d:
+            raise BadRequestError(f"query: features must be [B, {self._d}], got {list(feats.shape)}")
+        if not isinstance(n, (int, np.integer)) or n <= 0:
+            raise BadRequestError(f"query: n must be a positive integer, got {n!r}")
+        ids, scores = self._index.query(feats, int(n))
+        return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    # ------------------------------------------------------------------ snapshots
+    def manifest(self) -> dict:
+        return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "num_classes": self._K,
+                "class_offset": self._offset, "total_classes": self._total, "dim": self._d,
+                "dtype": str(self._dtype), "step": self._step, "optimizer": self.opt.to_dict(),
+                "init": self.init_desc, "files": {"W": "W.npy", "momentum": "momentum.npy"},
+                "created_unix": time.time()}
+
+    def snapshot(self, path: str, fsync: bool = False) -> dict:
+        """Write W, momentum and the manifest to directory ``path`` atomically; returns the manifest.
+
+        ``fsync`` also forces the data to disk (survives power loss, not only a killed process).
+        """
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            with self._cond:
+                man = self.manifest()
+                _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync)
+                _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)
+            _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
+            # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
+            # complete snapshot (restore falls back to the .old sibling in the instant between).
+            old = f"{path}.old.{os.getpid()}"
+            if os.path.exists(path):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("snapshot of step %d written to %s (%.1f MB)", man["step"], path,
+                    (self._W.nbytes + self._M.nbytes) / 1e6)
+        return man
+
+    def restore(self, path: str, in_place: bool = False) -> dict:
+        """Load snapshot ``path`` into this store (same rows, dim, dtype required); returns its manifest.
+
+        The step and optimizer settings are taken from the snapshot; pending pushes are dropped.
+        By default the files are read into new arrays that replace the old ones only when both were
+        read completely (a bad file leaves the store untouched); ``in_place=True`` reads straight into
+        the existing arrays instead (no second copy in memory, for large matrices).
+        """
+        man = read_manifest(path)
+        want = {"num_classes": self._K, "class_offset": self._offset, "dim": self._d, "dtype": str(self._dtype)}
+        for key, val in want.items():
+            if man[key] != val:
+                raise BadRequestError(f"snapshot {path}: manifest {key}={man[key]!r} does not match this store's {val!r}")
+        shape = (self._K, self._d)
+        with self._cond:
+            W = _read_npy_into(os.path.join(path, man["files"]["W"]), self._W if in_place else None, shape, self._dtype)
+            M = _read_npy_into(os.path.join(path, man["files"]["momentum"]), self._M if in_place else None,
+                               shape, self._dtype)
+            self._W, self._M = W, M
+            self._step = int(man["step"])
+            self._pending.clear()
+            o = man["optimizer"]
+            self.opt = SGDConfig(float(o["momentum"]), float(o["weight_decay"]), bool(o["nesterov"]))
+            self._cond.notify_all()
+        logger.info("restored step %d from %s", self._step, path)
+        return man
+
+    @classmethod
+    def from_snapshot(cls, path: str, num_clients: int = 1, sync_timeout: float = 60.0) -> "WeightStore":
+        """A new store holding snapshot ``path`` (shape, dtype, step and optimizer from its manifest)."""
+        man = read_manifest(path)
+        shape = (man["num_classes"], man["dim"])
+        dtype = np.dtype(man["dtype"])
+        W = _read_npy_into(os.path.join(path, man["files"]["W"]), None, shape, dtype)
+        o = man["optimizer"]
+        store = cls(man["num_classes"], man["dim"], dtype=man["dtype"], init="zeros",
+                    momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]),
+                    nesterov=bool(o["nesterov"]), num_clients=num_clients, sync_timeout=sync_timeout,
+                    class_offset=man["class_offset"], total_classes=man["total_classes"], _rows=W)
+        _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
+        store._step = int(man["step"])
+        if isinstance(man.get("init"), dict):
+            store.init_desc = man["init"]
+        logger.info("loaded snapshot of step %d from %s", store._step, path)
+        return store
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        """Counters: rows, bytes, step, pushes, pulls, pushes/s and updates/s since creation."""
+        el = max(time.monotonic() - self._t0, 1e-9)
+        lo, hi = self.class_range
+        return {"rows": self._K, "dim": self._d, "dtype": str(self._dtype), "class_range": [lo, hi],
+                "bytes": int(self._W.nbytes + self._M.nbytes), "step": self._step,
+                "num_clients": self.num_clients, "pending_clients": len(self._pending.get(self._step, {})),
+                **self._counts, "pushes_per_s": self._counts["pushes"] / el,
+                "updates_per_s": self._counts["updates"] / el, "uptime_s": el}
