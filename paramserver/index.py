@@ -321,7 +321,8 @@ class IVFIndex(ClassIndex):
 
     Args (besides the base ones):
         nlist: number of lists (None: round(sqrt(K)), at most K // 8, at least 1).
-        nprobe: lists probed per query (None: max(8, nlist // 8)).
+        nprobe: lists probed per query (None: max(8, nlist // 32); like Annoy's search_k, the scan
+            budget per query, ~nprobe * K / nlist rows, should stay roughly fixed as K grows).
         niter: k-means iterations.
         train_points_per_centroid: k-means runs on a sample of this many rows per centroid.
     """
@@ -362,7 +363,7 @@ class IVFIndex(ClassIndex):
         X = self._prep(W)
         nlist = self.nlist_opt or max(1, min(int(round(math.sqrt(K))), K // 8))
         nlist = min(nlist, K)
-        nprobe = min(self.nprobe_opt or max(8, nlist // 8), nlist)
+        nprobe = min(self.nprobe_opt or max(8, nlist // 32), nlist)
         with _faiss_threads(self.build_threads):
             rng = np.random.default_rng(self.seed)
             n_train = min(K, nlist * self.train_points_per_centroid)

@@ -18,8 +18,10 @@ K, D, N = 4000, 32, 20
 
 def clustered(K: int, d: int, n_clusters: int, noise: float, seed: int) -> np.ndarray:
     """Rows = a random cluster centre + isotropic noise: like class vectors of related identities.
-    noise = 0.5 in d = 32 makes the within-cluster spread (0.5 * sqrt(32) ~ 2.8) larger than the
-    centre norm (~5.7 / 2), so the top-20 is a real search inside and across clusters."""
+    With noise = 1.0 in d = 32 the noise norm (~5.7) equals the centre norm, so a query's top-20
+    mixes rows of its own cluster (20 rows on average) with rows of neighbouring clusters: a real
+    search, not a cluster lookup (at noise 0.5 every index scores recall ~1 and the floor tests
+    nothing)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
     return (centres[rng.integers(0, n_clusters, K)] + noise * rng.standard_normal((K, d))).astype(np.float32)
@@ -46,7 +48,7 @@ def recall(ids: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def data() -> Tuple[np.ndarray, np.ndarray]:
-    W = clustered(K, D, n_clusters=40, noise=0.5, seed=0)
+    W = clustered(K, D, n_clusters=200, noise=1.0, seed=0)
     return W, queries_near(W, 64, seed=1)
 
 
@@ -73,12 +75,15 @@ def test_exact_pads_when_fewer_rows_than_n():
     assert sorted(ids[0, :5].tolist()) == [0, 1, 2, 3, 4]
 
 
-# Recall floors. Annoy with 50 trees and search_k = n * ntrees = 1000 inspects about a quarter of the
-# 4000 rows per query, chosen by the trees to lie near the query: measured recall@20 is ~0.97
-# (angular) on this data; 0.85 leaves room for seed/platform variation while a bug (wrong id
-# mapping, score conversion, metric) drops it to ~0 (random ids give n / K = 0.005). IVF probes
-# 8 of 63 lists (~1/8 of the rows, the nearest by centroid): measured ~0.98. HNSW (ef = 128): ~1.0.
-FLOORS = {"forest": 0.85, "ivf": 0.85, "hnsw": 0.9}
+# Recall floors, measured on this data over seeds 0-2 (recall@20 vs brute force):
+#   forest (Annoy, 50 trees, search_k = n * ntrees = 1000, i.e. ~1/4 of the 4000 rows inspected):
+#     angular 0.96-0.97, dot 0.92-0.94  -> floor 0.85
+#   ivf (63 lists, nprobe 8, i.e. ~1/8 of the rows scored):  angular ~0.81, dot ~0.78 -> floor 0.7
+#   hnsw (M 16, ef 128): 0.998-1.0 -> floor 0.95
+# Each floor sits ~0.07-0.1 under the worst seed (room for platform variation), while a real bug
+# (wrong id mapping or offset, score conversion, metric) drops recall to ~0: random ids give
+# n / K = 0.005.
+FLOORS = {"forest": 0.85, "ivf": 0.7, "hnsw": 0.95}
 
 
 @pytest.mark.parametrize("name", ["forest", "ivf", "hnsw"])
