@@ -1,0 +1,172 @@
+"""Command line for evaluation: ``python -m hfsoftmax.eval {verify,megaface} ...``.
+
+verify:   every ``.bin`` in a folder (or the files given) -> results.md, results.json, ROC PNGs.
+megaface: rank-1 identification and TAR@FAR=1e-6 from probe and distractor feature files.
+
+Errors a user can cause (missing file, bad checkpoint, malformed data) end with a one-line
+``error: ...`` on stderr and exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: the sets eval.sh reports first, in this order; any other .bin in the folder follows
+KNOWN_SETS = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+
+
+class EvalError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def strip_prefix(state: dict[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """Remove a DataParallel / DDP ``module.`` prefix from every key that has it."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] = None,
+               image_size: Optional[int] = None) -> tuple[nn.Module, int, dict[str, Any]]:
+    """Rebuild the backbone a training checkpoint holds.
+
+    Args:
+        model_path: checkpoint written by hfsoftmax/train.py (dict with "model" and "config"), or a
+            bare backbone state_dict (then arch, feature_dim and image_size must be given).
+        arch: backbone name, or "auto" to take ``config.model.backbone`` from the checkpoint.
+        feature_dim, image_size: override the checkpoint's config.
+    Returns:
+        (model in eval mode on CPU, image_size, the checkpoint config or {}).
+    """
+    if not os.path.isfile(model_path):
+        raise EvalError(f"checkpoint not found: {model_path}")
+    try:
+        ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise EvalError(f"{model_path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise EvalError(f"{model_path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    cfg: dict[str, Any] = ckpt.get("config") or {}
+    state = ckpt["model"] if "model" in ckpt else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EvalError(f"{model_path}: no backbone state_dict under 'model'")
+    model_cfg = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+    data_cfg = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    name = model_cfg.get("backbone") if arch == "auto" else arch
+    if arch != "auto" and model_cfg.get("backbone") not in (None, arch):
+        logger.warning("arch %s overrides the checkpoint's backbone %s", arch, model_cfg.get("backbone"))
+    dim = feature_dim or model_cfg.get("feature_dim")
+    size = image_size or data_cfg.get("image_size")
+    missing = [n for n, v in (("arch", name), ("feature_dim", dim), ("image_size", size)) if not v]
+    if missing:
+        raise EvalError(f"{model_path}: checkpoint has no config for {', '.join(missing)}; pass them explicitly")
+    from hfsoftmax.backbones import get_backbone  # the one factory training uses
+    try:
+        model = get_backbone(str(name), int(dim), int(size))
+    except ValueError as exc:
+        raise EvalError(f"{model_path}: {exc}") from None
+    try:
+        model.load_state_dict(strip_prefix(state))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise EvalError(f"{model_path}: weights do not fit backbone {name} (d={dim}): {first}") from None
+    model.eval()
+    return model, int(size), cfg
+
+
+def find_bins(dataset_path: str) -> list[str]:
+    """The ``.bin`` files of a folder (known sets first), or the path itself if it is a ``.bin``."""
+    if os.path.isfile(dataset_path):
+        return [dataset_path]
+    if not os.path.isdir(dataset_path):
+        raise EvalError(f"dataset path not found: {dataset_path}")
+    found = sorted(glob.glob(os.path.join(dataset_path, "*.bin")))
+    if not found:
+        raise EvalError(f"no .bin verification sets in {dataset_path}")
+    rank = {n: i for i, n in enumerate(KNOWN_SETS)}
+    return sorted(found, key=lambda p: (rank.get(os.path.splitext(os.path.basename(p))[0], len(rank)), p))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from hfsoftmax.eval.report import evaluate_bins
+    model, size, cfg = load_model(args.model, args.arch, args.feature_dim, args.image_size)
+    bins = find_bins(args.data)
+    arch = cfg.get("model", {}).get("backbone", args.arch) if args.arch == "auto" else args.arch
+    header = (f"# Verification\n\nmodel: `{args.model}` (backbone {arch}, input {size}x{size}, "
+              f"flip {'on' if not args.no_flip else 'off'}); 10-fold protocol, squared L2 thresholds 0..4")
+    results = evaluate_bins(model, bins, size, args.out, device=args.device, batch_size=args.batch_size,
+                            flip=not args.no_flip, nfolds=args.nfolds, far_target=args.far, header=header)
+    with open(os.path.join(args.out, "results.md"), encoding="utf-8") as f:
+        print(f.read())
+    return 0 if results else 1
+
+
+def _megaface(args: argparse.Namespace) -> int:
+    from hfsoftmax.eval.megaface import load_features, megaface_evaluate
+    probe, labels = load_features(args.probe)
+    if args.probe_labels:
+        if not os.path.isfile(args.probe_labels):
+            raise EvalError(f"probe labels not found: {args.probe_labels}")
+        labels = (np.load(args.probe_labels) if args.probe_labels.endswith(".npy")
+                  else np.loadtxt(args.probe_labels, dtype=np.int64, ndmin=1))
+    if labels is None:
+        raise EvalError(f"{args.probe}: no labels; give --probe-labels or 'path label' lines")
+    dis, _ = load_features(args.distractors)
+    if args.num_distractors:
+        if args.num_distractors > dis.shape[0]:
+            raise EvalError(f"{args.distractors}: asked for {args.num_distractors} distractors, file has {dis.shape[0]}")
+        dis = dis[: args.num_distractors]
+    r = megaface_evaluate(probe, labels, dis, far=args.far)
+    os.makedirs(args.out, exist_ok=True)
+    md = ("| distractors | probes | rank-1 (%) | TAR (%) @ FAR | threshold |\n|---:|---:|---:|---:|---:|\n"
+          f"| {r['num_distractors']} | {r['num_probes']} | {100 * r['rank1']:.2f} | "
+          f"{100 * r['tar']:.2f} @ {r['far_target']:g} | {r['threshold']:.4f} |\n")
+    from hfsoftmax.eval.report import _atomic_write_text
+    _atomic_write_text(os.path.join(args.out, "megaface.md"), md)
+    _atomic_write_text(os.path.join(args.out, "megaface.json"), json.dumps(r, indent=1) + "\n")
+    print(md)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hfsoftmax.eval", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="10-fold verification on .bin sets")
+    v.add_argument("--model", required=True, help="checkpoint written by training")
+    v.add_argument("--data", required=True, help="folder of .bin files, or one .bin")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--arch", default="auto", help="backbone name, or auto (from the checkpoint)")
+    v.add_argument("--feature-dim", type=int, default=None, help="override the checkpoint's feature_dim")
+    v.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image_size")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    v.add_argument("--no-flip", action="store_true", help="disable flip-sum features")
+    v.add_argument("--nfolds", type=int, default=10)
+    v.add_argument("--far", type=float, default=1e-3, help="FAR at which VAL is reported")
+    m = sub.add_parser("megaface", help="rank-1 identification and TAR@FAR from feature files")
+    m.add_argument("--probe", required=True, help="probe features: .npy or a list of per-image feature files")
+    m.add_argument("--probe-labels", default=None, help=".npy or text, one identity per probe")
+    m.add_argument("--distractors", required=True, help="distractor features: .npy or a list file")
+    m.add_argument("--num-distractors", type=int, default=None, help="use the first N distractors")
+    m.add_argument("--far", type=float, default=1e-6)
+    m.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _verify(args) if args.cmd == "verify" else _megaface(args)
+    except (EvalError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,159 @@
+"""eval.sh end to end on a tiny .bin, the .bin format itself, MegaFace-style metrics."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hfsoftmax.backbones import get_backbone
+from hfsoftmax.data.binset import encode_jpeg, load_bin, read_bin, write_bin
+from hfsoftmax.eval.extract import extract_features
+from hfsoftmax.eval.megaface import megaface_evaluate, load_features
+from hfsoftmax.eval.verification import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S, D = 16, 16
+
+
+def blocky(rng: np.random.Generator) -> np.ndarray:
+    """A 16x16 image of 4x4 flat blocks: JPEG keeps it close, a random CNN tells them apart."""
+    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+
+
+def make_bin(path, pairs=40, seed=0) -> list[bool]:
+    """Same pairs repeat one image (distance ~0); different pairs use two random images."""
+    rng = np.random.default_rng(seed)
+    imgs, same = [], []
+    for i in range(pairs):
+        a = encode_jpeg(blocky(rng))
+        s = i % 2 == 0
+        imgs += [a, a if s else encode_jpeg(blocky(rng))]
+        same.append(s)
+    write_bin(str(path), imgs, same)
+    return same
+
+
+def make_checkpoint(path, images: torch.Tensor, prefix: str = "module.") -> torch.nn.Module:
+    """A training-style checkpoint of a random tiny backbone whose BN statistics are set from
+    ``images`` (so features spread out as a trained net's do)."""
+    torch.manual_seed(0)
+    model = get_backbone("tiny", D, S)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one pass sets exact batch statistics
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    cfg = {"model": {"backbone": "tiny", "feature_dim": D}, "data": {"image_size": S}}
+    torch.save({"model": state, "head": {}, "optimizer": {}, "step": 7, "config": cfg}, path)
+    return model
+
+
+def run_eval_sh(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["sh", os.path.join(ROOT, "scripts", "eval.sh"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_eval_sh_end_to_end(tmp_path):
+    data = tmp_path / "faces"
+    data.mkdir()
+    same = make_bin(data / "lfw.bin", pairs=40, seed=0)
+    make_bin(data / "agedb_30.bin", pairs=20, seed=1)
+    images, issame = load_bin(str(data / "lfw.bin"), S)
+    assert issame.tolist() == same and images.shape == (80, 3, S, S)
+    model = make_checkpoint(tmp_path / "ckpt.pt", images)
+    out = tmp_path / "out"
+    proc = run_eval_sh("auto", str(tmp_path / "ckpt.pt"), str(data), str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == ["lfw", "agedb_30"]  # known sets in the standard order
+    # known answer: same pairs are identical images, different pairs far apart -> perfect
+    assert res["lfw"]["accuracy"] == 1.0 and res["lfw"]["num_pairs"] == 40
+    assert res["agedb_30"]["num_pairs"] == 20
+    # parity: the CLI's features and metrics equal an in-process run on the same weights
+    feats = extract_features(model, images, progress=False)
+    np.testing.assert_allclose(np.load(out / "features_lfw.npy"), feats, atol=1e-5)
+    ref = evaluate(feats, issame)
+    assert res["lfw"]["threshold"] == pytest.approx(ref["threshold"])
+    md = (out / "results.md").read_text()
+    assert "| lfw | 40 | 100.00 +- 0.00" in md and "agedb_30" in md and "100.00 +- 0.00" in proc.stdout
+    for name in ("lfw", "agedb_30"):
+        with Image.open(out / f"roc_{name}.png") as im:
+            assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_eval_sh_missing_files_fail_in_one_line(tmp_path):
+    proc = run_eval_sh("auto", str(tmp_path / "nope.pt"), str(tmp_path), str(tmp_path / "o"))
+    assert proc.returncode != 0 and "nope.pt" in proc.stderr and "Traceback" not in proc.stderr
+    torch.save({"model": {}, "config": {}}, tmp_path / "c.pt")
+    proc = run_eval_sh("auto", str(tmp_path / "c.pt"), str(tmp_path), str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "error:" in proc.stderr
+
+
+def test_bin_flags_must_match_images(tmp_path):
+    p = tmp_path / "bad.bin"
+    with open(p, "wb") as f:
+        pickle.dump(([b"x"] * 5, [True, False]), f, protocol=2)
+    with pytest.raises(ValueError, match=r"bad\.bin: 5 images but 2 issame flags"):
+        read_bin(str(p))
+    with pytest.raises(ValueError, match="cannot form"):
+        write_bin(str(p), [b"x"] * 3, [True, False])
+
+
+def test_bin_bad_image_names_file_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    good = encode_jpeg(blocky(rng))
+    write_bin(str(tmp_path / "x.bin"), [good, good, good, b"garbage"], [True, False])
+    with pytest.raises(ValueError, match=r"x\.bin: image 3: .*not a decodable image"):
+        load_bin(str(tmp_path / "x.bin"), S)
+
+
+def test_python2_pickle_is_read(tmp_path):
+    """A .bin as Python 2 writes it: protocol 2, images as py2 str (SHORT_BINSTRING)."""
+    rng = np.random.default_rng(0)
+    jpegs = [encode_jpeg(blocky(rng)) for _ in range(2)]
+    assert all(len(j) < 256 * 4 for j in jpegs)
+
+    def py2_str(b: bytes) -> bytes:  # BINSTRING opcode: 'T' + int32 length + raw bytes
+        return b"T" + len(b).to_bytes(4, "little") + b
+
+    raw = (b"\x80\x02" + b"](" + b"".join(py2_str(j) for j in jpegs) + b"e"
+           + b"](" + b"\x88" + b"e" + b"\x86" + b".")
+    (tmp_path / "py2.bin").write_bytes(raw)
+    images, flags = read_bin(str(tmp_path / "py2.bin"))
+    assert images == jpegs and flags.tolist() == [True]
+    x, _ = load_bin(str(tmp_path / "py2.bin"), S)
+    assert x.shape == (2, 3, S, S)
+
+
+def test_megaface_known_answer(tmp_path):
+    # 2-d unit features: identity 0 at -1 and 1 deg; identity 1 at 90, 100 and 150 deg;
+    # distractors at 45 and 170 deg (scaled: features are normalised inside).
+    ang = np.deg2rad
+    probe = np.array([[np.cos(a), np.sin(a)] for a in ang([-1, 1, 90, 100, 150])])
+    labels = np.array([0, 0, 1, 1, 1])
+    dis = np.array([[np.cos(a), np.sin(a)] for a in ang([45, 170])]) * 3.0
+    r = megaface_evaluate(probe, labels, dis, far=1e-6, chunk=1)
+    # best distractor per probe: 0,1 -> cos46/44 (.69/.72); 90deg -> cos45 (.71); 100deg -> cos55 (.57);
+    # 150deg -> cos20 (.94). Ordered mate pairs: (0,1) (1,0) hit (cos2); (2,3) cos10 hit; (2,4) cos60 miss;
+    # (3,2) cos10 hit; (3,4) cos50=.64 > .57 hit; (4,2) (4,3) miss -> 5 / 8
+    assert r["num_pairs"] == 8 and r["rank1"] == pytest.approx(5 / 8)
+    # 10 impostor scores < 1/FAR: the threshold is the largest impostor score, cos(20deg)
+    assert r["threshold"] == pytest.approx(np.cos(ang(20)), abs=1e-6)
+    # genuine (unordered): cos2, cos10, cos60, cos50 -> two above cos20
+    assert r["tar"] == pytest.approx(0.5)
+    np.save(tmp_path / "p.npy", probe)
+    feats, lab = load_features(str(tmp_path / "p.npy"))
+    assert feats.shape == (5, 2) and lab is None
