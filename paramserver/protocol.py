@@ -33,7 +33,7 @@ Arrays per op (request -> reply):
     others    []                                        -> []
 
 Reply header: {"v": 1, "id": <echo>, "ok": true, "arrays": [...], ...op fields} or
-{"v": 1, "id": <echo or null>, "ok": false, "error": "<reason>"}. Every request gets exactly one
+{"v": 1, "id": <echo or null>, "ok": false, "error": "<reason>", "kind": <one of ERROR_KINDS>}. Every request gets exactly one
 reply; a malformed one gets an error reply and changes nothing.
 """
 from __future__ import annotations
@@ -83,6 +83,10 @@ def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
     return [json.dumps(h, separators=(",", ":"), allow_nan=False).encode("utf-8")] + bufs
 
 
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not valid JSON")
+
+
 def _frame_buffer(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame received with copy=False: no copy
     if buf is not None:
@@ -101,8 +105,8 @@ def decode(frames: Sequence[Any]) -> tuple[dict, list[np.ndarray]]:
     if raw.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header frame of {raw.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ProtocolError) as e:
         raise ProtocolError(f"header frame is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
@@ -133,9 +137,12 @@ def decode(frames: Sequence[Any]) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
-def error_reply(req_id: Any, message: str) -> list:
-    """Frames of an error reply."""
-    return encode({"id": req_id, "ok": False, "error": message})
+ERROR_KINDS = ("protocol", "bad_request", "stale_step", "sync_timeout", "unauthorized", "internal")
+
+
+def error_reply(req_id: Any, message: str, kind: str = "bad_request") -> list:
+    """Frames of an error reply; ``kind`` (one of ERROR_KINDS) lets a client pick an exception class."""
+    return encode({"id": req_id, "ok": False, "error": message, "kind": kind})
 
 
 def ok_reply(req_id: Any, arrays: Sequence[np.ndarray] = (), **fields: Any) -> list:

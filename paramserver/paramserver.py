@@ -1,0 +1,124 @@
+"""Command line entry of the HF-softmax parameter server: serve one shard of the class matrix.
+
+    python paramserver/paramserver.py --bind tcp://127.0.0.1:5570 --num-classes K --dim d \\
+        --num-clients R [--shard i/S] [--snapshot-dir DIR] [--restore PATH] [--snapshot-every N] \\
+        [--token T] [--momentum M --weight-decay WD --nesterov] [--seed S] [--ready-file PATH]
+
+Prints ``paramserver listening on tcp://...`` (the actual address, also for port 0 / ``*``) when
+ready, and writes that address to ``--ready-file`` atomically. SIGINT/SIGTERM stop it cleanly, with
+a final snapshot into ``--snapshot-dir`` unless ``--no-final-snapshot``. Wire protocol:
+docs/protocol.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# This script is named like its package and sits inside it: drop the script's own directory from
+# sys.path (so `import paramserver` does not import this file) and put the repository root first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from paramserver.server import ParamServer, resolve_snapshot  # noqa: E402
+from paramserver.store import WeightStore, shard_ranges  # noqa: E402
+
+logger = logging.getLogger("paramserver")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, s = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must be i/S (e.g. 0/2), got {text!r}") from None
+    if not (s >= 1 and 0 <= i < s):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < S")
+    return i, s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paramserver/paramserver.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5570",
+                   help="ZeroMQ address; port 0 or * picks a free one; non-loopback needs --token")
+    p.add_argument("--num-classes", type=int, help="K of the whole matrix (not needed with --restore)")
+    p.add_argument("--dim", type=int, help="feature dimension d (not needed with --restore)")
+    p.add_argument("--num-clients", type=int, default=1, help="R: clients whose pushes make one synchronous step")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="serve shard i of S (ids split by range)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--init", default="normal", choices=["normal", "uniform", "zeros"])
+    p.add_argument("--init-std", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--sync-timeout", type=float, default=60.0, help="longest wait of a pull for its step (s)")
+    p.add_argument("--snapshot-dir", help="directory of step-NNNNNNNNN snapshots (+ 'latest')")
+    p.add_argument("--snapshot-every", type=int, default=0, help="snapshot every N applied steps (0: never)")
+    p.add_argument("--no-final-snapshot", action="store_true", help="no snapshot on SIGINT/SIGTERM/shutdown")
+    p.add_argument("--restore", help="snapshot directory (or a --snapshot-dir: its newest) to start from")
+    p.add_argument("--token", default=os.environ.get("PARAMSERVER_TOKEN"),
+                   help="shared secret required in every request (default: $PARAMSERVER_TOKEN)")
+    p.add_argument("--ready-file", help="write the bound address here (atomically) once listening")
+    p.add_argument("--log-every", type=float, default=30.0, help="seconds between throughput lines")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_store(args: argparse.Namespace) -> WeightStore:
+    i, s = args.shard
+    if args.restore:
+        path = resolve_snapshot(args.restore)
+        store = WeightStore.from_snapshot(path, num_clients=args.num_clients, sync_timeout=args.sync_timeout)
+        K = store.total_classes
+        lo, hi = shard_ranges(K, s)[i]
+        if store.class_range != (lo, hi):
+            raise SystemExit(f"--restore {path}: holds classes {store.class_range}, shard {i}/{s} of K={K} is {(lo, hi)}")
+        for name, val, have in (("--num-classes", args.num_classes, K), ("--dim", args.dim, store.dim)):
+            if val is not None and val != have:
+                raise SystemExit(f"--restore {path}: snapshot has {name[2:]}={have}, command line says {name} {val}")
+        return store
+    if args.num_classes is None or args.dim is None:
+        raise SystemExit("--num-classes and --dim are required unless --restore is given")
+    lo, hi = shard_ranges(args.num_classes, s)[i]
+    return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
+                       momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
+                       num_clients=args.num_clients, sync_timeout=args.sync_timeout, class_offset=lo,
+                       total_classes=args.num_classes)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = make_store(args)
+    server = ParamServer(store, bind=args.bind, token=args.token, snapshot_dir=args.snapshot_dir,
+                         snapshot_every=args.snapshot_every, final_snapshot=not args.no_final_snapshot,
+                         log_every=args.log_every, shard=args.shard)
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info("signal %d: shutting down", signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def ready(address: str) -> None:
+        if args.ready_file:
+            tmp = f"{args.ready_file}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(address + "\n")
+            os.replace(tmp, args.ready_file)
+        sys.stdout.flush()
+
+    server.serve_forever(ready=ready)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""ZeroMQ ROUTER loop serving one WeightStore shard (HF-softmax's parameter server, Zhang et al. 2018).
+
+One thread, one ROUTER socket, the wire protocol of ``paramserver/protocol.py`` (docs/protocol.md).
+Every request gets exactly one reply: ``ok`` or an error with its reason. A ``pull`` for a step the
+store has not reached yet is parked (ROUTER may answer later) and answered when the step's update
+is applied, or with a timeout error naming the clients that have not pushed; other clients are
+served meanwhile. Bad requests are refused before the store is touched.
+
+Security: binding anything but a loopback/ipc/inproc address requires a shared secret ``token``;
+when a token is set, every request must carry it (``header["token"]``), else it is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import zmq
+
+from paramserver.protocol import (OPS, ProtocolError, decode, error_reply, expect_arrays, get_field, ok_reply,
+                                  PROTOCOL_VERSION, token_ok)
+from paramserver.store import BadRequestError, StaleStepError, StoreError, WeightStore, read_manifest
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+SNAPSHOT_NAME = re.compile(r"^step-(\d{9})$")
+
+
+def is_local_address(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback host (no token needed there)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    m = re.match(r"^tcp://(.+):([^:]+)$", address)
+    if not m:
+        raise ValueError(f"bind address {address!r} is not of the form tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+    host = m.group(1)
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def normalize_bind(address: str) -> str:
+    """``tcp://host:0`` -> ``tcp://host:*`` (ZeroMQ's spelling of "any free port")."""
+    return re.sub(r":0$", ":*", address) if address.startswith("tcp://") else address
+
+
+def latest_snapshot(snapshot_dir: str) -> Optional[str]:
+    """Newest complete ``step-NNNNNNNNN`` snapshot under ``snapshot_dir`` (or None)."""
+    pointer = os.path.join(snapshot_dir, "latest")
+    if os.path.exists(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read().strip()
+        if SNAPSHOT_NAME.match(name) and os.path.exists(os.path.join(snapshot_dir, name, "manifest.json")):
+            return os.path.join(snapshot_dir, name)
+    names = sorted(n for n in os.listdir(snapshot_dir) if SNAPSHOT_NAME.match(n)
+                   and os.path.exists(os.path.join(snapshot_dir, n, "manifest.json"))) if os.path.isdir(snapshot_dir) else []
+    return os.path.join(snapshot_dir, names[-1]) if names else None
+
+
+def resolve_snapshot(path: str) -> str:
+    """A snapshot directory itself, or a --snapshot-dir holding step-* snapshots (take the newest)."""
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return path
+    found = latest_snapshot(path) if os.path.isdir(path) else None
+    if found is None:
+        raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
+    return found
+
+
+class _Parked:
+    """A pull waiting for its step: answered later through the ROUTER envelope."""
+
+    __slots__ = ("envelope", "req_id", "ids", "matrix", "step", "deadline", "waited")
+
+    def __init__(self, envelope: list, req_id: Any, ids: np.ndarray, matrix: str, step: int, wait: float) -> None:
+        self.envelope, self.req_id, self.ids, self.matrix, self.step = envelope, req_id, ids, matrix, step
+        self.deadline = time.monotonic() + wait
+        self.waited = wait
+
+
+class ParamServer:
+    """Serve ``store`` on a ROUTER socket.
+
+    Args:
+        store: the shard served.
+        bind: ZeroMQ address; ``tcp://127.0.0.1:*`` (or ``:0``) picks a free port.
+        token: shared secret; required when ``bind`` is not a loopback address.
+        snapshot_dir: where ``--snapshot-every`` and the final snapshot go (``step-NNNNNNNNN`` + ``latest``).
+        snapshot_every: write a snapshot every N applied steps (0: never).
+        final_snapshot: write one on shutdown when ``snapshot_dir`` is set.
+        keep_snapshots: periodic snapshots kept (oldest removed).
+        log_every: seconds between throughput log lines.
+        shard: (i, S), for logs and ``info``.
+        max_wait: upper bound on how long a parked pull may wait (default: store.sync_timeout).
+        context: ZeroMQ context (default: the global instance).
+    """
+
+    def __init__(self, store: WeightStore, bind: str = "tcp://127.0.0.1:5570", token: Optional[str] = None,
+                 snapshot_dir: Optional[str] = None, snapshot_every: int = 0, final_snapshot: bool = True,
+                 keep_snapshots: int = 2, log_every: float = 30.0, shard: tuple[int, int] = (0, 1),
+                 max_wait: Optional[float] = None, context: Optional[zmq.Context] = None) -> None:
+        if not is_local_address(bind) and not token:
+            raise ValueError(f"binding {bind} (not loopback) requires a shared secret token (--token); "
+                             "unauthenticated access is only allowed on 127.0.0.1/ipc/inproc")
+        if snapshot_every < 0 or keep_snapshots < 1:
+            raise ValueError("snapshot_every must be >= 0 and keep_snapshots >= 1")
+        if snapshot_every and not snapshot_dir:
+            raise ValueError("snapshot_every needs a snapshot_dir")
+        self.store = store
+        self.bind_address = normalize_bind(bind)
+        self.token = token or None
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_every = int(snapshot_every)
+        self.final_snapshot = bool(final_snapshot)
+        self.keep_snapshots = int(keep_snapshots)
+        self.log_every = float(log_every)
+        self.shard = shard
+        self.max_wait = float(max_wait) if max_wait is not None else store.sync_timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock: Optional[zmq.Socket] = None
+        self._monitor: Optional[zmq.Socket] = None
+        self._stop = threading.Event()
+        self._parked: list[_Parked] = []
+        self.address: Optional[str] = None
+        self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+        self._peers = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def bind(self) -> str:
+        """Create and bind the ROUTER socket; returns the bound address (actual port)."""
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        sock.bind(self.bind_address)
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        try:
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        except zmq.ZMQError as e:  # monitoring is optional (e.g. not on inproc with old libzmq)
+            logger.warning("socket monitor unavailable (%s): no connect/disconnect lines", e)
+        lo, hi = self.store.class_range
+        logger.info("paramserver listening on %s (shard %d/%d, classes [%d, %d), dim %d, %s, %d clients, step %d%s)",
+                    self.address, self.shard[0], self.shard[1], lo, hi, self.store.dim, self.store.dtype,
+                    self.store.num_clients, self.store.step, ", token required" if self.token else "")
+        return self.address
+
+    def stop(self) -> None:
+        """Ask the loop to exit (thread- and signal-safe)."""
+        self._stop.set()
+
+    def serve_forever(self, ready: Optional[Callable[[str], None]] = None) -> None:
+        """Run until :meth:`stop` or a ``shutdown`` request; then final snapshot (if set) and close."""
+        if self._sock is None:
+            self.bind()
+        if ready is not None:
+            ready(self.address)
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        t_log = time.monotonic()
+        last = dict(self._counts, **{k: self.store.stats()[k] for k in ("pulls", "pushes", "updates")})
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(self._poll_ms()))
+                if self._sock in events:
+                    for _ in range(256):  # drain a burst, then look at timers again
+                        try:
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                        if self._stop.is_set():
+                            break
+                if self._monitor is not None and self._monitor in events:
+                    self._on_monitor()
+                self._expire_parked()
+                now = time.monotonic()
+                if self.log_every > 0 and now - t_log >= self.log_every:
+                    last = self._log_throughput(now - t_log, last)
+                    t_log = now
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for p in self._parked:
+            self._send(p.envelope, error_reply(p.req_id, "server shutting down", "internal"))
+        self._parked.clear()
+        if self.snapshot_dir and self.final_snapshot:
+            try:
+                self.periodic_snapshot()
+            except Exception:  # the final snapshot must not hide the shutdown
+                logger.exception("final snapshot failed")
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        logger.info("paramserver on %s stopped at step %d", self.address, self.store.step)
+
+    # ------------------------------------------------------------------ loop helpers
+    def _poll_ms(self) -> int:
+        wait = 0.1  # also how fast stop() is noticed
+        if self._parked:
+            wait = min(wait, max(0.0, min(p.deadline for p in self._parked) - time.monotonic()))
+        return int(wait * 1000) + 1
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_ACCEPTED:
+                self._peers += 1
+                logger.info("client connected (fd %s, %d connected)", ev["value"], self._peers)
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._peers = max(0, self._peers - 1)
+                logger.info("client disconnected (fd %s, %d connected)", ev["value"], self._peers)
+
+    def _log_throughput(self, dt: float, last: dict) -> dict:
+        st = self.store.stats()
+        now = dict(self._counts, pulls=st["pulls"], pushes=st["pushes"], updates=st["updates"])
+        r = {k: (now[k] - last[k]) / dt for k in now}
+        if now["requests"] == last["requests"]:
+            return now  # idle: no line
+        logger.info("throughput: %.1f pulls/s %.1f pushes/s %.2f steps/s %.1f MB/s in %.1f MB/s out, step %d, %d connected",
+                    r["pulls"], r["pushes"], r["updates"], r["bytes_in"] / 1e6, r["bytes_out"] / 1e6,
+                    st["step"], self._peers)
+        return now
+
+    def _send(self, envelope: list, frames: list) -> None:
+        try:
+            self._sock.send_multipart(envelope + frames, copy=False)
+        except zmq.ZMQError as e:  # peer gone or queue full: nothing more we can do for it
+            logger.warning("reply not sent: %s", e)
+            return
+        self._counts["bytes_out"] += sum(getattr(f, "nbytes", None) or len(f) for f in frames)
+
+    def _handle(self, frames: list) -> None:
+        """One request: frames = ROUTER envelope + protocol frames."""
+        self._counts["requests"] += 1
+        if len(frames) < 2:  # only an identity frame: nothing to answer
+            self._counts["errors"] += 1
+            self._send(frames[:1], error_reply(None, "empty message: expected a JSON header frame", "protocol"))
+            return
+        # DEALER: [identity, header, ...]; REQ: [identity, b"", header, ...]
+        cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
+        envelope, body = list(frames[:cut]), list(frames[cut:])
+        self._counts["bytes_in"] += sum(len(f) for f in body)
+        req_id = None
+        try:
+            header, arrays = decode(body)
+            req_id = header.get("id")
+            if not token_ok(header, self.token):
+                raise PermissionError("unauthorized: missing or wrong token")
+            op = header.get("op")
+            if op not in OPS:
+                raise ProtocolError(f"unknown op {op!r}; known: {list(OPS)}")
+            reply = getattr(self, f"_op_{op}")(envelope, header, arrays)
+        except (ProtocolError, StoreError, PermissionError) as e:
+            self._counts["errors"] += 1
+            reply = error_reply(_safe_id(req_id), str(e), _kind(e))
+        except Exception as e:  # a bug must not take the server down; the client still gets a reply
+            self._counts["errors"] += 1
+            logger.exception("internal error on request")
+            reply = error_reply(_safe_id(req_id), f"internal error: {type(e).__name__}: {e}", "internal")
+        if reply is not None:
+            self._send(envelope, reply)
+
+    # ------------------------------------------------------------------ ops
+    def info(self) -> dict:
+        lo, hi = self.store.class_range
+        return {"protocol": PROTOCOL_VERSION, "num_classes": self.store.total_classes, "rows": self.store.num_classes,
+                "class_range": [lo, hi], "dim": self.store.dim, "dtype": str(self.store.dtype),
+                "step": self.store.step, "num_clients": self.store.num_clients, "shard": list(self.shard),
+                "optimizer": self.store.opt.to_dict(), "index": self.store.index is not None}
+
+    def _op_ping(self, env: list, h: dict, arrays: list) -> list:
+        return ok_reply(h.get("id"), step=self.store.step)
+
+    def _op_info(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        return ok_reply(h.get("id"), **self.info())
+
+    def _op_register(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        cid = get_field(h, "client_id", int)
+        if not 0 <= cid < self.store.num_clients:
+            raise BadRequestError(f"register: client_id {cid} not in [0, {self.store.num_clients})")
+        logger.info("client %d registered (peer %s)", cid, env[0].bytes.hex())
+        return ok_reply(h.get("id"), **self.info())
+
+    def _op_stats(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        return ok_reply(h.get("id"), stats=self.store.stats(), server=dict(self._counts, parked=len(self._parked),
+                                                                              connected=self._peers))
+
+    def _op_pull(self, env: list, h: dict, arrays: list) -> Optional[list]:
+        expect_arrays(h, arrays, 1)
+        matrix = get_field(h, "matrix", str, default="W")
+        step = get_field(h, "step", int, optional=True)
+        ids = arrays[0]
+        if step is not None and step < 0:
+            raise BadRequestError(f"pull: step must be >= 0, got {step}")
+        # Validate now so a bad pull fails at once rather than after waiting.
+        self.store._check_matrix(matrix)
+        self.store._local_ids(ids)
+        if step is not None and self.store.step < step:
+            wait = get_field(h, "timeout", float, default=self.max_wait)
+            wait = min(max(wait, 0.0), self.max_wait)
+            self._parked.append(_Parked(env, h.get("id"), ids, matrix, step, wait))
+            return None
+        rows = self.store.pull(ids, matrix=matrix)
+        return ok_reply(h.get("id"), [rows], step=self.store.step)
+
+    def _op_push(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 2)
+        step = get_field(h, "step", int)
+        lr = get_field(h, "lr", float)
+        cid = get_field(h, "client_id", int, default=0)
+        applied = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid)
+        if applied:
+            self._after_update()
+        return ok_reply(h.get("id"), applied=applied, step=self.store.step)
+
+    def _op_set_rows(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 2)
+        self.store.set_rows(arrays[0], arrays[1], matrix=get_field(h, "matrix", str, default="W"))
+        return ok_reply(h.get("id"), step=self.store.step)
+
+    def _op_query(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 1)
+        n = get_field(h, "n", int)
+        feats = arrays[0]
+        if feats.dtype.kind != "f":
+            raise BadRequestError(f"query: features must be float32 or float64, got {feats.dtype}")
+        ids, scores = self.store.query(feats, n)
+        return ok_reply(h.get("id"), [ids, scores])
+
+    def _op_snapshot(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        path = get_field(h, "path", str, optional=True)
+        if path is None:
+            if not self.snapshot_dir:
+                raise BadRequestError("snapshot: no path given and the server has no --snapshot-dir")
+            path = self.periodic_snapshot()
+        else:
+            self.store.snapshot(path)
+        return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
+
+    def _op_restore(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        path = get_field(h, "path", str)
+        try:
+            path = resolve_snapshot(path)
+        except FileNotFoundError as e:
+            raise BadRequestError(str(e)) from None
+        self.store.restore(path)
+        self._after_update()
+        return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
+
+    def _op_shutdown(self, env: list, h: dict, arrays: list) -> list:
+        logger.info("shutdown requested by peer %s", env[0].bytes.hex())
+        self._stop.set()
+        return ok_reply(h.get("id"), step=self.store.step)
+
+    # ------------------------------------------------------------------ waiting pulls, snapshots
+    def _after_update(self) -> None:
+        """Answer the parked pulls whose step is reached; periodic snapshot."""
+        if self._parked:
+            still = []
+            for p in self._parked:
+                if self.store.step >= p.step:
+                    try:
+                        rows = self.store.pull(p.ids, matrix=p.matrix)
+                        self._send(p.envelope, ok_reply(p.req_id, [rows], step=self.store.step))
+                    except StoreError as e:
+                        self._send(p.envelope, error_reply(p.req_id, str(e), _kind(e)))
+                else:
+                    still.append(p)
+            self._parked = still
+        if self.snapshot_every and self.store.step % self.snapshot_every == 0:
+            self.periodic_snapshot()
+
+    def _expire_parked(self) -> None:
+        if not self._parked:
+            return
+        now = time.monotonic()
+        still = []
+        for p in self._parked:
+            if now >= p.deadline:
+                msg = self.store.timeout_message(p.step, p.waited)
+                self._counts["errors"] += 1
+                self._send(p.envelope, error_reply(p.req_id, msg, "sync_timeout"))
+            else:
+                still.append(p)
+        self._parked = still
+
+    def periodic_snapshot(self) -> str:
+        """Snapshot into ``snapshot_dir/step-NNNNNNNNN``, point ``latest`` at it, prune old ones."""
+        assert self.snapshot_dir
+        name = f"step-{self.store.step:09d}"
+        path = os.path.join(self.snapshot_dir, name)
+        t0 = time.monotonic()
+        self.store.snapshot(path)
+        tmp = os.path.join(self.snapshot_dir, f"latest.tmp.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+        os.replace(tmp, os.path.join(self.snapshot_dir, "latest"))
+        names = sorted(n for n in os.listdir(self.snapshot_dir) if SNAPSHOT_NAME.match(n))
+        for old in names[:-self.keep_snapshots]:
+            shutil.rmtree(os.path.join(self.snapshot_dir, old), ignore_errors=True)
+        logger.info("snapshot step %d -> %s in %.2fs", self.store.step, path, time.monotonic() - t0)
+        return path
+
+
+def _safe_id(req_id: Any) -> Any:
+    """Echo the request id only if it can be encoded again (strict JSON)."""
+    try:
+        json.dumps(req_id, allow_nan=False)
+        return req_id
+    except (TypeError, ValueError):
+        return None
+
+
+def _kind(exc: BaseException) -> str:
+    """The error 'kind' of a reply, so clients can raise the matching exception class."""
+    if isinstance(exc, TimeoutError):
+        return "sync_timeout"
+    if isinstance(exc, StaleStepError):
+        return "stale_step"
+    if isinstance(exc, PermissionError):
+        return "unauthorized"
+    if isinstance(exc, StoreError):
+        return "bad_request"
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    return "internal"
