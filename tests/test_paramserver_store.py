@@ -1,0 +1,280 @@
+"""In-process WeightStore: bitwise parity with torch.optim.SGD, sync steps, bad input, snapshots, shards."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver.optim import SGDConfig
+from paramserver.store import (BadRequestError, StaleStepError, SyncTimeoutError, WeightStore, init_rows,
+                               shard_ranges)
+
+
+def torch_reference(W0: np.ndarray, pushes: list, momentum: float, wd: float, nesterov: bool):
+    """Each row is its own torch parameter, stepped only when touched (grad None otherwise).
+
+    pushes: per step, (lr, [(ids, grads) per client in client order]). Returns (W, momentum buffers).
+    """
+    K, d = W0.shape
+    params = [torch.nn.Parameter(torch.from_numpy(W0[i].copy())) for i in range(K)]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+    for lr, per_client in pushes:
+        g = np.zeros((K, d), dtype=W0.dtype)
+        touched = set()
+        for ids, grads in per_client:  # duplicates summed left to right, clients in order
+            for i, row in zip(ids, grads):
+                g[i] += row
+                touched.add(int(i))
+        for i, p in enumerate(params):
+            p.grad = torch.from_numpy(g[i].copy()) if i in touched else None
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+    W = np.stack([p.detach().numpy() for p in params])
+    B = np.stack([opt.state[p]["momentum_buffer"].numpy() if p in opt.state and momentum else
+                  np.zeros(d, W0.dtype) for p in params])
+    return W, B
+
+
+def make_pushes(K: int, d: int, steps: int, clients: int, n: int, seed: int, dtype=np.float32) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(steps):
+        lr = 0.1 * 0.9 ** s
+        out.append((lr, [(rng.integers(0, K, n), rng.standard_normal((n, d)).astype(dtype)) for _ in range(clients)]))
+    return out
+
+
+@pytest.mark.parametrize("nesterov,wd,momentum", [(False, 5e-4, 0.9), (True, 1e-2, 0.8), (False, 0.0, 0.0)])
+def test_sgd_bitwise_parity_with_torch(nesterov: bool, wd: float, momentum: float) -> None:
+    K, d, R = 24, 16, 2
+    store = WeightStore(K, d, init_std=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov, num_clients=R)
+    W0 = store.pull(np.arange(K))
+    pushes = make_pushes(K, d, steps=12, clients=R, n=9, seed=3)  # duplicates within and across clients
+    for s, (lr, per_client) in enumerate(pushes):
+        for c, (ids, grads) in enumerate(per_client):
+            store.push(ids, grads, step=s, lr=lr, client_id=c)
+    assert store.step == len(pushes)
+    W_ref, B_ref = torch_reference(W0, pushes, momentum, wd, nesterov)
+    np.testing.assert_array_equal(store.pull(np.arange(K)), W_ref)
+    np.testing.assert_array_equal(store.pull(np.arange(K), matrix="momentum"), B_ref)
+
+
+def test_float64_parity_with_torch() -> None:
+    K, d = 10, 8
+    store = WeightStore(K, d, dtype="float64", init_std=0.1, nesterov=True)
+    W0 = store.pull(np.arange(K))
+    pushes = make_pushes(K, d, steps=6, clients=1, n=5, seed=1, dtype=np.float64)
+    for s, (lr, [(ids, grads)]) in enumerate(pushes):
+        store.push(ids, grads, s, lr)
+    W_ref, _ = torch_reference(W0, pushes, 0.9, 5e-4, True)
+    np.testing.assert_allclose(store.pull(np.arange(K)), W_ref, rtol=1e-14, atol=1e-15)
+
+
+def test_untouched_rows_do_not_move() -> None:
+    store = WeightStore(8, 4, num_clients=1)
+    before = store.pull(np.arange(8))
+    store.push([1, 3], np.ones((2, 4), np.float32), 0, 0.5)
+    after = store.pull(np.arange(8))
+    np.testing.assert_array_equal(np.delete(after, [1, 3], 0), np.delete(before, [1, 3], 0))
+    assert not np.array_equal(after[[1, 3]], before[[1, 3]])
+
+
+def test_three_clients_synchronous_and_pull_waits() -> None:
+    R = 3
+    store = WeightStore(30, 4, num_clients=R, sync_timeout=5.0)
+    got: dict = {}
+
+    def client(c: int) -> None:
+        for s in range(4):
+            rows = store.pull(np.arange(30), step=s)  # sees exactly the weights after step s-1
+            got[(c, s)] = rows
+            time.sleep(0.002 * c)  # clients arrive in different orders
+            store.push(np.arange(c, 30, 3), np.full((10, 4), 0.1 * (c + 1), np.float32), s, 0.1, client_id=c)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(R)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert store.step == 4
+    for s in range(4):  # every client saw the same weights at each step
+        np.testing.assert_array_equal(got[(0, s)], got[(1, s)])
+        np.testing.assert_array_equal(got[(0, s)], got[(2, s)])
+
+
+def test_pull_timeout_names_missing_clients() -> None:
+    store = WeightStore(10, 4, num_clients=3)
+    store.push([1], np.ones((1, 4), np.float32), 0, 0.1, client_id=0)
+    store.push([2], np.ones((1, 4), np.float32), 0, 0.1, client_id=2)
+    t0 = time.monotonic()
+    with pytest.raises(SyncTimeoutError, match=r"client ids \[1\] of 3 have not pushed step 0"):
+        store.pull([0], step=1, timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_one_step_ahead_push_is_buffered() -> None:
+    store = WeightStore(10, 4, num_clients=2)
+    g = np.ones((1, 4), np.float32)
+    store.push([1], g, 0, 0.1, client_id=0)
+    store.push([1], g, 1, 0.1, client_id=0)  # client 0 runs ahead by one step
+    assert store.step == 0
+    store.push([1], g, 0, 0.1, client_id=1)
+    assert store.step == 1
+    store.push([1], g, 1, 0.1, client_id=1)
+    assert store.step == 2
+
+
+def _bad_pushes(store: WeightStore) -> list:
+    d = store.dim
+    g = np.ones((2, d), np.float32)
+    nan = g.copy()
+    nan[1, 0] = np.nan
+    inf = g.copy()
+    inf[0, 0] = np.inf
+    return [
+        (BadRequestError, lambda: store.push([0, store.num_classes], g, store.step, 0.1)),  # out of range
+        (BadRequestError, lambda: store.push([-1, 0], g, store.step, 0.1)),
+        (BadRequestError, lambda: store.push(np.array([0.0, 1.0]), g, store.step, 0.1)),  # not integers
+        (BadRequestError, lambda: store.push([[0, 1]], g, store.step, 0.1)),
+        (BadRequestError, lambda: store.push([0, 1], np.ones((2, d + 1), np.float32), store.step, 0.1)),  # shape
+        (BadRequestError, lambda: store.push([0, 1], np.ones((2, d), np.float64), store.step, 0.1)),  # dtype
+        (BadRequestError, lambda: store.push([0, 1], nan, store.step, 0.1)),
+        (BadRequestError, lambda: store.push([0, 1], inf, store.step, 0.1)),
+        (StaleStepError, lambda: store.push([0, 1], g, store.step - 1, 0.1)),  # already applied
+        (StaleStepError, lambda: store.push([0, 1], g, store.step + 2, 0.1)),
+        (BadRequestError, lambda: store.push([0, 1], g, store.step, float("nan"))),
+        (BadRequestError, lambda: store.push([0, 1], g, store.step, 0.1, client_id=7)),
+        (BadRequestError, lambda: store.set_rows([0, 0], g)),
+        (BadRequestError, lambda: store.set_rows([0, 1], g, matrix="bias")),
+        (BadRequestError, lambda: store.pull([0], matrix="bias")),
+    ]
+
+
+def test_bad_input_raises_and_leaves_matrix_bit_identical() -> None:
+    store = WeightStore(12, 4, num_clients=1)
+    store.push([1, 2], np.ones((2, 4), np.float32), 0, 0.1)
+    W, B, step = store.pull(np.arange(12)), store.pull(np.arange(12), matrix="momentum"), store.step
+    for exc, call in _bad_pushes(store):
+        with pytest.raises(exc):
+            call()
+        np.testing.assert_array_equal(store.pull(np.arange(12)), W)
+        np.testing.assert_array_equal(store.pull(np.arange(12), matrix="momentum"), B)
+        assert store.step == step
+
+
+def test_lr_mismatch_and_double_push_refused() -> None:
+    store = WeightStore(5, 2, num_clients=2)
+    g = np.ones((1, 2), np.float32)
+    store.push([0], g, 0, 0.1, client_id=0)
+    with pytest.raises(BadRequestError, match="differs"):
+        store.push([0], g, 0, 0.2, client_id=1)
+    with pytest.raises(BadRequestError, match="already pushed"):
+        store.push([0], g, 0, 0.1, client_id=0)
+    assert store.step == 0
+
+
+def test_snapshot_restore_roundtrip(tmp_path) -> None:
+    store = WeightStore(50, 8, nesterov=True, momentum=0.7, num_clients=1)
+    for s in range(3):
+        store.push([1, 2, 3], np.full((3, 8), s + 1.0, np.float32), s, 0.1)
+    path = str(tmp_path / "snap")
+    store.snapshot(path)
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    assert (man["num_classes"], man["dim"], man["dtype"], man["step"]) == (50, 8, "float32", 3)
+    assert man["optimizer"] == {"momentum": 0.7, "weight_decay": 5e-4, "nesterov": True}
+    W, B = store.pull(np.arange(50)), store.pull(np.arange(50), matrix="momentum")
+    store.push([4], np.ones((1, 8), np.float32), 3, 0.1)
+    store.snapshot(path)  # overwriting an existing snapshot is atomic too
+    store.restore(str(tmp_path / "snap"))
+    assert store.step == 4
+    other = WeightStore.from_snapshot(path)
+    np.testing.assert_array_equal(other.pull(np.arange(50)), store.pull(np.arange(50)))
+    assert other.opt == SGDConfig(0.7, 5e-4, True) and other.step == 4
+    fresh = WeightStore(50, 8, seed=9)
+    fresh.restore(path, in_place=True)
+    np.testing.assert_array_equal(fresh.pull(np.arange(50)), store.pull(np.arange(50)))
+    assert not np.array_equal(W, store.pull(np.arange(50))) and B.shape == (50, 8)
+    assert not [n for n in os.listdir(tmp_path) if n != "snap"]  # no temporary leftovers
+
+
+def test_restore_refuses_mismatch_and_corruption(tmp_path) -> None:
+    store = WeightStore(20, 4)
+    path = str(tmp_path / "s")
+    store.snapshot(path)
+    with pytest.raises(BadRequestError, match="dim"):
+        WeightStore(20, 5).restore(path)
+    other = WeightStore(20, 4, seed=1)
+    before = other.pull(np.arange(20))
+    with open(os.path.join(path, "momentum.npy"), "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(BadRequestError, match="momentum.npy"):
+        other.restore(path)
+    np.testing.assert_array_equal(other.pull(np.arange(20)), before)  # untouched
+    json.dump({"format": "x"}, open(os.path.join(path, "manifest.json"), "w"))
+    with pytest.raises(BadRequestError, match="format"):
+        WeightStore.from_snapshot(path)
+
+
+def test_shards_hold_the_rows_of_the_whole_matrix() -> None:
+    K, d = 10000, 3  # crosses init blocks
+    assert shard_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    whole = WeightStore(K, d, seed=5).pull(np.arange(K))
+    parts = [WeightStore(hi - lo, d, seed=5, class_offset=lo, total_classes=K).pull(np.arange(lo, hi))
+             for lo, hi in shard_ranges(K, 3)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(init_rows(4000, 4200, d, "float32", "normal", 0.01, 5), whole[4000:4200])
+    with pytest.raises(BadRequestError, match="out of range"):
+        WeightStore(10, 2, class_offset=10).pull([3])
+
+
+class FakeIndex:
+    """Exact inner-product index over a store's rows, recording the hook calls."""
+
+    def __init__(self, store: WeightStore) -> None:
+        self.store = store
+        self.changed: list = []
+        self.rebuilds: list = []
+
+    def query(self, feats: np.ndarray, n: int):
+        lo, _ = self.store.class_range
+        scores = feats @ self.store.rows_view().T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+        return top + lo, np.take_along_axis(scores, top, axis=1)
+
+    def rows_changed(self, ids, rows, step) -> None:
+        self.changed.append((np.array(ids), np.array(rows), step))
+
+    def maybe_rebuild(self, store, step) -> None:
+        self.rebuilds.append(step)
+
+
+def test_index_hooks_and_query() -> None:
+    store = WeightStore(20, 4, num_clients=1)
+    with pytest.raises(BadRequestError, match="no class index"):
+        store.query(np.ones((1, 4), np.float32), 3)
+    idx = FakeIndex(store)
+    store.attach_index(idx)
+    store.push([5, 2, 5], np.ones((3, 4), np.float32), 0, 0.1)
+    (ids, rows, step), = idx.changed
+    assert step == 1 and idx.rebuilds == [1]
+    np.testing.assert_array_equal(np.sort(ids), [2, 5])
+    np.testing.assert_array_equal(rows, store.pull(ids))
+    feats = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    got_ids, got_scores = store.query(feats, 5)
+    assert got_ids.shape == (3, 5) and got_ids.dtype == np.int64 and got_scores.dtype == np.float32
+    full = feats @ store.pull(np.arange(20)).T
+    np.testing.assert_array_equal(got_ids[:, 0], full.argmax(1))
+
+
+def test_stats() -> None:
+    store = WeightStore(10, 4)
+    store.push([1], np.ones((1, 4), np.float32), 0, 0.1)
+    st = store.stats()
+    assert st["rows"] == 10 and st["bytes"] == 2 * 10 * 4 * 4 and st["step"] == 1 and st["pushes"] == 1
+    assert st["pushes_per_s"] > 0
