@@ -389,3 +389,11 @@ def test_manager_with_select_active_end_to_end(data):
     assert len(np.unique(active)) == 300 and (active[remapped] == labels).all()
     assert isinstance(mgr.index, ClassIndex)
     mgr.close()
+
+
+def test_forest_in_process_build_matches_floor(data):
+    """subprocess=False (add + build in this process) gives the same quality as the default."""
+    W, F = data
+    index = make_index("forest", D, "angular", subprocess=False, build_threads=1)
+    index.build(W)
+    assert recall(index.query(F, N)[0], brute(W, F, N, "angular")[0]) >= FLOORS["forest"]
