@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +165,55 @@ def test_config_builds_rp_and_bad_input_is_refused():
         recover_classifier(head, [(x, torch.tensor([0, 1, 10]))], LAM)
     with pytest.raises(ValueError, match=r"features must be \[B, 8\]"):
         recover_classifier(head, [(torch.randn(3, 9), y)], LAM)
+
+
+# --------------------------------------------------------------------------------------------- #
+# tools/rp_recover.py: a checkpoint in the layout hfsoftmax.train writes.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import rp_recover  # noqa: E402
+
+
+def _write_checkpoint(path: str, head_name: str, K: int = 6, d: int = 16, m: int = 4) -> tuple:
+    from hfsoftmax.backbones import get_backbone
+
+    cfg = Config()
+    cfg.head.name = head_name
+    cfg.head.rp.proj_dim = m
+    cfg.model.backbone, cfg.model.feature_dim = "tiny", d
+    cfg.data.image_size, cfg.data.num_classes, cfg.data.samples_per_class = 16, K, 3
+    torch.manual_seed(0)
+    backbone = get_backbone("tiny", d, 16)
+    head = build_head(cfg.head, K, d)
+    torch.save({"step": 1, "num_classes": K, "config": cfg.to_dict(), "model": backbone.state_dict(),
+                "head": head.state_dict()}, path)
+    return backbone.eval(), head
+
+
+def test_rp_recover_tool_matches_the_function(tmp_path):
+    ckpt = str(tmp_path / "ckpt_last.pt")
+    backbone, head = _write_checkpoint(ckpt, "rp")
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 6, (5,), generator=g)) for _ in range(3)]
+    out = str(tmp_path / "W.npy")
+    w_tool = rp_recover.recover_from_checkpoint(ckpt, out, batches=2, images_labels=data, class_block=4)
+    with torch.no_grad():
+        feats = [(backbone(im), lab) for im, lab in data[:2]]
+    w_ref = recover_classifier(head, feats, Config().optim.weight_decay)
+    torch.testing.assert_close(w_tool, w_ref)
+    saved = np.load(out)
+    assert saved.shape == (6, 16) and saved.dtype == np.float32
+    np.testing.assert_allclose(saved, w_ref.numpy(), rtol=1e-6)
+
+
+def test_rp_recover_cli_on_synthetic_data_and_refuses_other_heads(tmp_path):
+    ckpt = str(tmp_path / "ckpt_last.pt")
+    _write_checkpoint(ckpt, "rp")
+    out = str(tmp_path / "sub" / "W.npy")
+    assert rp_recover.main(["--checkpoint", ckpt, "--out", out, "--batches", "1", "--batch-size", "4"]) == 0
+    assert np.load(out).shape == (6, 16) and np.isfinite(np.load(out)).all()
+    other = str(tmp_path / "full.pt")
+    _write_checkpoint(other, "full")
+    with pytest.raises(ValueError, match="trained with head.name='full'; recovery needs an RP-softmax"):
+        rp_recover.main(["--checkpoint", other, "--out", out])
