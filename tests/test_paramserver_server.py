@@ -1,0 +1,396 @@
+"""Live parameter servers (subprocesses on free ports, always stopped): parity, sync, shards,
+snapshot + SIGKILL + restore, malformed input and fuzzing, tokens, timeouts."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import pytest
+import zmq
+
+from paramserver.client import AuthError, RemoteStore
+from paramserver.protocol import encode
+from paramserver.server import ParamServer
+from paramserver.store import BadRequestError, StaleStepError, SyncTimeoutError, WeightStore, shard_ranges
+from test_paramserver_store import FakeIndex, make_pushes, torch_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "paramserver", "paramserver.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launch(tmp_path, *args: str, bind: str = "tcp://127.0.0.1:0", name: str = "ps") -> Iterator[tuple]:
+    """Start ``paramserver.py`` and yield (process, address); always killed on exit."""
+    ready = tmp_path / f"{name}.ready"
+    log = open(tmp_path / f"{name}.log", "ab")
+    if ready.exists():
+        ready.unlink()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--bind", bind, "--ready-file", str(ready),
+                             "--log-every", "0.5", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: "
+                                   f"{open(tmp_path / f'{name}.log').read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become ready")
+            time.sleep(0.02)
+        yield proc, ready.read_text().strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@contextlib.contextmanager
+def inthread(store: WeightStore, **kw) -> Iterator[tuple]:
+    """A ParamServer in a thread of this process (for tests that attach Python objects)."""
+    server = ParamServer(store, bind="tcp://127.0.0.1:*", log_every=0, **kw)
+    addr = server.bind()
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server, addr
+    finally:
+        server.stop()
+        t.join(timeout=10)
+
+
+def test_help_runs_from_repo_root() -> None:
+    out = subprocess.run([sys.executable, "paramserver/paramserver.py", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--snapshot-every" in out.stdout and "--shard" in out.stdout
+
+
+def test_parity_with_torch_through_live_server(tmp_path) -> None:
+    K, d, R = 20, 8, 2
+    with launch(tmp_path, "--num-classes", str(K), "--dim", str(d), "--num-clients", str(R), "--nesterov",
+                "--momentum", "0.8", "--weight-decay", "0.01", "--init-std", "0.1") as (_, addr):
+        clients = [RemoteStore([addr], K, d, timeout=10, client_id=c) for c in range(R)]
+        W0 = clients[0].pull(np.arange(K))
+        pushes = make_pushes(K, d, steps=8, clients=R, n=7, seed=11)
+        for s, (lr, per_client) in enumerate(pushes):
+            for c, (ids, grads) in enumerate(per_client):
+                clients[c].push(ids, grads, s, lr)
+        W_ref, B_ref = torch_reference(W0, pushes, 0.8, 0.01, True)
+        np.testing.assert_array_equal(clients[1].pull(np.arange(K), step=len(pushes)), W_ref)
+        np.testing.assert_array_equal(clients[0].pull(np.arange(K), matrix="momentum"), B_ref)
+        for c in clients:
+            c.close()
+
+
+def _run_clients(addresses: list, K: int, d: int, R: int, steps: int) -> None:
+    """R clients in threads: pull(step) then push, as trainers do."""
+    errors: list = []
+
+    def client(c: int) -> None:
+        try:
+            with RemoteStore(addresses, K, d, timeout=20, client_id=c) as rs:
+                rng = np.random.default_rng(c)
+                for s in range(steps):
+                    ids = rng.choice(K, 6, replace=False)
+                    rs.pull(ids, step=s)
+                    rs.push(ids, rng.standard_normal((6, d)).astype(np.float32), s, 0.05)
+        except Exception as e:  # surfaced in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(R)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+
+def test_three_clients_sync_and_two_shards_equal_one(tmp_path) -> None:
+    K, d, R, steps = 30, 4, 3, 5
+    common = ["--num-classes", str(K), "--dim", str(d), "--num-clients", str(R), "--seed", "4"]
+    with launch(tmp_path, *common, name="one") as (_, one), \
+            launch(tmp_path, *common, "--shard", "0/2", name="s0") as (_, s0), \
+            launch(tmp_path, *common, "--shard", "1/2", name="s1") as (_, s1):
+        _run_clients([one], K, d, R, steps)
+        _run_clients([s0, s1], K, d, R, steps)
+        with RemoteStore([one], K, d) as a, RemoteStore([s0, s1], K, d) as b:
+            assert a.step == b.step == steps
+            ids = np.random.default_rng(0).permutation(K)
+            np.testing.assert_array_equal(a.pull(ids), b.pull(ids))
+            np.testing.assert_array_equal(a.pull(ids, matrix="momentum"), b.pull(ids, matrix="momentum"))
+            # in-process reference of the same pushes
+            ref = WeightStore(K, d, seed=4, num_clients=R)
+            for s in range(steps):
+                for c in range(R):
+                    rng = np.random.default_rng(c)
+                    for _ in range(s):  # replay client c's random stream up to step s
+                        rng.choice(K, 6, replace=False)
+                        rng.standard_normal((6, d))
+                    ids_c = rng.choice(K, 6, replace=False)
+                    ref.push(ids_c, rng.standard_normal((6, d)).astype(np.float32), s, 0.05, client_id=c)
+            np.testing.assert_array_equal(a.pull(np.arange(K)), ref.pull(np.arange(K)))
+            assert b.stats()["rows"] == K and [i["class_range"] for i in b.info()] == [list(r) for r in shard_ranges(K, 2)]
+        with pytest.raises(ValueError, match="class_range"):  # shards given in the wrong order
+            RemoteStore([s1, s0], K, d)
+
+
+def test_pull_timeout_names_missing_client(tmp_path) -> None:
+    with launch(tmp_path, "--num-classes", "10", "--dim", "2", "--num-clients", "3") as (_, addr):
+        with RemoteStore([addr], 10, 2, timeout=1.5, client_id=0) as rs:
+            rs.push([1], np.ones((1, 2), np.float32), 0, 0.1, client_id=0)
+            rs.push([1], np.ones((1, 2), np.float32), 0, 0.1, client_id=2)
+            t0 = time.monotonic()
+            with pytest.raises(SyncTimeoutError, match=r"client ids \[1\]"):
+                rs.pull([0], step=1)
+            assert time.monotonic() - t0 < 3.0
+            assert rs.pull([0]).shape == (1, 2)  # the server still answers
+
+
+def test_snapshot_sigkill_restore(tmp_path) -> None:
+    K, d = 40, 6
+    snaps = tmp_path / "snaps"
+    port = free_port()
+    bind = f"tcp://127.0.0.1:{port}"
+    with launch(tmp_path, "--num-classes", str(K), "--dim", str(d), "--snapshot-dir", str(snaps),
+                "--snapshot-every", "2", bind=bind, name="a") as (proc, addr):
+        rs = RemoteStore([addr], K, d, timeout=3)
+        for s in range(3):
+            rs.push([s, 5], np.full((2, d), 0.5, np.float32), s, 0.1)
+        rs.snapshot(str(tmp_path / "manual"))
+        want_w, want_m = rs.pull(np.arange(K)), rs.pull(np.arange(K), matrix="momentum")
+        rs.push([7], np.ones((1, d), np.float32), 3, 0.1)  # after the snapshot: must be lost
+        assert (snaps / "latest").read_text().strip() == "step-000000004"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        with pytest.raises(TimeoutError, match=str(port)):
+            rs.pull([0])
+    with launch(tmp_path, "--restore", str(tmp_path / "manual"), bind=bind, name="b") as (_, addr):
+        assert addr == bind
+        # the same client object reconnects by itself
+        np.testing.assert_array_equal(rs.pull(np.arange(K)), want_w)
+        np.testing.assert_array_equal(rs.pull(np.arange(K), matrix="momentum"), want_m)
+        assert rs.step == 3
+        rs.close()
+    with launch(tmp_path, "--restore", str(snaps), name="c") as (_, addr):  # newest periodic snapshot
+        with RemoteStore([addr], K, d) as r2:
+            assert r2.step == 4
+
+
+def test_sigterm_clean_shutdown_with_final_snapshot(tmp_path) -> None:
+    snaps = tmp_path / "snaps"
+    with launch(tmp_path, "--num-classes", "10", "--dim", "2", "--snapshot-dir", str(snaps)) as (proc, addr):
+        with RemoteStore([addr], 10, 2) as rs:
+            rs.push([1], np.ones((1, 2), np.float32), 0, 0.1)
+            rows = rs.pull(np.arange(10))
+        deadline = time.monotonic() + 5  # the disconnect is logged asynchronously
+        while "client disconnected" not in (tmp_path / "ps.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    snap = snaps / (snaps / "latest").read_text().strip()
+    np.testing.assert_array_equal(WeightStore.from_snapshot(str(snap)).pull(np.arange(10)), rows)
+    log = (tmp_path / "ps.log").read_text()
+    assert "paramserver listening on tcp://127.0.0.1:" in log and "client connected" in log
+    assert "client disconnected" in log and "stopped at step 1" in log
+
+
+class RawClient:
+    """A DEALER socket sending arbitrary frames; every message must get exactly one reply."""
+
+    def __init__(self, addr: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+
+    def ask(self, frames: list, timeout: float = 5.0) -> dict:
+        self.sock.send_multipart(frames, copy=True)
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no reply")
+        reply = self.sock.recv_multipart()
+        while reply and reply[0] == b"":  # a REQ-style envelope comes back as an empty frame
+            reply = reply[1:]
+        return json.loads(reply[0])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def _hdr(**kw) -> bytes:
+    return json.dumps({"v": 1, **kw}).encode()
+
+
+def bad_messages(K: int, d: int) -> list:
+    ids = np.array([1, 2], np.int64)
+    g = np.ones((2, d), np.float32)
+    nan = g.copy()
+    nan[0, 1] = np.nan
+    return [
+        ("malformed json", [b"{not json"]),
+        ("not an object", [b"[1, 2]"]),
+        ("bad version", [json.dumps({"v": 99, "op": "info"}).encode()]),
+        ("wrong frame count", [_hdr(op="pull", arrays=[{"dtype": "<i8", "shape": [2]}])]),
+        ("frame size", [_hdr(op="pull", arrays=[{"dtype": "<i8", "shape": [3]}]), ids.tobytes()]),
+        ("unknown op", encode({"op": "explode"})),
+        ("unknown matrix", encode({"op": "pull", "matrix": "bias"}, [ids])),
+        ("unknown matrix set", encode({"op": "set_rows", "matrix": "bias"}, [ids, g])),
+        ("ids out of range", encode({"op": "push", "step": 1, "lr": 0.1}, [np.array([1, K]), g])),
+        ("negative id", encode({"op": "pull"}, [np.array([-1])])),
+        ("ids not integers", encode({"op": "push", "step": 1, "lr": 0.1}, [np.array([1.0, 2.0]), g])),
+        ("grad shape", encode({"op": "push", "step": 1, "lr": 0.1}, [ids, np.ones((2, d + 1), np.float32)])),
+        ("grad rows", encode({"op": "push", "step": 1, "lr": 0.1}, [ids, np.ones((3, d), np.float32)])),
+        ("grad dtype", encode({"op": "push", "step": 1, "lr": 0.1}, [ids, np.ones((2, d), np.float64)])),
+        ("nan grad", encode({"op": "push", "step": 1, "lr": 0.1}, [ids, nan])),
+        ("stale step", encode({"op": "push", "step": 0, "lr": 0.1}, [ids, g])),
+        ("far step", encode({"op": "push", "step": 9, "lr": 0.1}, [ids, g])),
+        ("missing lr", encode({"op": "push", "step": 1}, [ids, g])),
+        ("lr string", encode({"op": "push", "step": 1, "lr": "fast"}, [ids, g])),
+        ("bad client", encode({"op": "push", "step": 1, "lr": 0.1, "client_id": 5}, [ids, g])),
+        ("NaN json", [b'{"v": 1, "op": "push", "step": 1, "lr": NaN}', ids.tobytes(), g.tobytes()]),
+        ("bad dtype code", [_hdr(op="pull", arrays=[{"dtype": "object", "shape": [1]}]), b"x"]),
+        ("empty frame", [b""]),
+        ("query no index", encode({"op": "query", "n": 2}, [np.ones((1, d), np.float32)])),
+        ("restore nowhere", encode({"op": "restore", "path": "/nonexistent/snap"})),
+    ]
+
+
+def _state(rs: RemoteStore, K: int) -> tuple:
+    return rs.pull(np.arange(K)), rs.pull(np.arange(K), matrix="momentum"), rs.step
+
+
+def test_each_bad_request_gets_an_error_and_changes_nothing(tmp_path) -> None:
+    K, d = 16, 4
+    with launch(tmp_path, "--num-classes", str(K), "--dim", str(d)) as (proc, addr):
+        rs = RemoteStore([addr], K, d, timeout=5)
+        rs.push([3, 4], np.ones((2, d), np.float32), 0, 0.1)  # momentum non-zero, step 1
+        before = _state(rs, K)
+        raw = RawClient(addr)
+        for name, frames in bad_messages(K, d):
+            reply = raw.ask(frames)
+            assert reply["ok"] is False and reply["error"], name
+            after = _state(rs, K)
+            np.testing.assert_array_equal(after[0], before[0], err_msg=name)
+            np.testing.assert_array_equal(after[1], before[1], err_msg=name)
+            assert after[2] == before[2], name
+        assert "frame count" in raw.ask(bad_messages(K, d)[3][1])["error"]
+        assert "unknown op" in raw.ask(encode({"op": "explode"}))["error"]
+        with pytest.raises(StaleStepError, match="already applied"):
+            rs.push([1], np.ones((1, d), np.float32), 0, 0.1)
+        with pytest.raises(BadRequestError, match="NaN or Inf"):
+            rs.push([1], np.full((1, d), np.inf, np.float32), 1, 0.1)
+        raw.close()
+        assert proc.poll() is None
+        rs.push([1], np.ones((1, d), np.float32), 1, 0.1)  # still serves correctly
+        assert rs.step == 2
+        rs.close()
+
+
+def test_fuzzed_messages_leave_server_up_and_correct(tmp_path) -> None:
+    K, d = 16, 4
+    rng = np.random.default_rng(1234)
+    # set_rows is left out (a random valid one would legitimately change rows); pushes are made stale below
+    ops = ["pull", "push", "query", "info", "stats", "register", "ping", "restore", "nope", 7, None]
+    with launch(tmp_path, "--num-classes", str(K), "--dim", str(d)) as (proc, addr):
+        rs = RemoteStore([addr], K, d, timeout=5)
+        rs.push([3], np.ones((1, d), np.float32), 0, 0.1)  # store at step 1: steps 1 and 2 would be accepted
+        before = _state(rs, K)
+        raw = RawClient(addr)
+        n_ok = 0
+        for i in range(300):
+            kind = rng.integers(5)
+            if kind == 0:  # random bytes frames
+                frames = [rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(1, 4)))]
+            else:  # plausible headers with wrong fields/frames
+                h = {"v": int(rng.choice([1, 1, 1, 2])), "op": ops[int(rng.integers(len(ops)))]}
+                for field, vals in (("step", [-1, 0, 1, 2, 10 ** 12, "x", None]), ("lr", [0.1, -1.0, "a", None]),
+                                    ("matrix", ["W", "momentum", "x", 3]), ("client_id", [0, 1, -3, "a"]),
+                                    ("n", [0, 1, 5, -2]), ("timeout", [0.0, 0.01, -5]), ("path", [3, "/no/such"])):
+                    if rng.random() < 0.4:
+                        h[field] = vals[int(rng.integers(len(vals)))]
+                arrays = []
+                for _ in range(int(rng.integers(0, 3))):
+                    dt = [np.int64, np.int32, np.float32, np.float64][int(rng.integers(4))]
+                    shape = [int(rng.integers(0, 4))] + ([d] if rng.random() < 0.5 else [])
+                    arrays.append((rng.standard_normal(shape) * 20).astype(dt))
+                frames = encode(h, arrays)
+                if kind == 2 and len(frames) > 1:
+                    frames = frames[:-1]  # wrong frame count
+                elif kind == 3:
+                    frames = [frames[0][: int(rng.integers(1, len(frames[0])))]] + frames[1:]  # truncated JSON
+                if h.get("op") == "push" and h.get("step") in (1, 2):
+                    h["step"] = 0  # never let a valid push through: the state must not change
+                    frames = encode(h, arrays)
+            reply = raw.ask([bytes(f) if not isinstance(f, bytes) else f for f in frames])
+            assert "ok" in reply, (i, frames[:1])
+            n_ok += bool(reply["ok"])
+        assert 0 < n_ok < 150  # mostly refused, a few harmless reads answered
+        after = _state(rs, K)
+        np.testing.assert_array_equal(after[0], before[0])
+        np.testing.assert_array_equal(after[1], before[1])
+        assert after[2] == before[2]
+        assert proc.poll() is None
+        rs.push([2], np.ones((1, d), np.float32), before[2], 0.1)
+        assert rs.step == before[2] + 1
+        raw.close()
+        rs.close()
+
+
+def test_token_required(tmp_path) -> None:
+    with launch(tmp_path, "--num-classes", "10", "--dim", "2", "--token", "s3cret") as (proc, addr):
+        with pytest.raises(AuthError, match="unauthorized"):
+            RemoteStore([addr], 10, 2, timeout=5)
+        raw = RawClient(addr)
+        assert "unauthorized" in raw.ask(encode({"op": "shutdown"}))["error"]
+        assert "unauthorized" in raw.ask(encode({"op": "shutdown", "token": "wrong"}))["error"]
+        raw.close()
+        rs = RemoteStore([addr], 10, 2, timeout=5, token="s3cret")
+        assert rs.pull([1]).shape == (1, 2)
+        rs.shutdown()
+        assert proc.wait(timeout=20) == 0
+        rs.close()
+    with pytest.raises(ValueError, match="token"):
+        ParamServer(WeightStore(4, 2), bind="tcp://0.0.0.0:*")
+    ParamServer(WeightStore(4, 2), bind="tcp://0.0.0.0:*", token="t")  # allowed (not bound here)
+
+
+def test_client_times_out_when_server_is_down() -> None:
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=addr):
+        RemoteStore([addr], 10, 2, timeout=0.5)
+    rs = RemoteStore([addr], 10, 2, timeout=0.5, check=False)
+    with pytest.raises(TimeoutError, match=addr):
+        rs.push([1], np.ones((1, 2), np.float32), 0, 0.1)
+    with pytest.raises(TimeoutError, match=addr):
+        rs.pull([1], step=3)
+    assert time.monotonic() - t0 < 5.0
+    rs.close()
+
+
+def test_query_merges_shards_by_score() -> None:
+    K, d = 40, 4
+    stores = [WeightStore(hi - lo, d, seed=2, class_offset=lo, total_classes=K) for lo, hi in shard_ranges(K, 2)]
+    for st in stores:
+        st.attach_index(FakeIndex(st))
+    whole = WeightStore(K, d, seed=2)
+    with inthread(stores[0]) as (_, a0), inthread(stores[1]) as (_, a1):
+        with RemoteStore([a0, a1], K, d, timeout=10) as rs:
+            feats = np.random.default_rng(0).standard_normal((5, d)).astype(np.float32)
+            ids, scores = rs.query(feats, 6)
+            full = feats @ whole.pull(np.arange(K)).T
+            np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :6])
+            np.testing.assert_allclose(scores, np.take_along_axis(full, ids, axis=1), rtol=1e-5)
+            assert rs.info()[0]["index"] is True
