@@ -157,3 +157,34 @@ def test_megaface_known_answer(tmp_path):
     np.save(tmp_path / "p.npy", probe)
     feats, lab = load_features(str(tmp_path / "p.npy"))
     assert feats.shape == (5, 2) and lab is None
+
+
+def test_extract_features_flip_sum_parity():
+    torch.manual_seed(0)
+    model = get_backbone("tiny", D, S)
+    model.train()
+    x = torch.randn(5, 3, S, S)
+    feats = extract_features(model, x, batch_size=2, flip=True, progress=False)
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        ref = model(x) + model(torch.flip(x, dims=[3]))
+        ref = ref / ref.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(feats, ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    plain = extract_features(model, x, batch_size=5, flip=False, progress=False)
+    assert not np.allclose(plain, feats, atol=1e-3)
+
+
+def test_cli_explicit_arch_and_unprefixed_checkpoint(tmp_path):
+    make_bin(tmp_path / "cfp_fp.bin", pairs=10, seed=3)
+    images, _ = load_bin(str(tmp_path / "cfp_fp.bin"), S)
+    make_checkpoint(tmp_path / "c.pt", images, prefix="")
+    from hfsoftmax.eval.cli import main
+    assert main(["verify", "--arch", "tiny", "--model", str(tmp_path / "c.pt"), "--data",
+                 str(tmp_path / "cfp_fp.bin"), "--out", str(tmp_path / "o"), "--no-flip"]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(res) == ["cfp_fp"] and res["cfp_fp"]["flip"] is False and res["cfp_fp"]["num_pairs"] == 10
+    # a wrong architecture is a one-line error, not a crash
+    assert main(["verify", "--arch", "hynet", "--model", str(tmp_path / "c.pt"), "--data",
+                 str(tmp_path), "--out", str(tmp_path / "o2")]) == 2

@@ -22,7 +22,8 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 6
     """Embed images with ``model`` in eval mode.
 
     Args:
-        model: maps [B, 3, H, W] -> [B, d]; moved to ``device`` and set to eval mode.
+        model: maps [B, 3, H, W] -> [B, d]; moved to ``device`` and run in eval mode (its
+            train/eval mode is restored afterwards, so training can call this mid-run).
         images: float32 [N, 3, H, W] (normalised as the datasets produce them).
         batch_size: images per forward pass.
         flip: add the embedding of the left-right flipped image before normalising.
@@ -36,6 +37,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 6
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = model.to(device)
+    was_training = model.training
     model.eval()
     out: list[np.ndarray] = []
     with torch.no_grad():
@@ -48,6 +50,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 6
             f = f.float()
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
             out.append(f.cpu().numpy())
+    model.train(was_training)
     if not out:
         raise ValueError("no images to extract features from")
     return np.concatenate(out, axis=0).astype(np.float32)
