@@ -109,3 +109,13 @@ def test_missing_path(tmp_path):
         dataset_from_path(str(tmp_path / "nowhere"), S)
     with pytest.raises(FileNotFoundError, match="neither train.rec"):
         dataset_from_path(str(tmp_path), S)
+
+
+def test_record_dataset_without_idx_scans(tmp_path):
+    make_rec(tmp_path, labels=(0, 1, 1, 2))
+    idx_text = (tmp_path / "train.idx").read_text()
+    (tmp_path / "train.idx").unlink()
+    ds = dataset_from_path(str(tmp_path), image_size=S, train=False)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 2] and ds.num_classes == 3
+    # the scanned offsets are exactly what the writer put in the .idx
+    assert ds.reader.index == {int(k): int(v) for k, v in (ln.split("\t") for ln in idx_text.splitlines())}

@@ -63,7 +63,8 @@ class RecordDataset(_SkippingDataset):
 
     Args:
         rec_path: the ``.rec`` file.
-        idx_path: its ``.idx`` (default: same name with ``.idx``).
+        idx_path: its ``.idx`` (default: same name with ``.idx``); without one, the records are
+            numbered in file order by a sequential scan.
         image_size: output side; images of another size are resized.
         train: random horizontal flip when True.
         skip_bad: skip undecodable records (counted) instead of raising.
@@ -72,9 +73,12 @@ class RecordDataset(_SkippingDataset):
     def __init__(self, rec_path: str, image_size: int, idx_path: Optional[str] = None, train: bool = True,
                  skip_bad: bool = False) -> None:
         idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
-        if not os.path.isfile(idx_path):
-            raise FileNotFoundError(f"RecordDataset needs the index next to {rec_path}: {idx_path} not found")
-        self.reader = RecordIOReader(rec_path, idx_path)
+        if os.path.isfile(idx_path):
+            self.reader = RecordIOReader(rec_path, idx_path)
+        else:  # no .idx: number the records in file order by one sequential pass
+            logger.warning("%s not found: indexing %s by a sequential scan", idx_path, rec_path)
+            self.reader = RecordIOReader(rec_path, "")
+            self.reader.scan_index()
         self.rec_path = rec_path
         self.image_size = image_size
         self.train = train

@@ -255,6 +255,22 @@ class RecordIOReader:
             raise RecordIOError(f"{self.rec_path}: record {key} at offset {off} is past the end of the file")
         return rec
 
+    def scan_index(self) -> dict[int, int]:
+        """Build the index by one sequential pass when there is no ``.idx``: record n (in file
+        order, the numbering InsightFace's packer uses) -> its offset. Returns and keeps it."""
+        index: dict[int, int] = {}
+        with open(self.rec_path, "rb") as f:
+            n = 0
+            while True:
+                off = f.tell()
+                if self._read_record(f, f"record #{n} (sequential)") is None:
+                    break
+                index[n] = off
+                n += 1
+        self.index = index
+        logger.info("%s: indexed %d records by a sequential scan", self.rec_path, n)
+        return index
+
     def __iter__(self) -> Iterator[bytes]:
         """Every record in file order (no ``.idx`` needed). Uses its own handle."""
         with open(self.rec_path, "rb") as f:
