@@ -50,6 +50,8 @@ class ModelConfig:
     backbone: str = "tiny"          # tiny | hynet | resnet18 | resnet34 | resnet50 | resnet100
     feature_dim: int = 128
     dropout: float = 0.0
+    norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)
+    sync_bn: bool = False           # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
 
 
 @dataclass
@@ -266,6 +268,7 @@ _CHOICES = {
     "head.index": ("forest", "ivf", "hnsw", "exact", "random"),
     "optim.schedule": ("constant", "step", "cosine"),
     "store.kind": ("local", "remote"),
+    "model.norm": ("batch", "group"),
 }
 
 

@@ -14,7 +14,8 @@ from .tiny import TinyNet
 BACKBONES = ("tiny", "hynet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
 
 
-def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0) -> nn.Module:
+def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0,
+                 norm: str = "batch") -> nn.Module:
     """Build a backbone by name.
 
     Args:
@@ -22,9 +23,10 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
         feature_dim: embedding size d.
         image_size: input side in pixels (112 for the face nets; tiny accepts any multiple of 4).
         dropout: dropout before the embedding FC (face ResNet, Hynet).
+        norm: tiny only, ``batch`` or ``group`` (GroupNorm is per-sample, so DDP equals one process).
     """
     if name == "tiny":
-        return TinyNet(feature_dim=feature_dim, image_size=image_size)
+        return TinyNet(feature_dim=feature_dim, image_size=image_size, norm=norm)
     if name == "hynet":
         return Hynet(feature_dim=feature_dim, image_size=image_size, dropout=dropout)
     if name.startswith("resnet") and name[len("resnet"):].isdigit() and int(name[6:]) in RESNET_DEPTHS:

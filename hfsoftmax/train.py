@@ -1,0 +1,547 @@
+"""The training loop: one process or torchrun (DDP), any head, checkpoint/resume, metrics.
+
+Usage::
+
+    python -m hfsoftmax.train --config configs/synthetic.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m hfsoftmax.train --config ... train.out_dir=runs/x
+
+The loop is step-based (``train.steps``), the lr is a pure function of the step, and the data order is
+a pure function of (seed, epoch, rank), so stopping and resuming from a checkpoint continues exactly
+where an uninterrupted run would be. Rank 0 alone writes the config, logs, progress bar and
+checkpoints; every rank runs the same code otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import dist as hdist
+from .backbones import get_backbone
+from .config import Config, ConfigError, OptimConfig, config_from_dict, load_config, save_config
+from .heads import ClassifierHead, build_head
+
+logger = logging.getLogger("hfsoftmax.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, lost parameter server...); the message says why."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the run (other K or d, other head) or cannot be read."""
+
+
+# --------------------------------------------------------------------------------------------- #
+# Schedules: pure functions of the step.
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate for ``step`` (0-based): linear warmup, then constant / step / cosine decay."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+    raise ConfigError(f"config key 'optim.schedule': unknown schedule '{cfg.schedule}'")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Data order: a pure function of (seed, epoch, rank) so resume continues exactly.
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices for one epoch: a seeded permutation, cut to whole global batches.
+
+    Rank r takes positions r, r + R, r + 2R, ... of each global batch, so R ranks with batch b see
+    exactly the samples one process with batch R*b sees, in the same steps. ``start_batch`` skips
+    the batches already trained on (resume).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                 start_batch: int = 0) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.start_batch = start_batch
+        self.batches = num_samples // (batch_size * world_size)
+        if self.batches == 0:
+            raise ConfigError(f"dataset of {num_samples} samples is smaller than one global batch "
+                              f"({batch_size} x {world_size} ranks); lower train.batch_size")
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=g)[: self.batches * self.batch_size * self.world_size]
+        mine = perm.view(self.batches, self.batch_size * self.world_size)[:, self.rank::self.world_size]
+        return iter(mine[self.start_batch:].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+
+def batches_from(dataset: Dataset, cfg: Config, info: hdist.DistInfo, start_step: int) -> Iterator[tuple[int, Any]]:
+    """Yield (step, batch) from ``start_step`` on, epoch after epoch, forever."""
+    probe = EpochSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed, 0)
+    per_epoch = probe.batches
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        sampler = EpochSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                               epoch, start_batch=offset)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                            persistent_workers=False)
+        for batch in loader:
+            yield step, batch
+            step += 1
+
+
+# --------------------------------------------------------------------------------------------- #
+# Building the pieces from the config.
+
+@dataclass
+class VerificationSet:
+    name: str
+    images: torch.Tensor      # [2N, 3, S, S], pairs interleaved
+    issame: np.ndarray        # [N] bool
+
+
+def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list[VerificationSet]]:
+    """Training set, its K, and the held-out verification sets.
+
+    Synthetic (``data.path`` empty): held-out identities rendered as pairs (and, on rank 0, written to
+    ``<run_dir>/heldout.bin`` so ``scripts/eval.sh`` can evaluate the same pairs later).
+    A dataset folder: every ``*.bin`` in it (lfw.bin, cfp_fp.bin, ...) is a verification set.
+    """
+    from .data import synthetic
+
+    if not cfg.data.path:
+        spec = synthetic.spec_from_config(cfg.data)
+        train_set = synthetic.SyntheticIdentities(spec)
+        images, issame = synthetic.heldout_pairs(spec, cfg.data.val_identities, cfg.data.val_pairs)
+        if run_dir is not None:
+            try:
+                synthetic.write_heldout_bin(spec, cfg.data.val_identities, cfg.data.val_pairs,
+                                            os.path.join(run_dir, "heldout.bin"))
+            except ImportError as e:                      # binset not available: pairs stay in memory
+                logger.warning("could not write heldout.bin: %s", e)
+        return train_set, spec.num_classes, [VerificationSet("heldout", images, issame)]
+    if not os.path.exists(cfg.data.path):
+        raise FileNotFoundError(f"dataset path does not exist: {cfg.data.path}")
+    from .data.datasets import dataset_from_path
+
+    train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad)
+    ver: list[VerificationSet] = []
+    folder = cfg.data.path if os.path.isdir(cfg.data.path) else os.path.dirname(cfg.data.path)
+    bins = sorted(glob.glob(os.path.join(folder, "*.bin")))
+    if bins:
+        from .data.binset import load_bin
+        for b in bins:
+            images, issame = load_bin(b, cfg.data.image_size)
+            ver.append(VerificationSet(os.path.splitext(os.path.basename(b))[0], images, np.asarray(issame)))
+    return train_set, int(train_set.num_classes), ver
+
+
+def build_store(cfg: Config, num_classes: int, info: hdist.DistInfo) -> Any:
+    """The parameter store behind a selective head (None for heads that keep W on the device)."""
+    if cfg.head.name not in ("hf", "random"):
+        return None
+    from .heads.selective import make_store
+
+    return make_store(cfg, num_classes, info)
+
+
+class Model(nn.Module):
+    """Backbone + head as one module, so DDP all-reduces the gradients of both."""
+
+    def __init__(self, backbone: nn.Module, head: ClassifierHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images), labels)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Checkpoints: atomic, unwrapped, self-describing.
+
+def checkpoint_path(run_dir: str, step: int | None = None) -> str:
+    return os.path.join(run_dir, "ckpt_last.pt" if step is None else f"ckpt_{step:08d}.pt")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_latest_checkpoint(run_dir: str) -> str | None:
+    """Newest complete checkpoint in the run dir (temp files of an interrupted save are ignored)."""
+    cands = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if re.search(r"ckpt_(last|\d+)\.pt$", p)]
+    if not cands:
+        return None
+    best, best_step = None, -1
+    for p in cands:
+        try:
+            step = int(torch.load(p, map_location="cpu", weights_only=False)["step"])
+        except Exception as e:  # a damaged file must not block resuming from a good one
+            logger.warning("skipping unreadable checkpoint %s: %s", p, e)
+            continue
+        if step > best_step:
+            best, best_step = p, step
+    return best
+
+
+def load_checkpoint(path: str, cfg: Config, num_classes: int) -> dict[str, Any]:
+    """Load and check a checkpoint against the run: same K, d and head, or a clear refusal."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    for key in ("model", "step", "config"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' entry (not written by hfsoftmax.train?)")
+    k_ck, d_ck = ckpt.get("num_classes"), ckpt["config"]["model"]["feature_dim"]
+    if k_ck != num_classes:
+        raise CheckpointError(f"checkpoint {path} was trained with num_classes={k_ck}, "
+                              f"but this run has num_classes={num_classes}")
+    if d_ck != cfg.model.feature_dim:
+        raise CheckpointError(f"checkpoint {path} was trained with feature_dim={d_ck}, "
+                              f"but this run has model.feature_dim={cfg.model.feature_dim}")
+    h_ck = ckpt["config"]["head"]["name"]
+    if h_ck != cfg.head.name:
+        raise CheckpointError(f"checkpoint {path} was trained with head.name={h_ck}, "
+                              f"but this run has head.name={cfg.head.name}")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimizer: torch.optim.Optimizer,
+                    num_classes: int, keep: bool) -> str:
+    """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
+    store_snapshot = None
+    head = model.head
+    if getattr(head, "store", None) is not None:
+        store_snapshot = f"store_{step:08d}"
+        head.store.snapshot(os.path.join(run_dir, store_snapshot))
+    state = {
+        "step": step,
+        "num_classes": num_classes,
+        "config": cfg.to_dict(),
+        "model": model.backbone.state_dict(),          # unwrapped: no 'module.' prefixes
+        "head": head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "store_snapshot": store_snapshot,               # relative to the run dir
+        "git_sha": git_sha(),
+    }
+    path = checkpoint_path(run_dir)
+    atomic_torch_save(state, path)
+    if keep:
+        atomic_torch_save(state, checkpoint_path(run_dir, step))
+    _prune_store_snapshots(run_dir, keep_names={store_snapshot} | _kept_store_snapshots(run_dir))
+    return path
+
+
+def _kept_store_snapshots(run_dir: str) -> set[str]:
+    names = set()
+    for p in glob.glob(os.path.join(run_dir, "ckpt_[0-9]*.pt")):
+        m = re.search(r"ckpt_(\d+)\.pt$", p)
+        if m:
+            names.add(f"store_{int(m.group(1)):08d}")
+    return names
+
+
+def _prune_store_snapshots(run_dir: str, keep_names: set[str | None]) -> None:
+    import shutil
+    for p in glob.glob(os.path.join(run_dir, "store_*")):
+        if os.path.basename(p) not in keep_names and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Evaluation and logging.
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised flip-summed embeddings [N, d] (backbone in eval mode, restored afterwards)."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        f = backbone(x) + backbone(torch.flip(x, dims=[3]))
+        out.append(torch.nn.functional.normalize(f.float(), dim=1).cpu())
+    backbone.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.device) -> dict[str, dict[str, float]]:
+    from .eval.verification import evaluate
+
+    results = {}
+    for vs in sets:
+        r = evaluate(embed(backbone, vs.images, device), vs.issame, nfolds=10)
+        results[vs.name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
+                            "val": float(r["val"]), "far": float(r["far"])}
+    return results
+
+
+class MetricsLogger:
+    """JSON lines, one object per event, on rank 0 only."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "a", encoding="utf-8")
+
+    def log(self, **record: Any) -> None:
+        record.setdefault("time", time.time())
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| set | accuracy | std | VAL@FAR=1e-3 |", "|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_std']:.2f} | {100 * r['val']:.2f}% |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The loop.
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run training as configured; returns the final metrics (on every rank)."""
+    info = hdist.init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed + info.rank)
+    np.random.seed(cfg.train.seed + info.rank)
+    random.seed(cfg.train.seed + info.rank)
+    run_dir = cfg.train.out_dir
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        logger.info("git %s | config %s", git_sha(), json.dumps(cfg.to_dict()))
+    hdist.barrier()
+
+    train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
+    device = info.device
+    backbone = get_backbone(cfg.model.backbone, cfg.model.feature_dim, cfg.data.image_size,
+                            dropout=cfg.model.dropout, norm=cfg.model.norm).to(device)
+    if info.distributed and cfg.model.sync_bn and device.type == "cuda":
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    store = build_store(cfg, num_classes, info)
+    head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store).to(device)
+    model = Model(backbone, head)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                nesterov=cfg.optim.nesterov)
+
+    start_step = 0
+    resume = cfg.train.resume
+    if resume == "auto":
+        resume = find_latest_checkpoint(run_dir) or ""
+    if resume:
+        ckpt = load_checkpoint(resume, cfg, num_classes)
+        model.backbone.load_state_dict(ckpt["model"])
+        model.head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = int(ckpt["step"])
+        if ckpt.get("store_snapshot") and getattr(head, "store", None) is not None and info.is_main:
+            head.store.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
+        if ckpt.get("rng") and not info.distributed:
+            set_rng_state(ckpt["rng"])
+        hdist.barrier()
+        if info.is_main:
+            logger.info("resumed from %s at step %d", resume, start_step)
+
+    ddp_model: nn.Module = model
+    if info.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    total = cfg.train.steps
+    metrics = MetricsLogger(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
+    bar = None
+    if info.is_main and cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    n_params = sum(p.numel() for p in backbone.parameters())
+    if info.is_main:
+        logger.info("K=%d d=%d backbone=%s (%.2fM params) head=%s world=%d device=%s global_batch=%d",
+                    num_classes, cfg.model.feature_dim, cfg.model.backbone, n_params / 1e6, cfg.head.name,
+                    info.world_size, device, cfg.train.batch_size * info.world_size)
+
+    result: dict[str, Any] = {"num_classes": num_classes, "start_step": start_step}
+    if start_step == 0 and ver_sets and info.is_main:
+        start = verify(backbone, ver_sets, device)
+        result["start_verification"] = start
+        metrics.log(event="eval", step=0, **{f"{n}_acc": r["accuracy"] for n, r in start.items()})
+
+    model.train()
+    t_start, t_last, data_time, seen = time.time(), time.time(), 0.0, 0
+    loss_sum = torch.zeros((), device=device)
+    n_since = 0
+    step = start_step
+    if start_step < total:
+        it = batches_from(train_set, cfg, info, start_step)
+        t_data = time.time()
+        for step, (images, labels) in it:
+            data_time += time.time() - t_data
+            lr = lr_at(step, cfg.optim, total)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            if hasattr(head, "begin_step"):
+                head.begin_step(step, lr)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            loss = ddp_model(images, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss {loss.item()} at step {step} (lr {lr:.4g}); "
+                                    f"lower optim.lr or check the data. Last checkpoint: "
+                                    f"{find_latest_checkpoint(run_dir) or 'none'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            if hasattr(head, "end_step"):
+                head.end_step(step)
+            loss_sum += loss.detach()
+            n_since += 1
+            seen += images.shape[0] * info.world_size
+            done = step + 1
+
+            if done % cfg.train.log_every == 0 or done == total:
+                mean_loss = float(hdist.all_reduce_mean(loss_sum / n_since))
+                now = time.time()
+                rate = seen / max(now - t_last, 1e-9)
+                if info.is_main:
+                    rec = {"event": "train", "step": done, "loss": mean_loss, "lr": lr, "samples_per_s": rate,
+                           "data_time_s": data_time, "elapsed_s": now - t_start}
+                    if hasattr(head, "stats"):
+                        rec.update(head.stats())
+                    metrics.log(**rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}")
+                loss_sum.zero_()
+                n_since, seen, data_time, t_last = 0, 0, 0.0, now
+            if bar is not None:
+                bar.update(1)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total and info.is_main and ver_sets:
+                r = verify(backbone, ver_sets, device)
+                metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
+            is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
+            if is_ckpt:
+                hdist.barrier()
+                if info.is_main:
+                    keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
+                    save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep)
+                hdist.barrier()
+            if done >= total:
+                break
+            t_data = time.time()
+    if bar is not None:
+        bar.close()
+
+    wall = time.time() - t_start
+    result.update({"steps": total, "wall_s": wall,
+                   "samples_per_s": (total - start_step) * cfg.train.batch_size * info.world_size / max(wall, 1e-9)})
+    if ver_sets and info.is_main:
+        final = verify(backbone, ver_sets, device)
+        result["verification"] = final
+        metrics.log(event="eval", step=total, **{f"{n}_acc": r["accuracy"] for n, r in final.items()})
+    if info.is_main:
+        metrics.log(event="done", **{k: v for k, v in result.items() if not isinstance(v, dict)})
+        metrics.close()
+    if hasattr(head, "close"):
+        head.close()
+    hdist.barrier()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    p = argparse.ArgumentParser(description="Train a backbone with a massive-classification head.")
+    p.add_argument("--config", default=None, help="YAML config (layered on its _base_)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 head.name=hf")
+    a = p.parse_args(argv)
+    return a.config, a.overrides
+
+
+# Errors that are the user's input, reported on one line without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, TrainingError, FileNotFoundError,
+                                                NotADirectoryError, TimeoutError, ConnectionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        path, overrides = parse_args(argv)
+        cfg = load_config(path, overrides)
+        result = train(cfg)
+        if hdist.is_main_process():
+            if "verification" in result:
+                print("\nHeld-out verification (10-fold):")
+                print(format_table(result["verification"]))
+                if "start_verification" in result:
+                    s = result["start_verification"]
+                    print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
+            print(f"steps {result['steps']}  wall {result['wall_s']:.1f}s  samples/s {result['samples_per_s']:.1f}")
+        return 0
+    except USER_ERRORS as e:
+        if os.environ.get("HFSOFTMAX_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        hdist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Training loop: DDP (2 gloo ranks) == one process, resume == uninterrupted, schedules, learning."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hfsoftmax.config import OptimConfig, load_config
+from hfsoftmax.train import EpochSampler, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["data.num_classes=40", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=10",
+        "data.val_pairs=20", "model.feature_dim=16", "train.progress=false", "train.log_every=1",
+        "optim.lr=0.05", "optim.warmup_steps=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def params_of(ckpt_path):
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return ck, {**{f"model.{k}": v for k, v in ck["model"].items()}, **{f"head.{k}": v for k, v in ck["head"].items()}}
+
+
+def test_lr_schedules_are_pure_functions():
+    c = OptimConfig(lr=1.0, schedule="step", milestones=[10, 20], gamma=0.1, warmup_steps=0)
+    assert [lr_at(s, c, 30) for s in (0, 9, 10, 19, 20, 29)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    c = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=4, min_lr=0.0)
+    assert [lr_at(s, c, 104) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_at(54, c, 104) == pytest.approx(0.5)
+    assert lr_at(104, c, 104) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_epoch_sampler_ranks_partition_global_batch():
+    one = list(EpochSampler(100, 8, 0, 1, seed=3, epoch=2))
+    r0 = list(EpochSampler(100, 4, 0, 2, seed=3, epoch=2))
+    r1 = list(EpochSampler(100, 4, 1, 2, seed=3, epoch=2))
+    for b in range(len(one) // 8):
+        assert sorted(one[8 * b:8 * b + 8]) == sorted(r0[4 * b:4 * b + 4] + r1[4 * b:4 * b + 4])
+    resumed = list(EpochSampler(100, 8, 0, 1, seed=3, epoch=2, start_batch=5))
+    assert resumed == one[40:]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    base = TINY + ["train.steps=6", "head.margin=cosface", "head.scale=8", "head.margin_m=0.2"]
+    a = tmp_path / "a"
+    train(load_config(None, base + [f"train.out_dir={a}", "train.ckpt_every=3", "train.keep_every=3"]))
+    # a second run dir starting from the step-3 checkpoint of the first
+    b = tmp_path / "b"
+    b.mkdir()
+    train(load_config(None, base + [f"train.out_dir={b}", f"train.resume={a / 'ckpt_00000003.pt'}"]))
+    ck_a, pa = params_of(a / "ckpt_last.pt")
+    ck_b, pb = params_of(b / "ckpt_last.pt")
+    assert ck_a["step"] == ck_b["step"] == 6
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    # and the first 3 steps alone differ from 6 (the test can fail)
+    _, p3 = params_of(a / "ckpt_00000003.pt")
+    assert not torch.equal(p3["head.weight"], pa["head.weight"])
+
+
+def test_resume_auto_continues(tmp_path):
+    base = TINY + [f"train.out_dir={tmp_path}"]
+    train(load_config(None, base + ["train.steps=2"]))
+    r = train(load_config(None, base + ["train.steps=4", "train.resume=auto"]))
+    assert r["start_step"] == 2
+    assert torch.load(tmp_path / "ckpt_last.pt", weights_only=False)["step"] == 4
+
+
+def _rank_main(rank, world, port, overrides):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(load_config(None, overrides))
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    # GroupNorm: BatchNorm statistics are per rank, so with BN DDP differs from one process by design.
+    common = TINY + ["model.norm=group", "train.steps=3", "head.margin=arcface", "head.scale=8",
+                     "head.margin_m=0.3", "optim.weight_decay=0.001"]
+    one = tmp_path / "one"
+    train(load_config(None, common + ["train.batch_size=8", f"train.out_dir={one}"]))
+    two = tmp_path / "two"
+    mp.spawn(_rank_main, args=(2, free_port(), common + ["train.batch_size=4", f"train.out_dir={two}"]),
+             nprocs=2, join=True)
+    _, p1 = params_of(one / "ckpt_last.pt")
+    _, p2 = params_of(two / "ckpt_last.pt")
+    _, p0 = None, None
+    for k in p1:
+        assert torch.allclose(p1[k].float(), p2[k].float(), rtol=1e-4, atol=1e-5), k
+    # ...and training did move the weights (the comparison is not vacuous)
+    assert not torch.allclose(p1["head.weight"], torch.zeros_like(p1["head.weight"]))
+
+
+def test_tiny_run_improves_heldout_accuracy(tmp_path):
+    r = train(load_config(None, ["data.num_classes=100", "data.samples_per_class=16", "data.image_size=16",
+                                 "data.val_identities=60", "data.val_pairs=300", "model.feature_dim=32",
+                                 "train.progress=false", "train.steps=40", "train.batch_size=32",
+                                 "head.margin=cosface", "head.scale=16", "head.margin_m=0.1",
+                                 "optim.warmup_steps=5", f"train.out_dir={tmp_path}"]))
+    start = r["start_verification"]["heldout"]["accuracy"]
+    end = r["verification"]["heldout"]["accuracy"]
+    assert end > start + 0.1, (start, end)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert any('"event": "train"' in l for l in lines) and any('"event": "done"' in l for l in lines)
+    assert (tmp_path / "config.yaml").exists()
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("HFSOFTMAX_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "hfsoftmax.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_missing_dataset_path(tmp_path):
+    r = _cli("data.path=/no/such/dataset", f"train.out_dir={tmp_path}")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "/no/such/dataset" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cli_misspelled_key():
+    r = _cli("train.stepz=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train.stepz" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cli_checkpoint_for_other_k(tmp_path):
+    train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"]))
+    r = _cli(*TINY, "train.steps=2", "data.num_classes=41", f"train.resume={tmp_path / 'ckpt_last.pt'}",
+             f"train.out_dir={tmp_path / 'other'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "num_classes=40" in last and "num_classes=41" in last
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash during torch.save leaves the previous checkpoint intact and no temp file behind."""
+    import hfsoftmax.train as T
+    train(load_config(None, TINY + ["train.steps=1", f"train.out_dir={tmp_path}"]))
+    before = (tmp_path / "ckpt_last.pt").read_bytes()
+    real_save = torch.save
+
+    def boom(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError("disk full")
+    monkeypatch.setattr(T.torch, "save", boom)
+    with pytest.raises(OSError):
+        train(load_config(None, TINY + ["train.steps=2", "train.resume=auto", f"train.out_dir={tmp_path}"]))
+    monkeypatch.setattr(T.torch, "save", real_save)
+    assert (tmp_path / "ckpt_last.pt").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
