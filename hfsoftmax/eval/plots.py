@@ -16,7 +16,7 @@ def save_roc_png(path: str, fpr: Sequence[float], tpr: Sequence[float], title: s
     if len(fpr) != len(tpr) or not fpr:
         raise ValueError(f"ROC needs equal, non-empty fpr/tpr lists, got {len(fpr)} and {len(tpr)}")
     w, h = size
-    left, right, top, bottom = 50, 20, 30, 45
+    left, right, top, bottom = 50, 20, 40, 45
     pw, ph = w - left - right, h - top - bottom
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -37,9 +37,9 @@ def save_roc_png(path: str, fpr: Sequence[float], tpr: Sequence[float], title: s
     d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
     pts = sorted(zip(fpr, tpr))
     d.line([xy(x, y) for x, y in pts], fill=(200, 30, 30), width=2)
-    d.text((left, 8), title, fill="black")
-    d.text((left + pw // 2 - 40, h - 18), "false positive rate", fill="black")
-    d.text((4, top - 22), "true positive rate", fill="black")
+    d.text((left, 6), title, fill="black")
+    d.text((left + pw // 2 - 40, h - 18), "false positive rate (FPR)", fill="black")
+    d.text((6, top - 16), "TPR", fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.png"
     img.save(tmp, format="PNG")
