@@ -113,6 +113,9 @@ class ClassIndex:
         # Threads the heavy build may use (None = library default). IndexManager sets 1 for
         # background builds so the trainer keeps the other core.
         self.build_threads: Optional[int] = None
+        # Nice increment for a build subprocess (HashingForest); IndexManager sets it for background
+        # builds so that the build only takes CPU the trainer leaves idle.
+        self.build_nice = 0
 
     # -- validation shared by subclasses ------------------------------------------------------
     def _check_W(self, W: np.ndarray) -> np.ndarray:
@@ -214,9 +217,12 @@ class ExactIndex(ClassIndex):
 
 
 def _annoy_build_worker(w_path: str, out_path: str, dim: int, metric: str, ntrees: int, seed: int,
-                        n_jobs: int) -> None:
+                        n_jobs: int, nice: int) -> None:
     """Subprocess body of HashingForest.build: rows from an .npy file -> Annoy index file."""
     import annoy
+
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
     W = np.load(w_path, mmap_mode="r")
     index = annoy.AnnoyIndex(dim, metric)
@@ -284,7 +290,8 @@ class HashingForest(ClassIndex):
             # mid-lock.
             proc = multiprocessing.get_context("spawn").Process(
                 target=_annoy_build_worker, name="hf-forest-build",
-                args=(w_path, out_path, self.dim, self.metric, self.ntrees, self.seed, n_jobs))
+                args=(w_path, out_path, self.dim, self.metric, self.ntrees, self.seed, n_jobs,
+                      self.build_nice))
             proc.start()
             proc.join()  # releases the GIL
             if proc.exitcode != 0:
@@ -552,9 +559,10 @@ class IndexManager:
 
     The build runs in a thread: Annoy's build, hnswlib's add_items and faiss all release the GIL
     (Annoy's per-row add_item loop does not, but each call is short). It uses `background_threads`
-    threads and, optionally (Linux), a raised nice value. Nice is off by default: a niced thread
-    that holds the GIL (Annoy's add_item loop) starves the trainer on a loaded machine -- a priority
-    inversion measured at a 48% step-rate cost; HashingForest therefore builds in a subprocess.
+    threads and a raised nice value (Linux; per thread, and for a build subprocess), so that on a
+    busy machine the build takes only CPU the trainer leaves idle. A niced thread that holds the
+    GIL for long (Annoy's per-row add_item loop) would starve the trainer instead -- a priority
+    inversion measured at a ~50% step-rate cost -- so HashingForest builds in a subprocess.
 
     Args:
         factory: returns a fresh, unbuilt ClassIndex (metric, offset, options already bound).
@@ -563,17 +571,24 @@ class IndexManager:
         min_interval_s: minimum seconds between build starts.
         background_threads: library threads for background builds (None = library default).
         background_nice: nice increment of the build thread (Linux; 0 disables).
+        max_duty: at most this fraction of wall time is spent building: after a build of b seconds
+            the next one starts no sooner than b / max_duty seconds after it started (1 = back to
+            back). On a machine whose cores the trainer needs, the step-rate cost is roughly
+            max_duty times the cost of continuous rebuilds.
     """
 
     def __init__(self, factory: Callable[[], ClassIndex], rebuild_every: int, background: bool = True,
                  min_interval_s: float = 0.0, *, background_threads: Optional[int] = 1,
-                 background_nice: int = 0) -> None:
+                 background_nice: int = 10, max_duty: float = 1.0) -> None:
         if not callable(factory):
             raise ValueError(f"factory must be callable, got {factory!r}")
         if rebuild_every < 1:
             raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
         if min_interval_s < 0:
             raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
+        if not 0.0 < max_duty <= 1.0:
+            raise ValueError(f"max_duty must be in (0, 1], got {max_duty}")
+        self.max_duty = float(max_duty)
         self.factory = factory
         self.rebuild_every = int(rebuild_every)
         self.background = bool(background)
@@ -619,7 +634,10 @@ class IndexManager:
             if not first:
                 if self._last_start_step is not None and step - self._last_start_step < self.rebuild_every:
                     return False
-                if time.monotonic() - self._last_start_time < self.min_interval_s:
+                wait_s = self.min_interval_s
+                if self._build_times and self.max_duty < 1.0:
+                    wait_s = max(wait_s, self._build_times[-1] / self.max_duty)
+                if time.monotonic() - self._last_start_time < wait_s:
                     return False
             index = self.factory()
             self._building = True
@@ -634,6 +652,7 @@ class IndexManager:
         else:
             if self.background_threads is not None:
                 index.build_threads = self.background_threads
+            index.build_nice = self.background_nice
             self._thread = threading.Thread(target=self._run_build, args=(index, W, step, True, True),
                                             name=f"index-build-{index.name}", daemon=True)
             self._thread.start()

@@ -291,6 +291,26 @@ def test_background_build_failure_surfaces_and_old_index_stays():
         mgr.maybe_rebuild(store, 2)
 
 
+class SleepyExact(ExactIndex):
+    def build(self, W: np.ndarray) -> None:
+        time.sleep(0.2)
+        super().build(W)
+
+
+def test_max_duty_spaces_builds():
+    """max_duty = 0.5: after a 0.2 s build, the next may start only 0.4 s after the last start."""
+    W = np.eye(4, dtype=np.float32)
+    mgr = IndexManager(lambda: SleepyExact(4), rebuild_every=1, background=False, max_duty=0.5)
+    store = FakeStore(W)
+    t0 = time.monotonic()
+    assert mgr.maybe_rebuild(store, 0)           # takes ~0.2 s
+    assert not mgr.maybe_rebuild(store, 1)       # ~0.2 s after the start: too soon
+    time.sleep(max(0.0, 0.45 - (time.monotonic() - t0)))
+    assert mgr.maybe_rebuild(store, 2)
+    with pytest.raises(ValueError, match="max_duty"):
+        IndexManager(lambda: ExactIndex(4), rebuild_every=1, max_duty=0.0)
+
+
 def test_manager_query_before_build_and_bad_args():
     mgr = IndexManager(lambda: ExactIndex(4), rebuild_every=3, background=False)
     with pytest.raises(RuntimeError, match="no index yet"):
