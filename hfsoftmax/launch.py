@@ -1,0 +1,69 @@
+"""Helpers for the launch scripts: what the parameter server needs to know about a run.
+
+``python -m hfsoftmax.launch server-args --config C [key=value ...]`` prints, one per line, the
+arguments ``paramserver/paramserver.py`` must get so that its store matches the trainer: K (read from
+the dataset when ``data.path`` is set), d, the classifier's SGD settings and the class index.
+``... get KEY`` prints one resolved config value (e.g. ``train.out_dir``). Both exit 2 with a
+one-line message on bad input, like the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config, ConfigError, load_config
+
+
+def num_classes_of(cfg: Config) -> int:
+    if not cfg.data.path:
+        return cfg.data.num_classes
+    from .data.datasets import dataset_from_path
+
+    return int(dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad).num_classes)
+
+
+def server_args(cfg: Config, num_clients: int) -> list[str]:
+    h = cfg.head
+    index = "random" if h.name == "random" else h.index
+    metric = "dot" if h.margin == "none" else "angular"
+    args = ["--num-classes", str(num_classes_of(cfg)), "--dim", str(cfg.model.feature_dim),
+            "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
+            "--momentum", str(cfg.optim.momentum), "--weight-decay", str(cfg.optim.weight_decay),
+            "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every)]
+    if cfg.optim.nesterov:
+        args.append("--nesterov")
+    if index == "forest":
+        args += ["--ntrees", str(h.ntrees), "--search-k", str(h.search_k)]
+    if index == "ivf":
+        args += ["--nlist", str(h.nlist), "--nprobe", str(h.nprobe)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hfsoftmax.launch")
+    p.add_argument("what", choices=("server-args", "get"))
+    p.add_argument("--config", default=None)
+    p.add_argument("--num-clients", type=int, default=1)
+    p.add_argument("rest", nargs="*", help="for get: KEY first; then key=value overrides")
+    a = p.parse_intermixed_args(argv)
+    try:
+        rest = list(a.rest)
+        key = rest.pop(0) if a.what == "get" and rest else None
+        cfg = load_config(a.config, rest)
+        if a.what == "get":
+            value: object = cfg
+            for part in (key or "").split("."):
+                if not hasattr(value, part):
+                    raise ConfigError(f"unknown config key '{key}'")
+                value = getattr(value, part)
+            print(value)
+        else:
+            print("\n".join(server_args(cfg, a.num_clients)))
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Full-softmax training (the baseline head; CosFace/ArcFace margins via config).
+#
+#   sh scripts/train.sh [dataset_path] [key=value ...]
+#
+# No dataset path: the built-in synthetic identities (configs/synthetic_full.yaml).
+# A dataset path (an InsightFace folder with train.rec/train.idx, a rec2img folder with
+# train_list.txt, or a list file): configs/faces_full.yaml; every *.bin beside it is evaluated.
+# Env: CONFIG=path.yaml picks another config; NPROC=N processes (default: one per GPU, else 1);
+#      PYTHON=python interpreter.
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+DATA=""
+if [ $# -gt 0 ]; then
+  case "$1" in
+    *=*) ;;                       # an override, not a path
+    *) DATA=$1; shift ;;
+  esac
+fi
+if [ -n "$DATA" ]; then
+  CONFIG=${CONFIG:-configs/faces_full.yaml}
+  set -- "data.path=$DATA" "$@"
+else
+  CONFIG=${CONFIG:-configs/synthetic_full.yaml}
+fi
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+fi
+if [ "$NPROC" -gt 1 ]; then
+  echo "launching torchrun with $NPROC processes ($CONFIG)"
+  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
+fi
+exec "$PY" -m hfsoftmax.train --config "$CONFIG" "$@"
