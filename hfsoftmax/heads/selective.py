@@ -1,0 +1,558 @@
+"""Selective softmax on a parameter store: HF-softmax (Zhang et al., AAAI 2018, "Accelerated Training
+for Massive Classification via Dynamic Class Selection") and its random-sampling baseline.
+
+The K x d classifier W lives in a parameter store (``paramserver.store.WeightStore`` in-process, or
+``paramserver.client.RemoteStore`` for a ZeroMQ server; the same methods). One training step of rank
+r of R (``begin_step(step, lr)``, ``loss = head(F, labels)``, ``loss.backward()``, ``end_step``):
+
+1. F [B, d] -> CPU numpy -> ``store.query(F, candidates)``: per feature the classes whose rows score
+   highest ("dot" metric for plain linear logits, "angular" for CosFace/ArcFace).
+2. ``select_active``: exactly M unique ids, the batch's labels first, then the strongest candidates,
+   then a random fill; labels are remapped into 0..M-1. The fill uses a numpy Generator seeded from
+   (seed, rank, step), so a run and its resume select the same classes.
+3. ``Wa = store.pull(active, step=s)`` [M, d] -> features' device; logits = ``margin_logits`` (the
+   very function of :class:`FullSoftmax`, so both heads compute identical logits); CE over M.
+4. backward: a hook on Wa pushes ``dL/dWa / R`` with ``store.push(active, g, s, lr, client_id=r)``.
+   The store SUMS the R ranks' pushes of step s and applies one row-sparse SGD update with the lr of
+   the push (synchronous SGD; the classifier follows the backbone's lr schedule). Every rank's loss
+   is the mean over its local batch, so dividing by R makes the update that of one process with the
+   global batch (R*B samples). ``pull(step=s+1)`` then waits until all ranks have pushed step s.
+
+Shortcuts (documented, both exact): with M == K every class is active (no query; active =
+0..K-1, labels unchanged); with the random index (head name "random", the Partial-FC-style
+baseline) the classes besides the labels are a uniform random fill from the per-step Generator, so
+no index query is needed (and resume is exact, which a stateful RandomIndex could not give).
+
+Step numbering: the train loop counts steps from 0 (from the checkpoint's step on resume), the
+store counts applied updates (``store.step``). At the first step this head reads ``store.step`` and
+keeps ``offset = store.step - train_step`` (0 for a fresh store, and 0 after a resume that restored
+the store snapshot of the checkpoint, since that snapshot's step IS the checkpoint's step); pushes
+and pulls use ``train_step + offset``. A non-zero offset (a server reused from another run, a
+checkpoint without a snapshot) is logged as a warning. A local store found at a step > 0 (restored)
+gets its index rebuilt synchronously from the restored rows at that first step.
+
+CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
+Every P = ``cpk_every`` steps, on a probe of up to ``cpk_probe`` samples of the current batch, the
+exact class probabilities over all K classes are computed in blocks of rows pulled from the store
+(no B x K tensor; eval logits, i.e. without the margin): a running logsumexp and a running top-k
+of the logits over blocks. Logged:
+
+- ``cpk_exact``  = mean over probe samples of the probability mass of the exact top-M classes;
+- ``cpk_active`` = mean probability mass of the active set actually selected this step (selection
+  quality: near ``cpk_exact`` for a good index, about M/K plus the label's mass for random).
+
+Adaptive rule (``adaptive=True``), applied at each probe:
+
+- M: with CPK(m) = mean over probe samples of the top-m probability mass (non-decreasing in m),
+  ``M = min{m : CPK(m) >= tau_cp}``, clipped to [m_min, min(m_max, K)] (m_max if tau_cp is never
+  reached). A batch with more unique labels than M grows M for that step only (logged); with
+  ``adaptive=False`` that is an error instead.
+- T (the index rebuild period): let c_start / c_end be the first / last ``cpk_active`` probed
+  between two consecutive index builds going live. If ``c_start - c_end > cpk_drop`` (the selection
+  went stale within the period), T halves, down to ``t_min``; otherwise (it held), T doubles, up to
+  ``t_max``. T is set on the local store's IndexManager (``rebuild_every``); a remote store needs
+  ``set_rebuild_every`` on the client (logged once when missing; T is still tracked and logged).
+
+Probing costs one pass over all K rows (K*d floats from the store), so P should be large at large K.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import ClassifierHead
+from .full import MARGINS, margin_logits
+
+logger = logging.getLogger(__name__)
+
+# Errors of a store that mean "the parameter server is gone" (RemoteStore raises TimeoutError naming
+# the address; SyncTimeoutError is a TimeoutError too, naming the clients that did not push).
+_LOST = (TimeoutError, ConnectionError)
+
+
+class ParamServerLostError(ConnectionError):
+    """The parameter store stopped answering; training cannot go on (the message names the server)."""
+
+
+# --------------------------------------------------------------------------------------------- #
+# Pure rules (testable on their own).
+
+def index_metric(margin: str) -> str:
+    """Index metric for a head's logits: inner product for plain linear, cosine for margin heads."""
+    if margin not in MARGINS:
+        raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
+    return "dot" if margin == "none" else "angular"
+
+
+def choose_num_active(curve: np.ndarray, tau_cp: float, m_min: int, m_max: int, num_classes: int) -> int:
+    """Smallest M with mean CPK(M) >= tau_cp, clipped to [m_min, min(m_max, K)].
+
+    Args:
+        curve: [k] mean over samples of the top-m probability mass for m = 1..k (non-decreasing).
+    """
+    hi = max(1, min(int(m_max), int(num_classes)))
+    lo = max(1, min(int(m_min), hi))
+    reached = np.flatnonzero(np.asarray(curve) >= tau_cp)
+    m = int(reached[0]) + 1 if reached.size else hi
+    return int(min(max(m, lo), hi))
+
+
+def next_rebuild_period(period: int, cpk_start: float, cpk_end: float, cpk_drop: float,
+                        t_min: int, t_max: int) -> int:
+    """T after one rebuild period: halve (>= t_min) if cpk_active fell by more than cpk_drop, else
+    double (<= t_max)."""
+    if cpk_start - cpk_end > cpk_drop:
+        return max(int(t_min), int(period) // 2)
+    return min(int(t_max), int(period) * 2)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The store.
+
+def _index_options(head_cfg: Any, name: str, num_classes: int) -> dict[str, Any]:
+    """make_index options from the head config: forest -> ntrees/search_k, ivf -> nlist/nprobe."""
+    if name == "forest":
+        return {"ntrees": int(head_cfg.ntrees), "search_k": int(head_cfg.search_k)}
+    if name == "ivf":
+        # nlist 0 -> None: IVFIndex then takes about sqrt(K) lists.
+        return {"nlist": int(head_cfg.nlist) or None, "nprobe": int(head_cfg.nprobe)}
+    return {}
+
+
+def head_index_name(head_cfg: Any) -> str:
+    """The index a selective head uses: "random" for the random head, else ``head.index``."""
+    return "random" if head_cfg.name == "random" else str(head_cfg.index)
+
+
+def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
+    """An IndexManager over a K x d store for this head config (built by the caller)."""
+    from paramserver.index import IndexManager, make_index
+
+    name = head_index_name(head_cfg)
+    metric = index_metric(head_cfg.margin)
+    opts = _index_options(head_cfg, name, num_classes)
+
+    def factory() -> Any:
+        return make_index(name, dim, metric, class_offset=0, seed=seed, **opts)
+
+    factory()  # fail now on a bad name or option, not at the first build
+    return IndexManager(factory, rebuild_every=int(head_cfg.rebuild_every), background=background)
+
+
+def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
+    """The parameter store of a selective head, from the full :class:`hfsoftmax.config.Config`.
+
+    ``store.kind=local``: an in-process WeightStore with the optimizer of ``cfg.optim`` and an
+    IndexManager attached (first build synchronous, later ones in the background every
+    ``head.rebuild_every`` steps). ``store.kind=remote``: a RemoteStore on the comma-separated shard
+    addresses, client id = this rank; the servers must hold K = ``num_classes`` rows of
+    d = ``model.feature_dim`` (checked, the error names the server) and own the class index.
+
+    Args:
+        cfg: the Config.
+        num_classes: K.
+        info: hfsoftmax.dist.DistInfo (rank, world_size).
+    """
+    d = int(cfg.model.feature_dim)
+    kind = cfg.store.kind
+    if kind == "local":
+        if info.world_size > 1:
+            raise ValueError(f"store.kind=local keeps W inside one process, but this run has world_size="
+                             f"{info.world_size} ranks: start a parameter server (paramserver/paramserver.py "
+                             f"--num-clients {info.world_size}) and use store.kind=remote store.address=tcp://...")
+        from paramserver.store import WeightStore
+
+        store = WeightStore(num_classes, d, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                            nesterov=cfg.optim.nesterov, num_clients=1, seed=cfg.train.seed,
+                            sync_timeout=float(cfg.store.timeout))
+        manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
+        manager.build_now(store.rows_view(), step=0)
+        store.attach_index(manager)
+        return store
+    if kind == "remote":
+        from paramserver.client import RemoteStore
+
+        addresses = [a.strip() for a in cfg.store.address.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("store.kind=remote needs store.address=tcp://host:port[,tcp://host:port...]")
+        try:
+            # The constructor asks every shard for its info and refuses a K, d or class range that
+            # differs, naming the server address and both values.
+            store = RemoteStore(addresses, num_classes, d, timeout=float(cfg.store.timeout),
+                                token=cfg.store.token or None, client_id=int(info.rank))
+        except ValueError as e:
+            raise ValueError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
+        except _LOST as e:
+            raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
+        return store
+    raise ValueError(f"unknown store.kind '{kind}' (choose local or remote)")
+
+
+# --------------------------------------------------------------------------------------------- #
+# The head.
+
+class SelectiveSoftmax(ClassifierHead):
+    """Softmax over M active classes chosen per batch (HF-softmax), W in a parameter store.
+
+    Args:
+        store: WeightStore or RemoteStore holding W [K, d].
+        num_classes: K.
+        feature_dim: d (must equal ``store.dim``).
+        num_active: M (the starting M when ``adaptive``).
+        margin, scale, margin_m: logits as in :func:`hfsoftmax.heads.full.margin_logits`.
+        index: index name; "random" = random-sampling baseline (no query, see module docstring).
+        candidates: classes asked of the index per sample.
+        cpk_every: P, probe CPK every P steps (0 = off).
+        adaptive: adapt M and T from CPK (rule in the module docstring).
+        tau_cp, m_min, m_max: target CPK and the range of M.
+        rebuild_every: T at the start (the store's IndexManager setting).
+        seed: seed of the per-step selection Generator.
+        rank, world_size: this process (default: torch.distributed if initialised, else 0 / 1).
+        shortcut_full: with M == K make every class active without querying.
+        cpk_probe: samples of the batch used for a CPK probe.
+        cpk_drop, t_min, t_max: the T rule (defaults 0.02, max(1, T // 8), 8 T).
+        block_size: rows per block when scoring all K (CPK, topk).
+    """
+
+    def __init__(self, store: Any, num_classes: int, feature_dim: int, num_active: int, *, margin: str = "none",
+                 scale: float = 64.0, margin_m: float = 0.35, index: str = "forest", candidates: int = 64,
+                 cpk_every: int = 0, adaptive: bool = False, tau_cp: float = 0.9, m_min: int = 100,
+                 m_max: int = 10000, rebuild_every: int = 100, seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, shortcut_full: bool = True, cpk_probe: int = 64,
+                 cpk_drop: float = 0.02, t_min: Optional[int] = None, t_max: Optional[int] = None,
+                 block_size: int = 65536) -> None:
+        super().__init__(num_classes, feature_dim)
+        if margin not in MARGINS:
+            raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
+        if int(store.num_classes) != num_classes or int(store.dim) != feature_dim:
+            raise ValueError(f"SelectiveSoftmax: the store holds W of num_classes={store.num_classes} x "
+                             f"dim={store.dim}, but the head has num_classes={num_classes} x "
+                             f"feature_dim={feature_dim}")
+        if not 1 <= num_active <= num_classes:
+            raise ValueError(f"head.num_active M={num_active} must lie in [1, num_classes={num_classes}]")
+        if candidates < 1 or cpk_every < 0 or rebuild_every < 1 or cpk_probe < 1 or block_size < 1:
+            raise ValueError(f"need candidates >= 1, cpk_every >= 0, rebuild_every >= 1, cpk_probe >= 1, "
+                             f"block_size >= 1; got {candidates}, {cpk_every}, {rebuild_every}, {cpk_probe}, "
+                             f"{block_size}")
+        if adaptive and not (0.0 < tau_cp <= 1.0 and 1 <= m_min <= m_max):
+            raise ValueError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, "
+                             f"got tau_cp={tau_cp}, m_min={m_min}, m_max={m_max}")
+        if adaptive and cpk_every == 0:
+            raise ValueError("head.adaptive=true needs head.cpk_every > 0 (CPK drives the allocation)")
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = int(rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0))
+        self.world_size = int(world_size if world_size is not None
+                              else (torch.distributed.get_world_size() if dist_on else 1))
+        self.store = store
+        self.num_active = int(num_active)
+        self.margin, self.scale, self.margin_m = margin, float(scale), float(margin_m)
+        self.index_name = index
+        self.metric = index_metric(margin)
+        self.candidates = int(candidates)
+        self.cpk_every, self.cpk_probe = int(cpk_every), int(cpk_probe)
+        self.adaptive, self.tau_cp = bool(adaptive), float(tau_cp)
+        self.m_min, self.m_max = int(m_min), int(m_max)
+        self.rebuild_every = int(rebuild_every)
+        self.cpk_drop = float(cpk_drop)
+        self.t_min = int(t_min) if t_min is not None else max(1, self.rebuild_every // 8)
+        self.t_max = int(t_max) if t_max is not None else self.rebuild_every * 8
+        self.seed = int(seed)
+        self.shortcut_full = bool(shortcut_full)
+        self.block_size = int(block_size)
+        # Step state: the train step and lr of begin_step; store step = train step + offset.
+        self._train_step: Optional[int] = None
+        self._lr: Optional[float] = None
+        self._offset: Optional[int] = None
+        self._forwarded = False      # a training forward happened this step (a push is owed)
+        self._pushed = False
+        self.last_active: Optional[np.ndarray] = None   # [M] ids of the last training forward
+        # CPK / adaptive state.
+        self._cpk: dict[str, float] = {}
+        self._period_builds: Optional[int] = None
+        self._period_first: Optional[float] = None
+        self._period_last: Optional[float] = None
+        self._warned_remote_t = False
+        self._probe_lse: Optional[torch.Tensor] = None   # [P] logsumexp over all K of the last probe
+
+    @classmethod
+    def from_config(cls, cfg: Any, store: Any, num_classes: int, feature_dim: int, *, seed: int = 0,
+                    rank: Optional[int] = None, world_size: Optional[int] = None) -> "SelectiveSoftmax":
+        """From a :class:`hfsoftmax.config.HeadConfig` (``name`` hf or random). M is capped at K."""
+        if cfg.num_active > num_classes:
+            logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
+                           cfg.num_active, num_classes)
+        return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
+                   scale=cfg.scale, margin_m=cfg.margin_m, index=head_index_name(cfg), candidates=cfg.candidates,
+                   cpk_every=cfg.cpk_every, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
+                   m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size)
+
+    # -- step protocol ------------------------------------------------------------------------
+    def _server_name(self) -> str:
+        addrs = getattr(self.store, "addresses", None)
+        return ", ".join(addrs) if addrs else "in-process store"
+
+    def _lost(self, what: str, err: BaseException) -> ParamServerLostError:
+        return ParamServerLostError(f"parameter server {self._server_name()} lost during {what} at step "
+                                    f"{self._train_step}: {err}")
+
+    def begin_step(self, step: int, lr: float) -> None:
+        """Called by the train loop before the forward of ``step`` with that step's lr."""
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"begin_step: lr must be finite and >= 0, got {lr}")
+        if self._offset is None:
+            try:
+                store_step = int(self.store.step)
+            except _LOST as e:
+                raise self._lost("begin_step", e) from None
+            self._offset = store_step - int(step)
+            if self._offset:
+                logger.warning("store is at step %d but training is at step %d: store steps are train step %+d",
+                               store_step, step, self._offset)
+            idx = getattr(self.store, "index", None)
+            if store_step > 0 and idx is not None and hasattr(idx, "build_now"):
+                # A restored local store: its index still reflects the W it was built from before
+                # restore (the random init), so rebuild it from the restored rows before selecting.
+                idx.build_now(self.store.rows_view(), step=store_step)
+        self._train_step, self._lr = int(step), float(lr)
+        self._forwarded = self._pushed = False
+
+    def end_step(self, step: int) -> None:
+        """After the optimizer step: make sure this rank pushed ``step`` (an empty push if the loss
+        never reached W), or the synchronous store would wait for it forever."""
+        if self._forwarded and not self._pushed:
+            logger.warning("step %d: no gradient reached the active rows; pushing an empty update", step)
+            self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=np.float32))
+        self._forwarded = False
+
+    @property
+    def store_step(self) -> int:
+        if self._train_step is None or self._offset is None:
+            raise RuntimeError("SelectiveSoftmax: call head.begin_step(step, lr) before a training forward")
+        return self._train_step + self._offset
+
+    def _push(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        if self._pushed:
+            raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one backward per "
+                               f"forward and step; gradient accumulation is not supported)")
+        try:
+            self.store.push(ids, grads, self.store_step, self._lr, client_id=self.rank)
+        except _LOST as e:
+            raise self._lost("push", e) from None
+        self._pushed = True
+
+    # -- selection ----------------------------------------------------------------------------
+    def _rng(self) -> np.random.Generator:
+        # Keyed by the train step (what a checkpoint restores), so resume selects the same classes.
+        return np.random.default_rng([self.seed, self.rank, self._train_step or 0])
+
+    def select(self, feats: np.ndarray, labels: np.ndarray, num_active: int) -> tuple[np.ndarray, np.ndarray]:
+        """Active ids [M] (labels first) and labels remapped into 0..M-1, for features [B, d]."""
+        from paramserver.index import select_active
+
+        K = self.num_classes
+        if num_active == K and self.shortcut_full:
+            return np.arange(K, dtype=np.int64), labels.astype(np.int64)
+        if self.index_name == "random":
+            cand_ids = np.empty(0, dtype=np.int64)
+            cand_scores = np.empty(0, dtype=np.float32)
+        else:
+            try:
+                cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K))
+            except _LOST as e:
+                raise self._lost("query", e) from None
+        return select_active(cand_ids, cand_scores, labels, num_active, K, self._rng())
+
+    # -- forward ------------------------------------------------------------------------------
+    def _pull(self, ids: np.ndarray, step: Optional[int]) -> np.ndarray:
+        try:
+            return self.store.pull(ids, step=step)
+        except _LOST as e:
+            raise self._lost("pull", e) from None
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the M active classes; backward pushes dL/dWa to the store."""
+        self.check_features(features)
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels must be [B={features.shape[0]}], got {tuple(labels.shape)}")
+        training = torch.is_grad_enabled()
+        step = self.store_step if training else None
+        lab = labels.detach().cpu().numpy().astype(np.int64)                     # [B]
+        if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
+                             f"got range [{lab.min()}, {lab.max()}]")
+        n_unique = int(np.unique(lab).size)
+        M = self.num_active
+        probe = None
+        if training and self.cpk_every and self._train_step % self.cpk_every == 0:
+            probe = features.detach()[: self.cpk_probe]
+            M = self._probe_cpk(probe)                                           # adaptive: new M
+        if M < n_unique:
+            if not self.adaptive:
+                raise ValueError(f"head.num_active M={M} is smaller than the {n_unique} unique labels of this "
+                                 f"batch (batch size {lab.size}); raise head.num_active to at least {n_unique}")
+            logger.info("step %s: M grows from %d to the batch's %d unique labels", self._train_step, M, n_unique)
+            M = n_unique
+        feats_np = features.detach().to("cpu", torch.float32).numpy()           # [B, d]
+        active, remapped = self.select(feats_np, lab, M)                         # [M], [B]
+        w_np = self._pull(active, step)                                          # [M, d] store dtype
+        Wa = torch.from_numpy(w_np).to(device=features.device, dtype=features.dtype)
+        target = torch.from_numpy(remapped).to(features.device)                  # [B] in 0..M-1
+        if training:
+            self.last_active = active
+            self._forwarded = True
+            Wa.requires_grad_(True)
+            grad_dtype = w_np.dtype
+
+            def push_hook(grad: torch.Tensor) -> None:
+                # grad [M, d]: this rank's mean-loss gradient; the store sums R ranks, hence / R.
+                g = (grad.detach() / self.world_size).to("cpu").numpy().astype(grad_dtype, copy=False)
+                self._push(active, np.ascontiguousarray(g))
+
+            Wa.register_hook(push_hook)
+        logits = margin_logits(features, Wa, target, self.margin, self.scale, self.margin_m)   # [B, M]
+        if probe is not None:
+            self._probe_active(probe, Wa.detach())
+        return F.cross_entropy(logits, target)
+
+    def scores_block(self, features: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Scores [B, end - start] of classes [start, end) (eval logits, no margin), rows pulled now."""
+        self.check_features(features)
+        if not 0 <= start < end <= self.num_classes:
+            raise ValueError(f"scores_block: need 0 <= start < end <= {self.num_classes}, got [{start}, {end})")
+        w = torch.from_numpy(self._pull(np.arange(start, end, dtype=np.int64), None))
+        w = w.to(device=features.device, dtype=features.dtype)                   # [end - start, d]
+        return margin_logits(features, w, None, self.margin, self.scale, self.margin_m)
+
+    @torch.no_grad()
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, K] scores assembled block by block (each block pulled separately); prefer topk at large K."""
+        return torch.cat([self.scores_block(features, s, min(s + self.block_size, self.num_classes))
+                          for s in range(0, self.num_classes, self.block_size)], dim=1)
+
+    @torch.no_grad()
+    def topk(self, features: torch.Tensor, k: int = 5, block_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().topk(features, k, block_size or self.block_size)
+
+    # -- CPK ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def exact_mass(self, probe: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
+        k = min(int(k), self.num_classes)
+        lse = None
+        best = None
+        for start in range(0, self.num_classes, self.block_size):
+            end = min(start + self.block_size, self.num_classes)
+            s = self.scores_block(probe, start, end).double()                    # [P, blk]
+            b_lse = torch.logsumexp(s, dim=1)
+            lse = b_lse if lse is None else torch.logaddexp(lse, b_lse)
+            cat = s if best is None else torch.cat([best, s], dim=1)
+            best = cat.topk(min(k, cat.shape[1]), dim=1).values                  # running top-k [P, <=k]
+        return lse, torch.exp(best - lse[:, None])
+
+    def _probe_cpk(self, probe: torch.Tensor) -> int:
+        """CPK of the exact top-M on the probe; with adaptive allocation also choose M. Returns M."""
+        k = max(self.num_active, min(self.m_max, self.num_classes)) if self.adaptive else self.num_active
+        lse, probs = self.exact_mass(probe, k)
+        curve = probs.cumsum(dim=1).mean(dim=0).cpu().numpy()                   # [k] mean CPK(m)
+        self._probe_lse = lse
+        if self.adaptive:
+            new_m = choose_num_active(curve, self.tau_cp, self.m_min, self.m_max, self.num_classes)
+            if new_m != self.num_active:
+                logger.info("adaptive allocation at step %d: M %d -> %d (tau_cp %.3f)", self._train_step,
+                            self.num_active, new_m, self.tau_cp)
+            self.num_active = new_m
+        self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step)}
+        return self.num_active
+
+    def _probe_active(self, probe: torch.Tensor, Wa: torch.Tensor) -> None:
+        """CPK of the selected active set on the probe, and the T rule when adaptive."""
+        with torch.no_grad():
+            s = margin_logits(probe, Wa, None, self.margin, self.scale, self.margin_m).double()   # [P, M]
+            mass = torch.exp(torch.logsumexp(s, dim=1) - self._probe_lse).mean().item()
+        self._cpk["cpk_active"] = float(mass)
+        if self.adaptive:
+            self._adapt_rebuild_period(mass)
+
+    def _index_stats(self) -> dict[str, Any]:
+        idx = getattr(self.store, "index", None)
+        if idx is not None and hasattr(idx, "stats"):
+            return dict(idx.stats())
+        if hasattr(self.store, "addresses"):
+            try:
+                st = self.store.stats()
+            except _LOST as e:
+                raise self._lost("stats", e) from None
+            for src in [st] + list(st.get("shards", []))[:1]:
+                if isinstance(src.get("index"), dict):
+                    return dict(src["index"])
+        return {}
+
+    def _adapt_rebuild_period(self, cpk_active: float) -> None:
+        builds = self._index_stats().get("builds")
+        if builds is None:
+            return
+        if self._period_builds is None or builds == self._period_builds:
+            if self._period_builds is None:
+                self._period_builds = builds
+            if self._period_first is None:
+                self._period_first = cpk_active
+            self._period_last = cpk_active
+            return
+        # A new build went live: judge the period that just ended, then start a new one.
+        if self._period_first is not None and self._period_last is not None:
+            new_t = next_rebuild_period(self.rebuild_every, self._period_first, self._period_last, self.cpk_drop,
+                                        self.t_min, self.t_max)
+            if new_t != self.rebuild_every:
+                logger.info("adaptive rebuild period at step %d: T %d -> %d (cpk_active %.3f -> %.3f)",
+                            self._train_step, self.rebuild_every, new_t, self._period_first, self._period_last)
+                self.rebuild_every = new_t
+                self._apply_rebuild_every()
+        self._period_builds, self._period_first, self._period_last = builds, cpk_active, cpk_active
+
+    def _apply_rebuild_every(self) -> None:
+        idx = getattr(self.store, "index", None)
+        if idx is not None and hasattr(idx, "rebuild_every"):
+            idx.rebuild_every = self.rebuild_every
+        elif hasattr(self.store, "set_rebuild_every"):
+            self.store.set_rebuild_every(self.rebuild_every)
+        elif not self._warned_remote_t:
+            logger.warning("the store has no set_rebuild_every: the adapted T=%d is logged but not applied",
+                           self.rebuild_every)
+            self._warned_remote_t = True
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """num_active, rebuild_every, the last cpk_exact / cpk_active, and index_* stats if any."""
+        out: dict[str, Any] = {"num_active": self.num_active, "rebuild_every": self.rebuild_every, **self._cpk}
+        if self.index_name != "random":
+            for k, v in self._index_stats().items():
+                if isinstance(v, (bool, int, float, str)) and not (isinstance(v, float) and not math.isfinite(v)):
+                    out[f"index_{k}"] = v
+        return out
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The adaptive M and T travel in the head's state_dict (checkpoints)."""
+        return {"num_active": self.num_active, "rebuild_every": self.rebuild_every}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.adaptive:  # a fixed M / T comes from the config, which may have been changed on resume
+            self.num_active = int(state["num_active"])
+            self.rebuild_every = int(state["rebuild_every"])
+            self._apply_rebuild_every()
+
+    def close(self) -> None:
+        """Stop the local index's background builds; close a remote store's sockets."""
+        idx = getattr(self.store, "index", None)
+        if idx is not None and hasattr(idx, "close"):
+            idx.close()
+        if hasattr(self.store, "addresses") and hasattr(self.store, "close"):
+            self.store.close()
+
+    def extra_repr(self) -> str:
+        return (f"K={self.num_classes}, d={self.feature_dim}, M={self.num_active}, margin={self.margin}, "
+                f"index={self.index_name}, rank={self.rank}/{self.world_size}")
