@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--exact-rounding", action="store_true",
+                   help="round like torch's fused CPU kernels (bit-identical to torch.optim.SGD, slower)")
     p.add_argument("--sync-timeout", type=float, default=60.0, help="longest wait of a pull for its step (s)")
     p.add_argument("--snapshot-dir", help="directory of step-NNNNNNNNN snapshots (+ 'latest')")
     p.add_argument("--snapshot-every", type=int, default=0, help="snapshot every N applied steps (0: never)")
@@ -88,8 +90,8 @@ def make_store(args: argparse.Namespace) -> WeightStore:
     lo, hi = shard_ranges(args.num_classes, s)[i]
     return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
                        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-                       num_clients=args.num_clients, sync_timeout=args.sync_timeout, class_offset=lo,
-                       total_classes=args.num_classes)
+                       exact_rounding=args.exact_rounding, num_clients=args.num_clients,
+                       sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

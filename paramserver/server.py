@@ -331,7 +331,8 @@ class ParamServer:
         step = get_field(h, "step", int)
         lr = get_field(h, "lr", float)
         cid = get_field(h, "client_id", int, default=0)
-        applied = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid)
+        # copy=False: the frame's buffer is immutable and stays alive with the array view
+        applied = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid, copy=False)
         if applied:
             self._after_update()
         return ok_reply(h.get("id"), applied=applied, step=self.store.step)

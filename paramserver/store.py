@@ -143,6 +143,11 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _opt_from_manifest(opt: dict) -> SGDConfig:
+    return SGDConfig(momentum=float(opt["momentum"]), weight_decay=float(opt["weight_decay"]),
+                     nesterov=bool(opt["nesterov"]), exact_rounding=bool(opt.get("exact_rounding", False)))
+
+
 def read_manifest(path: str) -> dict:
     """Read and check ``path/manifest.json``; errors name the file and the field at fault."""
     mpath = os.path.join(path, "manifest.json")
@@ -170,8 +175,7 @@ def read_manifest(path: str) -> dict:
     if not isinstance(opt, dict):
         raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' missing")
     try:
-        SGDConfig(momentum=float(opt["momentum"]), weight_decay=float(opt["weight_decay"]),
-                  nesterov=bool(opt["nesterov"]))
+        _opt_from_manifest(opt)
     except (KeyError, TypeError, ValueError) as e:
         raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' invalid ({e})") from None
     return man
@@ -213,12 +217,14 @@ class WeightStore:
         sync_timeout: seconds a ``pull(step=...)`` waits by default.
         class_offset: global id of this store's first row (shards).
         total_classes: K of the whole matrix (defaults to class_offset + num_classes).
+        exact_rounding: bit-identical rounding to torch.optim.SGD on CPU (see optim.py), slower.
     """
 
     def __init__(self, num_classes: int, dim: int, dtype: str = "float32", init: str = "normal",
                  init_std: float = 0.01, seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, num_clients: int = 1, sync_timeout: float = 60.0,
-                 class_offset: int = 0, total_classes: Optional[int] = None, _rows: Optional[np.ndarray] = None) -> None:
+                 class_offset: int = 0, total_classes: Optional[int] = None, exact_rounding: bool = False,
+                 _rows: Optional[np.ndarray] = None) -> None:
         if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
             raise ValueError(f"WeightStore: num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -238,7 +244,8 @@ class WeightStore:
         self._total = int(total_classes) if total_classes is not None else self._offset + self._K
         if self._total < self._offset + self._K:
             raise ValueError(f"WeightStore: total_classes={self._total} < class_offset+num_classes")
-        self.opt = SGDConfig(momentum=float(momentum), weight_decay=float(weight_decay), nesterov=bool(nesterov))
+        self.opt = SGDConfig(momentum=float(momentum), weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                             exact_rounding=bool(exact_rounding))
         self.num_clients = int(num_clients)
         self.sync_timeout = float(sync_timeout)
         self.init_desc = {"init": init, "init_std": float(init_std), "seed": int(seed)}
@@ -350,11 +357,13 @@ class WeightStore:
         return (f"pull for step {step} timed out after {waited:.1f}s: store is at step {self._step}, "
                 f"client ids {self.missing_clients()} of {self.num_clients} have not pushed step {self._step}")
 
-    def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0) -> bool:
+    def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0, copy: bool = True) -> bool:
         """Record client ``client_id``'s row gradients for ``step``; returns True if an update was applied.
 
         ``grads`` [n, d] must have the store's dtype, be finite, and match ``len(ids)``; duplicate ids
-        are summed. The array is copied, the caller may reuse it.
+        are summed. With ``copy`` (default) a push that has to wait for other clients keeps a copy,
+        so the caller may reuse its array; ``copy=False`` keeps a reference (the caller promises not
+        to modify it, e.g. a received network frame).
         """
         loc = self._local_ids(ids)
         self._check_rows(grads, len(loc), "push grads")
@@ -381,7 +390,9 @@ class WeightStore:
             for other, (_, _, olr) in got.items():
                 if olr != lr:
                     raise BadRequestError(f"push: lr {lr!r} for step {step} differs from client {other}'s {olr!r}")
-            self._pending.setdefault(step, {})[client_id] = (loc, np.array(grads, copy=True), lr)
+            completes = step == self._step and len(got) + 1 == self.num_clients
+            keep = grads if (completes or not copy) else np.array(grads, copy=True)  # only read, never written
+            self._pending.setdefault(step, {})[client_id] = (loc, keep, lr)
             self._counts["pushes"] += 1
             self._counts["rows_pushed"] += len(loc)
             applied = False
@@ -407,7 +418,7 @@ class WeightStore:
             first = np.ones(len(sids), dtype=bool)
             first[1:] = sids[1:] != sids[:-1]
             if first.all():
-                uniq, g = ids, grads  # no duplicates: keep the caller's order, grads already a private copy
+                uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
             else:
                 uniq, g = _sum_duplicates(sids, grads, order, first)
             w = self._W[uniq]
@@ -533,7 +544,7 @@ class WeightStore:
             self._step = int(man["step"])
             self._pending.clear()
             o = man["optimizer"]
-            self.opt = SGDConfig(float(o["momentum"]), float(o["weight_decay"]), bool(o["nesterov"]))
+            self.opt = _opt_from_manifest(o)
             self._cond.notify_all()
         logger.info("restored step %d from %s", self._step, path)
         return man
@@ -548,7 +559,8 @@ class WeightStore:
         o = man["optimizer"]
         store = cls(man["num_classes"], man["dim"], dtype=man["dtype"], init="zeros",
                     momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]),
-                    nesterov=bool(o["nesterov"]), num_clients=num_clients, sync_timeout=sync_timeout,
+                    nesterov=bool(o["nesterov"]), exact_rounding=bool(o.get("exact_rounding", False)),
+                    num_clients=num_clients, sync_timeout=sync_timeout,
                     class_offset=man["class_offset"], total_classes=man["total_classes"], _rows=W)
         _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
         store._step = int(man["step"])

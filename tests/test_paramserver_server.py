@@ -82,7 +82,7 @@ def test_help_runs_from_repo_root() -> None:
 def test_parity_with_torch_through_live_server(tmp_path) -> None:
     K, d, R = 20, 8, 2
     with launch(tmp_path, "--num-classes", str(K), "--dim", str(d), "--num-clients", str(R), "--nesterov",
-                "--momentum", "0.8", "--weight-decay", "0.01", "--init-std", "0.1") as (_, addr):
+                "--exact-rounding", "--momentum", "0.8", "--weight-decay", "0.01", "--init-std", "0.1") as (_, addr):
         clients = [RemoteStore([addr], K, d, timeout=10, client_id=c) for c in range(R)]
         W0 = clients[0].pull(np.arange(K))
         pushes = make_pushes(K, d, steps=8, clients=R, n=7, seed=11)

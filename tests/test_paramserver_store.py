@@ -53,7 +53,8 @@ def make_pushes(K: int, d: int, steps: int, clients: int, n: int, seed: int, dty
 @pytest.mark.parametrize("nesterov,wd,momentum", [(False, 5e-4, 0.9), (True, 1e-2, 0.8), (False, 0.0, 0.0)])
 def test_sgd_bitwise_parity_with_torch(nesterov: bool, wd: float, momentum: float) -> None:
     K, d, R = 24, 16, 2
-    store = WeightStore(K, d, init_std=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov, num_clients=R)
+    store = WeightStore(K, d, init_std=0.1, momentum=momentum, weight_decay=wd, nesterov=nesterov, num_clients=R,
+                        exact_rounding=True)
     W0 = store.pull(np.arange(K))
     pushes = make_pushes(K, d, steps=12, clients=R, n=9, seed=3)  # duplicates within and across clients
     for s, (lr, per_client) in enumerate(pushes):
@@ -63,6 +64,21 @@ def test_sgd_bitwise_parity_with_torch(nesterov: bool, wd: float, momentum: floa
     W_ref, B_ref = torch_reference(W0, pushes, momentum, wd, nesterov)
     np.testing.assert_array_equal(store.pull(np.arange(K)), W_ref)
     np.testing.assert_array_equal(store.pull(np.arange(K), matrix="momentum"), B_ref)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_default_rounding_matches_torch_to_float32_rounding(nesterov: bool) -> None:
+    K, d = 24, 16
+    store = WeightStore(K, d, init_std=0.1, nesterov=nesterov, num_clients=2)
+    W0 = store.pull(np.arange(K))
+    pushes = make_pushes(K, d, steps=12, clients=2, n=9, seed=3)
+    for s, (lr, per_client) in enumerate(pushes):
+        for c, (ids, grads) in enumerate(per_client):
+            store.push(ids, grads, step=s, lr=lr, client_id=c)
+    W_ref, B_ref = torch_reference(W0, pushes, 0.9, 5e-4, nesterov)
+    np.testing.assert_allclose(store.pull(np.arange(K)), W_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(store.pull(np.arange(K), matrix="momentum"), B_ref, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(store.pull(np.arange(K)), W0)
 
 
 def test_float64_parity_with_torch() -> None:
@@ -187,7 +203,7 @@ def test_snapshot_restore_roundtrip(tmp_path) -> None:
     store.snapshot(path)
     man = json.load(open(os.path.join(path, "manifest.json")))
     assert (man["num_classes"], man["dim"], man["dtype"], man["step"]) == (50, 8, "float32", 3)
-    assert man["optimizer"] == {"momentum": 0.7, "weight_decay": 5e-4, "nesterov": True}
+    assert man["optimizer"] == {"momentum": 0.7, "weight_decay": 5e-4, "nesterov": True, "exact_rounding": False}
     W, B = store.pull(np.arange(50)), store.pull(np.arange(50), matrix="momentum")
     store.push([4], np.ones((1, 8), np.float32), 3, 0.1)
     store.snapshot(path)  # overwriting an existing snapshot is atomic too
