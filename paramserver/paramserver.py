@@ -2,7 +2,8 @@
 
     python paramserver/paramserver.py --bind tcp://127.0.0.1:5570 --num-classes K --dim d \\
         --num-clients R [--shard i/S] [--snapshot-dir DIR] [--restore PATH] [--snapshot-every N] \\
-        [--token T] [--momentum M --weight-decay WD --nesterov] [--seed S] [--ready-file PATH]
+        [--token T] [--momentum M --weight-decay WD --nesterov] [--seed S] [--ready-file PATH] \\
+        [--index forest|ivf|hnsw|exact|random --metric angular|dot --rebuild-every T --ntrees 50 ...]
 
 Prints ``paramserver listening on tcp://...`` (the actual address, also for port 0 / ``*``) when
 ready, and writes that address to ``--ready-file`` atomically. SIGINT/SIGTERM stop it cleanly, with
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", help="snapshot directory (or a --snapshot-dir: its newest) to start from")
     p.add_argument("--token", default=os.environ.get("PARAMSERVER_TOKEN"),
                    help="shared secret required in every request (default: $PARAMSERVER_TOKEN)")
+    p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "random"],
+                   help="class index for HF-softmax's query op (paramserver/index.py), built over this "
+                        "shard's rows at start and rebuilt in the background; none: no query op")
+    p.add_argument("--metric", default="angular", choices=["angular", "dot"],
+                   help="index metric: angular for CosFace/ArcFace heads, dot for a plain linear head")
+    p.add_argument("--rebuild-every", type=int, default=100, help="T: minimum applied steps between index builds")
+    p.add_argument("--ntrees", type=int, default=50, help="forest: Annoy trees")
+    p.add_argument("--search-k", type=int, default=-1, help="forest: Annoy search_k (-1: ntrees * n)")
+    p.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (0: about sqrt(rows))")
+    p.add_argument("--nprobe", type=int, default=8, help="ivf: lists probed per query")
     p.add_argument("--ready-file", help="write the bound address here (atomically) once listening")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between throughput lines")
     p.add_argument("--log-level", default="INFO")
@@ -94,11 +105,38 @@ def make_store(args: argparse.Namespace) -> WeightStore:
                        sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes)
 
 
+def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
+    """Attach an IndexManager for ``--index`` to the shard's store and build it once, synchronously."""
+    if args.index == "none":
+        return
+    from paramserver.index import IndexManager, make_index
+
+    opts: dict = {}
+    if args.index == "forest":
+        opts = {"ntrees": args.ntrees, "search_k": args.search_k}
+    elif args.index == "ivf":
+        opts = {"nlist": args.nlist or None, "nprobe": args.nprobe}
+    lo, _ = store.class_range
+
+    def factory():  # type: ignore[no-untyped-def]
+        return make_index(args.index, store.dim, args.metric, class_offset=lo, seed=args.seed, **opts)
+
+    try:
+        factory()  # bad options fail here, with the option named
+        manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True)
+    except ValueError as e:
+        raise SystemExit(f"--index {args.index}: {e}") from None
+    manager.build_now(store.rows_view(), step=store.step)
+    store.attach_index(manager)
+    logger.info("index %s (%s) attached, rebuilt every >= %d steps", args.index, args.metric, args.rebuild_every)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = make_store(args)
+    attach_index(store, args)
     server = ParamServer(store, bind=args.bind, token=args.token, snapshot_dir=args.snapshot_dir,
                          snapshot_every=args.snapshot_every, final_snapshot=not args.no_final_snapshot,
                          log_every=args.log_every, shard=args.shard)

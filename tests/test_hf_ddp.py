@@ -158,3 +158,40 @@ def test_remote_store_with_other_sizes_is_refused(tmp_path) -> None:
     with server(tmp_path, "ps", "--num-classes", str(K + 1), "--dim", str(D)) as (_, addr):
         with pytest.raises(ValueError, match=rf"{addr}.*num_classes={K + 1}.*expected {K}"):
             make_store(config(addr), K, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_remote_selection_with_server_index_equals_local_store(tmp_path) -> None:
+    """M < K through the server's --index: same active sets and W as an in-process store + index
+    (no rebuild within the test: a background rebuild's timing would make the comparison racy)."""
+    from paramserver.index import IndexManager, make_index
+    from paramserver.store import WeightStore
+
+    M, B = 10, 6
+    args = ("--num-classes", str(K), "--dim", str(D), "--momentum", "0.9", "--weight-decay", "5e-4",
+            "--index", "exact", "--metric", "angular", "--rebuild-every", "1000")
+    local = WeightStore(K, D, momentum=0.9, weight_decay=5e-4, seed=5)
+    mgr = IndexManager(lambda: make_index("exact", D, "angular", seed=5), rebuild_every=1000, background=False)
+    mgr.build_now(local.rows_view(), step=0)
+    local.attach_index(mgr)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(B, D, generator=g), torch.randint(0, K, (B,), generator=g)) for _ in range(4)]
+    with server(tmp_path, "psi", *args) as (_, addr):
+        cfg = config(addr)
+        cfg.head.num_active, cfg.head.index, cfg.head.candidates = M, "exact", 3
+        remote = make_store(cfg, K, DistInfo(0, 1, 0, torch.device("cpu")))
+        heads = [SelectiveSoftmax.from_config(cfg.head, st, K, D) for st in (local, remote)]
+        for step, (f, y) in enumerate(batches):
+            actives = []
+            for h in heads:
+                h.begin_step(step, 0.1)
+                h(f.clone().requires_grad_(), y).backward()
+                h.end_step(step)
+                actives.append(h.last_active)
+            np.testing.assert_array_equal(actives[0], actives[1])
+        np.testing.assert_allclose(remote.pull(np.arange(K), step=4), local.pull(np.arange(K)), rtol=1e-5, atol=1e-7)
+        heads[1].close()
+    with server(tmp_path, "psn", "--num-classes", str(K), "--dim", str(D)) as (_, addr):
+        cfg = config(addr)
+        cfg.head.num_active = M
+        with pytest.raises(ValueError, match=rf"{addr} has no class index.*--index forest --metric angular"):
+            make_store(cfg, K, DistInfo(0, 1, 0, torch.device("cpu")))

@@ -189,6 +189,15 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ValueError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
+        needs_query = head_index_name(cfg.head) != "random" and int(cfg.head.num_active) < num_classes
+        if needs_query:
+            bare = [a for a, inf in zip(addresses, store.info()) if not inf.get("index")]
+            if bare:
+                store.close()
+                raise ValueError(f"parameter server {', '.join(bare)} has no class index, but head {cfg.head.name} "
+                                 f"with num_active={cfg.head.num_active} < num_classes={num_classes} queries one: "
+                                 f"start it with --index {cfg.head.index} --metric {index_metric(cfg.head.margin)} "
+                                 f"--rebuild-every {cfg.head.rebuild_every}")
         return store
     raise ValueError(f"unknown store.kind '{kind}' (choose local or remote)")
 
