@@ -26,7 +26,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()  # force the decode here so a corrupt payload fails with our message
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
-        raise ValueError(f"{where}: payload of {len(data)} bytes is not a decodable image ({exc})") from None
+        # PIL's "cannot identify" message embeds a BytesIO repr with an address: say it plainly
+        reason = "unrecognised image format" if "BytesIO" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{where}: payload of {len(data)} bytes is not a decodable image ({reason})") from None
     return img.convert("RGB")
 
 
