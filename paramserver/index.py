@@ -523,6 +523,22 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# Measured by benchmarks/bench_index.py at K = 100K, d = 512 (clustered rows, angular, B = 256,
+# n = 50, M = 1000; a heavily loaded 2-core machine): IVF built 6.7x faster than the 50-tree forest
+# (7.6 s vs 51 s), queried 2x faster (257 vs 506 ms), with higher recall@50 (0.37 vs 0.30) and
+# equal or better negative-class CPK (0.270 vs 0.266; exact 0.300, random 0.012), and it stays
+# fresh through per-step updates (1000 rows in ~1-14 ms) where the forest is a full rebuild
+# behind. So IVF is the default from this size up; the forest stays the paper's index below it.
+LARGE_K = 100_000
+
+
+def default_index_name(num_classes: int) -> str:
+    """The index to use for K classes by default: "ivf" for K >= LARGE_K, else "forest"."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return "ivf" if num_classes >= LARGE_K else "forest"
+
+
 def make_index(name: str, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
                build_threads: Optional[int] = None, **options: Any) -> ClassIndex:
     """Construct an index by name: "exact", "forest" (Annoy; ntrees=50, search_k=-1), "hnsw"

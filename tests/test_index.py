@@ -10,8 +10,8 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
-from paramserver.index import (ClassIndex, ExactIndex, IndexManager, IVFIndex, make_index,
-                               select_active)
+from paramserver.index import (ClassIndex, ExactIndex, IndexManager, IVFIndex, default_index_name,
+                               make_index, select_active)
 
 K, D, N = 4000, 32, 20
 
@@ -417,3 +417,9 @@ def test_forest_in_process_build_matches_floor(data):
     index = make_index("forest", D, "angular", subprocess=False, build_threads=1)
     index.build(W)
     assert recall(index.query(F, N)[0], brute(W, F, N, "angular")[0]) >= FLOORS["forest"]
+
+
+def test_default_index_name():
+    assert default_index_name(1000) == "forest" and default_index_name(1_000_000) == "ivf"
+    with pytest.raises(ValueError, match="num_classes"):
+        default_index_name(0)
