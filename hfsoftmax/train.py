@@ -121,6 +121,7 @@ class VerificationSet:
     name: str
     images: torch.Tensor      # [2N, 3, S, S], pairs interleaved
     issame: np.ndarray        # [N] bool
+    path: str | None = None   # the .bin it was read from (the final report re-reads it)
 
 
 def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list[VerificationSet]]:
@@ -135,13 +136,15 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
     if not cfg.data.path:
         spec = synthetic.spec_from_config(cfg.data)
         train_set = synthetic.SyntheticIdentities(spec)
-        images, issame = synthetic.heldout_pairs(spec, cfg.data.val_identities, cfg.data.val_pairs)
         if run_dir is not None:
-            try:
-                synthetic.write_heldout_bin(spec, cfg.data.val_identities, cfg.data.val_pairs,
-                                            os.path.join(run_dir, "heldout.bin"))
-            except ImportError as e:                      # binset not available: pairs stay in memory
-                logger.warning("could not write heldout.bin: %s", e)
+            # Rank 0 writes the pairs as a .bin and reads them back, so the start, final and
+            # scripts/eval.sh figures all score the very same (JPEG-decoded) pixels.
+            from .data.binset import load_bin
+            path = synthetic.write_heldout_bin(spec, cfg.data.val_identities, cfg.data.val_pairs,
+                                               os.path.join(run_dir, "heldout.bin"))
+            images, issame = load_bin(path, cfg.data.image_size)
+            return train_set, spec.num_classes, [VerificationSet("heldout", images, np.asarray(issame), path)]
+        images, issame = synthetic.heldout_pairs(spec, cfg.data.val_identities, cfg.data.val_pairs)
         return train_set, spec.num_classes, [VerificationSet("heldout", images, issame)]
     if not os.path.exists(cfg.data.path):
         raise FileNotFoundError(f"dataset path does not exist: {cfg.data.path}")
@@ -155,7 +158,7 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
         from .data.binset import load_bin
         for b in bins:
             images, issame = load_bin(b, cfg.data.image_size)
-            ver.append(VerificationSet(os.path.splitext(os.path.basename(b))[0], images, np.asarray(issame)))
+            ver.append(VerificationSet(os.path.splitext(os.path.basename(b))[0], images, np.asarray(issame), b))
     return train_set, int(train_set.num_classes), ver
 
 
@@ -197,20 +200,21 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def find_latest_checkpoint(run_dir: str) -> str | None:
-    """Newest complete checkpoint in the run dir (temp files of an interrupted save are ignored)."""
-    cands = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if re.search(r"ckpt_(last|\d+)\.pt$", p)]
-    if not cands:
-        return None
-    best, best_step = None, -1
-    for p in cands:
+    """Newest complete checkpoint in the run dir: ckpt_last.pt, else the highest ckpt_<step>.pt.
+
+    Writes are atomic, so a file with the final name is complete; one that still fails to open
+    (a damaged disk, a copy cut short) is skipped with a warning rather than blocking the resume.
+    """
+    last = os.path.join(run_dir, "ckpt_last.pt")
+    numbered = sorted((p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if re.search(r"ckpt_\d+\.pt$", p)),
+                      reverse=True)
+    for p in ([last] if os.path.exists(last) else []) + numbered:
         try:
-            step = int(torch.load(p, map_location="cpu", weights_only=False)["step"])
-        except Exception as e:  # a damaged file must not block resuming from a good one
+            torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+            return p
+        except Exception as e:
             logger.warning("skipping unreadable checkpoint %s: %s", p, e)
-            continue
-        if step > best_step:
-            best, best_step = p, step
-    return best
+    return None
 
 
 def load_checkpoint(path: str, cfg: Config, num_classes: int) -> dict[str, Any]:
@@ -424,68 +428,14 @@ def train(cfg: Config) -> dict[str, Any]:
         metrics.log(event="eval", step=0, **{f"{n}_acc": r["accuracy"] for n, r in start.items()})
 
     model.train()
-    t_start, t_last, data_time, seen = time.time(), time.time(), 0.0, 0
-    loss_sum = torch.zeros((), device=device)
-    n_since = 0
-    step = start_step
-    if start_step < total:
-        it = batches_from(train_set, cfg, info, start_step)
-        t_data = time.time()
-        for step, (images, labels) in it:
-            data_time += time.time() - t_data
-            lr = lr_at(step, cfg.optim, total)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if hasattr(head, "begin_step"):
-                head.begin_step(step, lr)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss = ddp_model(images, labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss {loss.item()} at step {step} (lr {lr:.4g}); "
-                                    f"lower optim.lr or check the data. Last checkpoint: "
-                                    f"{find_latest_checkpoint(run_dir) or 'none'}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            if hasattr(head, "end_step"):
-                head.end_step(step)
-            loss_sum += loss.detach()
-            n_since += 1
-            seen += images.shape[0] * info.world_size
-            done = step + 1
-
-            if done % cfg.train.log_every == 0 or done == total:
-                mean_loss = float(hdist.all_reduce_mean(loss_sum / n_since))
-                now = time.time()
-                rate = seen / max(now - t_last, 1e-9)
-                if info.is_main:
-                    rec = {"event": "train", "step": done, "loss": mean_loss, "lr": lr, "samples_per_s": rate,
-                           "data_time_s": data_time, "elapsed_s": now - t_start}
-                    if hasattr(head, "stats"):
-                        rec.update(head.stats())
-                    metrics.log(**rec)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}")
-                loss_sum.zero_()
-                n_since, seen, data_time, t_last = 0, 0, 0.0, now
-            if bar is not None:
-                bar.update(1)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total and info.is_main and ver_sets:
-                r = verify(backbone, ver_sets, device)
-                metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
-            is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
-            if is_ckpt:
-                hdist.barrier()
-                if info.is_main:
-                    keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
-                    save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep)
-                hdist.barrier()
-            if done >= total:
-                break
-            t_data = time.time()
+    t_start = time.time()
+    try:
+        step = _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, ver_sets, metrics, bar,
+                          start_step, num_classes)
+    except (ConnectionError, TimeoutError) as e:
+        # The parameter server is gone or silent: say so, and where to resume from.
+        raise TrainingError(f"{e}. Last checkpoint: {find_latest_checkpoint(run_dir) or 'none'}; "
+                            f"rerun with train.resume=auto to continue from it") from e
     if bar is not None:
         bar.close()
 
@@ -496,13 +446,95 @@ def train(cfg: Config) -> dict[str, Any]:
         final = verify(backbone, ver_sets, device)
         result["verification"] = final
         metrics.log(event="eval", step=total, **{f"{n}_acc": r["accuracy"] for n, r in final.items()})
+        bins = [vs.path for vs in ver_sets if vs.path]
+        if bins:
+            # The same report scripts/eval.sh writes: results.md, results.json, roc_<set>.png.
+            from .eval.report import evaluate_bins, format_markdown
+            eval_dir = os.path.join(run_dir, "eval")
+            report = evaluate_bins(backbone, bins, cfg.data.image_size, eval_dir, device=device,
+                                   header=f"{cfg.head.name} head, step {total}")
+            result["report"] = format_markdown(report)
+            result["report_dir"] = eval_dir
     if info.is_main:
-        metrics.log(event="done", **{k: v for k, v in result.items() if not isinstance(v, dict)})
+        metrics.log(event="done", **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         metrics.close()
     if hasattr(head, "close"):
         head.close()
     hdist.barrier()
     return result
+
+
+
+def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Model, ddp_model: nn.Module,
+               head: ClassifierHead, optimizer: torch.optim.Optimizer, ver_sets: list[VerificationSet],
+               metrics: MetricsLogger | None, bar: Any, start_step: int, num_classes: int) -> int:
+    """Steps start_step .. train.steps - 1: forward, backward, update, logs, evals, checkpoints."""
+    device, run_dir, total = info.device, cfg.train.out_dir, cfg.train.steps
+    backbone = model.backbone
+    t_start = t_last = time.time()
+    data_time, seen, n_since = 0.0, 0, 0
+    loss_sum = torch.zeros((), device=device)
+    step = start_step
+    if start_step >= total:
+        return step
+    it = batches_from(train_set, cfg, info, start_step)
+    t_data = time.time()
+    for step, (images, labels) in it:
+        data_time += time.time() - t_data
+        lr = lr_at(step, cfg.optim, total)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if hasattr(head, "begin_step"):
+            head.begin_step(step, lr)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss = ddp_model(images, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss.item()} at step {step} (lr {lr:.4g}); "
+                                f"lower optim.lr or check the data. Last checkpoint: "
+                                f"{find_latest_checkpoint(run_dir) or 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        if hasattr(head, "end_step"):
+            head.end_step(step)
+        loss_sum += loss.detach()
+        n_since += 1
+        seen += images.shape[0] * info.world_size
+        done = step + 1
+
+        if done % cfg.train.log_every == 0 or done == total:
+            mean_loss = float(hdist.all_reduce_mean(loss_sum / n_since))
+            now = time.time()
+            rate = seen / max(now - t_last, 1e-9)
+            if info.is_main:
+                rec = {"event": "train", "step": done, "loss": mean_loss, "lr": lr, "samples_per_s": rate,
+                       "data_time_s": data_time, "elapsed_s": now - t_start}
+                if hasattr(head, "stats"):
+                    rec.update(head.stats())
+                metrics.log(**rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}")
+            loss_sum.zero_()
+            n_since, seen, data_time, t_last = 0, 0, 0.0, now
+        if bar is not None:
+            bar.update(1)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total and info.is_main and ver_sets:
+            r = verify(backbone, ver_sets, device)
+            metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
+        is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
+        if is_ckpt:
+            hdist.barrier()
+            if info.is_main:
+                keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
+                save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep)
+            hdist.barrier()
+        if done >= total:
+            break
+        t_data = time.time()
+    return step
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -514,8 +546,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 
 # Errors that are the user's input, reported on one line without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, TrainingError, FileNotFoundError,
-                                                NotADirectoryError, TimeoutError, ConnectionError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from paramserver.store import StoreError
+
+    from .data.recordio import RecordIOError
+    return (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError, TimeoutError,
+            ConnectionError, RecordIOError, StoreError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,15 +562,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, overrides)
         result = train(cfg)
         if hdist.is_main_process():
-            if "verification" in result:
-                print("\nHeld-out verification (10-fold):")
+            if "report" in result:
+                print(f"\nVerification, 10-fold (report in {result['report_dir']}):")
+                print(result["report"])
+            elif "verification" in result:
+                print("\nVerification (10-fold):")
                 print(format_table(result["verification"]))
                 if "start_verification" in result:
                     s = result["start_verification"]
                     print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
             print(f"steps {result['steps']}  wall {result['wall_s']:.1f}s  samples/s {result['samples_per_s']:.1f}")
         return 0
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         if os.environ.get("HFSOFTMAX_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
