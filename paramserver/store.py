@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from paramserver.optim import SGDConfig, sgd_update_rows
+from paramserver.optim import Scratch, SGDConfig, sgd_update_rows
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,28 @@ def _read_npy_into(path: str, out: Optional[np.ndarray], shape: tuple, dtype: np
                 raise BadRequestError(f"snapshot file {path}: truncated ({got} of {view.nbytes} data bytes)")
             got += n
     return out
+
+
+def _parallel(fns: list) -> list:
+    """Run the callables in threads; return their results in order, re-raising the first error."""
+    results: list = [None] * len(fns)
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as e:  # handed to the caller below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(1, len(fns))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -254,7 +276,9 @@ class WeightStore:
         else:
             self._W = init_rows(self._offset, self._offset + self._K, self._d, str(self._dtype), init,
                                 float(init_std), int(seed))
-        self._M = np.zeros_like(self._W)  # momentum buffers; zero == "never touched" (see optim.py)
+        # momentum buffers; zero == "never touched" (see optim.py). np.zeros maps pages lazily.
+        self._M = np.zeros(self._W.shape, dtype=self._dtype)
+        self._scratch = Scratch()
         self._step = 0
         # step -> client_id -> (local ids int64 [n], grads [n, d] owned copy, lr)
         self._pending: dict[int, dict[int, tuple[np.ndarray, np.ndarray, float]]] = {}
@@ -421,9 +445,11 @@ class WeightStore:
                 uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
             else:
                 uniq, g = _sum_duplicates(sids, grads, order, first)
-            w = self._W[uniq]
-            buf = self._M[uniq]
-            sgd_update_rows(w, buf, g, lr, self.opt)
+            n = len(uniq)
+            # Gather into reused buffers (mode="clip": ids are validated; "raise" would buffer `out`).
+            w = np.take(self._W, uniq, axis=0, out=self._scratch.get("w", (n, self._d), self._dtype), mode="clip")
+            buf = np.take(self._M, uniq, axis=0, out=self._scratch.get("buf", (n, self._d), self._dtype), mode="clip")
+            sgd_update_rows(w, buf, g, lr, self.opt, self._scratch)
             self._W[uniq] = w
             self._M[uniq] = buf
         else:
@@ -433,7 +459,7 @@ class WeightStore:
         if self._index is not None and uniq.size:
             changed = getattr(self._index, "rows_changed", None)
             if changed is not None:
-                changed(uniq + self._offset, w, self._step)
+                changed(uniq + self._offset, w.copy(), self._step)  # w is a reused buffer
         if self._index is not None:
             rebuild = getattr(self._index, "maybe_rebuild", None)
             if rebuild is not None:
@@ -502,8 +528,10 @@ class WeightStore:
         try:
             with self._cond:
                 man = self.manifest()
-                _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync)
-                _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)
+                # Both files at once: file writes release the GIL, and one writer alone is bound by
+                # the memcpy into the page cache on one core.
+                _parallel([lambda: _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync),
+                           lambda: _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)])
             _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
             # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
             # complete snapshot (restore falls back to the .old sibling in the instant between).
@@ -537,9 +565,11 @@ class WeightStore:
                 raise BadRequestError(f"snapshot {path}: manifest {key}={man[key]!r} does not match this store's {val!r}")
         shape = (self._K, self._d)
         with self._cond:
-            W = _read_npy_into(os.path.join(path, man["files"]["W"]), self._W if in_place else None, shape, self._dtype)
-            M = _read_npy_into(os.path.join(path, man["files"]["momentum"]), self._M if in_place else None,
-                               shape, self._dtype)
+            W, M = _parallel([
+                lambda: _read_npy_into(os.path.join(path, man["files"]["W"]), self._W if in_place else None,
+                                       shape, self._dtype),
+                lambda: _read_npy_into(os.path.join(path, man["files"]["momentum"]), self._M if in_place else None,
+                                       shape, self._dtype)])
             self._W, self._M = W, M
             self._step = int(man["step"])
             self._pending.clear()
