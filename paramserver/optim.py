@@ -63,25 +63,51 @@ class SGDConfig:
                 "nesterov": bool(self.nesterov), "exact_rounding": bool(self.exact_rounding)}
 
 
-def _muladd(out: np.ndarray, a: np.ndarray, scale: float, b: np.ndarray, tmp: Optional[np.ndarray]) -> np.ndarray:
-    """out = a + scale * b (out may be a). With ``tmp`` (a float64 work array of the same shape) the
-    result is rounded once, as torch's fused ``a.add(b, alpha=scale)``; without it, numpy's
-    multiply-then-add. ``scale`` is first rounded to the row dtype, as torch casts alpha."""
+class Scratch:
+    """Reusable work arrays, so a step does not allocate (and page-fault in) fresh megabytes.
+
+    ``get(key, shape, dtype)`` returns a view of a buffer kept per (key, dtype), grown on demand;
+    requests above ``max_bytes`` get a fresh array instead of being kept. Not thread-safe: one per
+    store, used under its lock.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._bufs: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        if n * dt.itemsize > self.max_bytes:
+            return np.empty(shape, dtype=dt)
+        buf = self._bufs.get((key, dt.str))
+        if buf is None or buf.size < n:
+            buf = np.empty(n, dtype=dt)
+            self._bufs[(key, dt.str)] = buf
+        return buf[:n].reshape(shape)
+
+
+def _muladd(out: np.ndarray, a: np.ndarray, scale: float, b: np.ndarray, t32: np.ndarray,
+            t64: Optional[np.ndarray]) -> np.ndarray:
+    """out = a + scale * b (out may be a; ``t32`` is a scratch of out's shape/dtype, not out).
+
+    With ``t64`` (a float64 scratch) the sum is rounded once, as torch's fused
+    ``a.add(b, alpha=scale)``; without it, numpy's multiply-then-add. ``scale`` is first rounded to
+    the row dtype, as torch casts alpha.
+    """
     s = a.dtype.type(scale)
-    if tmp is None:
-        if out is a:
-            a += s * b
-        else:
-            np.multiply(b, s, out=out)
-            out += a
+    if t64 is None:
+        np.multiply(b, s, out=t32)
+        np.add(a, t32, out=out)
         return out
-    np.multiply(b, np.float64(s), out=tmp)  # exact in float64 for float32 inputs (24 + 24 bit mantissas)
-    tmp += a                                # one rounding to float64 ...
-    np.copyto(out, tmp, casting="same_kind")  # ... then to the row dtype: a single fused rounding
+    np.multiply(b, np.float64(s), out=t64)  # exact in float64 for float32 inputs (24 + 24 bit mantissas)
+    t64 += a                                # one rounding to float64 ...
+    np.copyto(out, t64, casting="same_kind")  # ... then to the row dtype: a single fused rounding
     return out
 
 
-def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float, cfg: SGDConfig) -> None:
+def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float, cfg: SGDConfig,
+                    scratch: Optional[Scratch] = None) -> None:
     """Apply one SGD step in place to gathered rows.
 
     Args:
@@ -90,17 +116,21 @@ def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float,
         grad: [n, d] summed gradient of each row (one entry per distinct row); only read.
         lr: learning rate of this step.
         cfg: momentum / weight decay / nesterov / rounding.
+        scratch: reusable work arrays (default: fresh ones).
     """
+    sc = scratch or Scratch(max_bytes=0)
     exact = cfg.exact_rounding and w.dtype != np.float64
-    tmp = np.empty(w.shape, dtype=np.float64) if exact else None
+    t64 = sc.get("sgd_t64", w.shape, np.float64) if exact else None
+    t32 = sc.get("sgd_t32", w.shape, w.dtype)
     g = grad
     if cfg.weight_decay != 0.0:
-        g = _muladd(np.empty_like(w), grad, cfg.weight_decay, w, tmp)   # g = grad + wd * w
+        g = _muladd(sc.get("sgd_g", w.shape, w.dtype), grad, cfg.weight_decay, w, t32, t64)  # g = grad + wd * w
     if cfg.momentum != 0.0:
-        buf *= w.dtype.type(cfg.momentum)                               # buf = m * buf + g (two roundings, as torch)
+        buf *= w.dtype.type(cfg.momentum)                      # buf = m * buf + g (two roundings, as torch)
         buf += g
         if cfg.nesterov:
-            g = _muladd(g if g is not grad else np.empty_like(w), g, cfg.momentum, buf, tmp)  # g = g + m * buf
+            out = g if g is not grad else sc.get("sgd_g", w.shape, w.dtype)
+            g = _muladd(out, g, cfg.momentum, buf, t32, t64)   # g = g + m * buf
         else:
             g = buf
-    _muladd(w, w, -lr, g, tmp)                                          # w = w - lr * g
+    _muladd(w, w, -lr, g, t32, t64)                            # w = w - lr * g
