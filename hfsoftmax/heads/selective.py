@@ -151,7 +151,8 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     IndexManager attached (first build synchronous, later ones in the background every
     ``head.rebuild_every`` steps). ``store.kind=remote``: a RemoteStore on the comma-separated shard
     addresses, client id = this rank; the servers must hold K = ``num_classes`` rows of
-    d = ``model.feature_dim`` (checked, the error names the server) and own the class index.
+    d = ``model.feature_dim`` (checked, the error names the server) and, when the head queries (not
+    random, M < K), own a class index (``paramserver.py --index ... --metric ...``; checked too).
 
     Args:
         cfg: the Config.
@@ -344,12 +345,13 @@ class SelectiveSoftmax(ClassifierHead):
             raise RuntimeError("SelectiveSoftmax: call head.begin_step(step, lr) before a training forward")
         return self._train_step + self._offset
 
-    def _push(self, ids: np.ndarray, grads: np.ndarray) -> None:
+    def _push(self, ids: np.ndarray, grads: np.ndarray, step: Optional[int] = None) -> None:
+        """Push this rank's row gradients for store step ``step`` (default: the current one)."""
         if self._pushed:
             raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one backward per "
                                f"forward and step; gradient accumulation is not supported)")
         try:
-            self.store.push(ids, grads, self.store_step, self._lr, client_id=self.rank)
+            self.store.push(ids, grads, self.store_step if step is None else step, self._lr, client_id=self.rank)
         except _LOST as e:
             raise self._lost("push", e) from None
         self._pushed = True
@@ -420,7 +422,7 @@ class SelectiveSoftmax(ClassifierHead):
             def push_hook(grad: torch.Tensor) -> None:
                 # grad [M, d]: this rank's mean-loss gradient; the store sums R ranks, hence / R.
                 g = (grad.detach() / self.world_size).to("cpu").numpy().astype(grad_dtype, copy=False)
-                self._push(active, np.ascontiguousarray(g))
+                self._push(active, np.ascontiguousarray(g), step)   # the step of this forward
 
             Wa.register_hook(push_hook)
         logits = margin_logits(features, Wa, target, self.margin, self.scale, self.margin_m)   # [B, M]
