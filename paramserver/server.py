@@ -126,6 +126,7 @@ class ParamServer:
         self._monitor: Optional[zmq.Socket] = None
         self._stop = threading.Event()
         self._parked: list[_Parked] = []
+        self._update_due = False
         self.address: Optional[str] = None
         self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._peers = 0
@@ -279,6 +280,10 @@ class ParamServer:
             reply = error_reply(_safe_id(req_id), f"internal error: {type(e).__name__}: {e}", "internal")
         if reply is not None:
             self._send(envelope, reply)
+        if self._update_due:
+            self._update_due = False
+            if self.store.apply_pending():
+                self._after_update()
 
     # ------------------------------------------------------------------ ops
     def info(self) -> dict:
@@ -331,11 +336,13 @@ class ParamServer:
         step = get_field(h, "step", int)
         lr = get_field(h, "lr", float)
         cid = get_field(h, "client_id", int, default=0)
-        # copy=False: the frame's buffer is immutable and stays alive with the array view
-        applied = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid, copy=False)
-        if applied:
-            self._after_update()
-        return ok_reply(h.get("id"), applied=applied, step=self.store.step)
+        # copy=False: the frame's buffer is immutable and stays alive with the array view.
+        # apply=False: answer first, then update (in _handle), so the reply travels while we compute;
+        # no other request is served before the update, so nobody can observe the difference.
+        complete = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid, copy=False, apply=False)
+        if complete:
+            self._update_due = True
+        return ok_reply(h.get("id"), applied=complete, step=self.store.step + int(complete))
 
     def _op_set_rows(self, env: list, h: dict, arrays: list) -> list:
         expect_arrays(h, arrays, 2)

@@ -381,13 +381,16 @@ class WeightStore:
         return (f"pull for step {step} timed out after {waited:.1f}s: store is at step {self._step}, "
                 f"client ids {self.missing_clients()} of {self.num_clients} have not pushed step {self._step}")
 
-    def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0, copy: bool = True) -> bool:
+    def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0, copy: bool = True,
+             apply: bool = True) -> bool:
         """Record client ``client_id``'s row gradients for ``step``; returns True if an update was applied.
 
         ``grads`` [n, d] must have the store's dtype, be finite, and match ``len(ids)``; duplicate ids
         are summed. With ``copy`` (default) a push that has to wait for other clients keeps a copy,
         so the caller may reuse its array; ``copy=False`` keeps a reference (the caller promises not
-        to modify it, e.g. a received network frame).
+        to modify it, e.g. a received network frame). ``apply=False`` leaves a completed step for
+        :meth:`apply_pending` (the server answers the push first, then updates); the return value
+        then says whether the step is complete.
         """
         loc = self._local_ids(ids)
         self._check_rows(grads, len(loc), "push grads")
@@ -419,12 +422,22 @@ class WeightStore:
             self._pending.setdefault(step, {})[client_id] = (loc, keep, lr)
             self._counts["pushes"] += 1
             self._counts["rows_pushed"] += len(loc)
-            applied = False
-            while len(self._pending.get(self._step, {})) == self.num_clients:
-                self._apply(self._pending.pop(self._step))
-                applied = True
-            if applied:
-                self._cond.notify_all()
+            if not apply:
+                return len(self._pending.get(self._step, {})) == self.num_clients
+            return self._apply_ready()
+
+    def apply_pending(self) -> bool:
+        """Apply every step whose R pushes are all in (see ``push(apply=False)``); True if any was."""
+        with self._cond:
+            return self._apply_ready()
+
+    def _apply_ready(self) -> bool:
+        applied = False
+        while len(self._pending.get(self._step, {})) == self.num_clients:
+            self._apply(self._pending.pop(self._step))
+            applied = True
+        if applied:
+            self._cond.notify_all()
         return applied
 
     def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float]]) -> None:

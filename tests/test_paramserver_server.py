@@ -173,6 +173,7 @@ def test_snapshot_sigkill_restore(tmp_path) -> None:
         rs.snapshot(str(tmp_path / "manual"))
         want_w, want_m = rs.pull(np.arange(K)), rs.pull(np.arange(K), matrix="momentum")
         rs.push([7], np.ones((1, d), np.float32), 3, 0.1)  # after the snapshot: must be lost
+        assert rs.step == 4  # any later request is served after the update (and its snapshot)
         assert (snaps / "latest").read_text().strip() == "step-000000004"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
