@@ -26,7 +26,9 @@ and the features are drawn near their label's row, so the index has neighbours t
 softmax mass (eval logits s*cos) of the selected active set, computed exactly against all K in
 blocks, beside the ceiling (mass of the exact top-M) and M/K. Every method runs in its own
 subprocess, one at a time, and reports its own peak RSS (VmHWM). ms/step = median over timed steps
-after warm-up (full softmax at 1M: 3 timed steps of ~10 s).
+after warm-up (full softmax: 1 warm-up + 3 timed steps, at 1M 2 timed steps). Each worker runs
+with one OpenMP/BLAS thread (``--threads``): on this shared, oversubscribed 2-core machine two
+threads spin at barriers and are many times slower (see benchmarks/common.run_worker).
 
 Rebuild cost (hf-forest and hf-ivf workers): after the timed steps the same step loop runs with
 background rebuilds off / on (rebuild_every = T, default 50: at these sizes a build lasts longer than
@@ -324,7 +326,7 @@ def run_method(method: str, K: int, args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {"method": method, "K": K, "d": args.d, "B": args.batch, "M": args.m,
                             "candidates": args.candidates, "nprobe": args.nprobe, "nlist": args.nlist}
     if method == "full":
-        spec.update(steps=3 if big else args.full_steps, warmup=1 if big else 2)
+        spec.update(steps=2 if big else args.full_steps, warmup=1 if big else 1)
     elif method in ("mach", "rp"):
         spec.update(steps=args.steps, warmup=args.warmup)
     else:
@@ -362,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nlist", type=int, default=0, help="IVF lists (0: index default, sqrt(K))")
     ap.add_argument("--steps", type=int, default=30, help="timed steps (HF, random, MACH, RP)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--full-steps", type=int, default=5, help="timed full-softmax steps below 500K")
-    ap.add_argument("--rebuild-phase-s", type=float, default=20.0, help="off-phase seconds (on = 2x; 0 = skip)")
+    ap.add_argument("--full-steps", type=int, default=3, help="timed full-softmax steps below 500K (2 at >= 500K)")
+    ap.add_argument("--rebuild-phase-s", type=float, default=15.0, help="off-phase seconds (on = 2x; 0 = skip)")
     ap.add_argument("--rebuild-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads per worker (see common.run_worker)")
     ap.add_argument("--quick", action="store_true", help="K = 20K, few steps, short rebuild phases")

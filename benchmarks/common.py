@@ -82,7 +82,7 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float = 1800.0, threa
 def family_rows(lo: int, hi: int, dim: int, family_size: int, spread: float, seed: int) -> np.ndarray:
     """Rows [lo, hi) of a K x d class matrix with families: class k belongs to family k // family_size;
     row = unit family centre + spread * own unit direction (so a family's members are each other's
-    hard negatives). Rows depend only on (seed, id), so any block can be made on its own."""
+    hard negatives). Rows depend on (seed, block start): fill_store always uses the same blocks."""
     fams = np.arange(lo // family_size, (hi - 1) // family_size + 1)
     centres = np.stack([np.random.default_rng([seed, 0, int(f)]).standard_normal(dim, dtype=np.float32)
                         for f in fams])
