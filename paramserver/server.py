@@ -355,7 +355,8 @@ class ParamServer:
         feats = arrays[0]
         if feats.dtype.kind != "f":
             raise BadRequestError(f"query: features must be float32 or float64, got {feats.dtype}")
-        ids, scores = self.store.query(feats, n)
+        # a writable copy (B x d, small): index libraries may not accept read-only frame views
+        ids, scores = self.store.query(np.array(feats), n)
         return ok_reply(h.get("id"), [ids, scores])
 
     def _op_snapshot(self, env: list, h: dict, arrays: list) -> list:
