@@ -507,6 +507,10 @@ class WeightStore:
         v.flags.writeable = False
         return v
 
+    def weights(self) -> np.ndarray:
+        """Alias of :meth:`rows_view` (the name index builders use). Row i is global id class_offset + i."""
+        return self.rows_view()
+
     def query(self, features: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` candidate classes per feature from the attached index: (ids int64 [B, n], scores float32 [B, n])."""
         if self._index is None:
