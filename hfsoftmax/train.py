@@ -380,7 +380,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)
-    head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store).to(device)
+    head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
+                      seed=cfg.train.seed).to(device)
     model = Model(backbone, head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,

@@ -243,12 +243,15 @@ class HashingForest(ClassIndex):
     background thread stalls the trainer's thread at every GIL hand-off. With subprocess=True
     (default) the build runs in a spawned process: the rows go to a temp .npy, the child adds and
     builds and saves, and the parent memory-maps the saved index (Annoy's load is an mmap).
+    subprocess=None (default) picks the subprocess only from ``SUBPROCESS_MIN_ROWS`` rows on: below
+    that the add loop takes milliseconds and starting a Python process would cost far more.
     """
 
     name = "forest"
+    SUBPROCESS_MIN_ROWS = 50_000
 
     def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
-                 ntrees: int = 50, search_k: int = -1, subprocess: bool = True) -> None:
+                 ntrees: int = 50, search_k: int = -1, subprocess: Optional[bool] = None) -> None:
         super().__init__(dim, metric, class_offset=class_offset, seed=seed)
         if ntrees < 1:
             raise ValueError(f"ntrees must be >= 1, got {ntrees}")
@@ -256,7 +259,7 @@ class HashingForest(ClassIndex):
             raise ValueError(f"search_k must be -1 (Annoy default) or >= 1, got {search_k}")
         self.ntrees = int(ntrees)
         self.search_k = int(search_k)
-        self.subprocess = bool(subprocess)
+        self.subprocess = subprocess
         self._annoy: Any = None
 
     def build(self, W: np.ndarray) -> None:
@@ -264,7 +267,8 @@ class HashingForest(ClassIndex):
 
         W = self._check_W(W)
         n_jobs = self.build_threads if self.build_threads else -1
-        if self.subprocess:
+        use_subprocess = self.subprocess if self.subprocess is not None else W.shape[0] >= self.SUBPROCESS_MIN_ROWS
+        if use_subprocess:
             self._annoy = self._build_in_subprocess(W, n_jobs)
         else:
             index = annoy.AnnoyIndex(self.dim, self.metric)

@@ -411,12 +411,19 @@ def test_manager_with_select_active_end_to_end(data):
     mgr.close()
 
 
-def test_forest_in_process_build_matches_floor(data):
-    """subprocess=False (add + build in this process) gives the same quality as the default."""
+@pytest.mark.parametrize("subprocess", [False, True])
+def test_forest_build_paths_match_floor(data, subprocess):
+    """Both build paths (in this process; in a spawned process, the default for large K) give the
+    same answers: same seed, same rows, same trees."""
     W, F = data
-    index = make_index("forest", D, "angular", subprocess=False, build_threads=1)
+    index = make_index("forest", D, "angular", subprocess=subprocess, build_threads=1)
     index.build(W)
-    assert recall(index.query(F, N)[0], brute(W, F, N, "angular")[0]) >= FLOORS["forest"]
+    got = index.query(F, N)[0]
+    assert recall(got, brute(W, F, N, "angular")[0]) >= FLOORS["forest"]
+    if subprocess:
+        other = make_index("forest", D, "angular", subprocess=False, build_threads=1)
+        other.build(W)
+        assert np.array_equal(got, other.query(F, N)[0])
 
 
 def test_default_index_name():
