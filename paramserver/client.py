@@ -296,6 +296,10 @@ class RemoteStore:
             out[key] = sum(s[key] for s in shards)
         return out
 
+    def set_rebuild_every(self, steps: int) -> None:
+        """Set every shard's index rebuild period T (minimum steps between builds)."""
+        self._all({"op": "set_rebuild_every", "steps": int(steps)})
+
     def shutdown(self) -> None:
         """Ask every shard to stop (final snapshot if it was started with one)."""
         self._all({"op": "shutdown"})

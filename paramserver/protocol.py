@@ -12,7 +12,7 @@ protocol. Array frames are sent without copying (``copy=False``) and read with `
 Request header fields:
     v          int, protocol version, must be 1
     op         "info" | "register" | "pull" | "push" | "set_rows" | "query" | "snapshot" |
-               "restore" | "stats" | "ping" | "shutdown"
+               "restore" | "stats" | "ping" | "shutdown" | "set_rebuild_every"
     id         any JSON value, echoed in the reply (lets a DEALER client match replies)
     arrays     list of {"dtype": str, "shape": [int, ...]}, one per array frame (may be omitted when
                there are none); dtype is a numpy type string from DTYPES ("<f4", "<i8", ...)
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 OPS = ("info", "register", "pull", "push", "set_rows", "query", "snapshot", "restore", "stats",
-       "ping", "shutdown")
+       "ping", "shutdown", "set_rebuild_every")
 # Array dtypes accepted on the wire (little-endian only, so any client can produce them).
 DTYPES = {"<f4": np.float32, "<f8": np.float64, "<i4": np.int32, "<i8": np.int64,
           "<u4": np.uint32, "<u8": np.uint64}

@@ -381,6 +381,11 @@ class ParamServer:
         self._after_update()
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
 
+    def _op_set_rebuild_every(self, env: list, h: dict, arrays: list) -> list:
+        expect_arrays(h, arrays, 0)
+        self.store.set_rebuild_every(get_field(h, "steps", int))
+        return ok_reply(h.get("id"), step=self.store.step)
+
     def _op_shutdown(self, env: list, h: dict, arrays: list) -> list:
         logger.info("shutdown requested by peer %s", env[0].bytes.hex())
         self._stop.set()

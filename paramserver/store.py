@@ -224,6 +224,11 @@ def _sum_duplicates(sids: np.ndarray, grads: np.ndarray, order: np.ndarray,
     return uniq, g
 
 
+def _finite_or_none(d: dict) -> dict:
+    """Stats go out as JSON, which has no inf/nan: those become None (e.g. "no build yet")."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
 class WeightStore:
     """Row-sparse store of the class matrix W [num_classes, dim] plus its momentum buffer.
 
@@ -594,7 +599,19 @@ class WeightStore:
             self.opt = _opt_from_manifest(o)
             self._cond.notify_all()
         logger.info("restored step %d from %s", self._step, path)
+        # The attached index was built over the old rows: rebuild it now, synchronously, so the first
+        # query after a resume selects from the restored matrix rather than a stale one.
+        if self._index is not None and hasattr(self._index, "build_now"):
+            self._index.build_now(self.rows_view(), self._step)
         return man
+
+    def set_rebuild_every(self, steps: int) -> None:
+        """Set the attached index's minimum rebuild period T (adaptive allocation tunes it)."""
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise BadRequestError(f"set_rebuild_every: steps must be an integer >= 1, got {steps!r}")
+        if self._index is None or not hasattr(self._index, "rebuild_every"):
+            raise BadRequestError("set_rebuild_every: no rebuilding class index is attached to this store")
+        self._index.rebuild_every = int(steps)
 
     @classmethod
     def from_snapshot(cls, path: str, num_clients: int = 1, sync_timeout: float = 60.0) -> "WeightStore":
@@ -625,4 +642,5 @@ class WeightStore:
                 "bytes": int(self._W.nbytes + self._M.nbytes), "step": self._step,
                 "num_clients": self.num_clients, "pending_clients": len(self._pending.get(self._step, {})),
                 **self._counts, "pushes_per_s": self._counts["pushes"] / el,
-                "updates_per_s": self._counts["updates"] / el, "uptime_s": el}
+                "updates_per_s": self._counts["updates"] / el, "uptime_s": el,
+                **({"index": _finite_or_none(self._index.stats())} if hasattr(self._index, "stats") else {})}

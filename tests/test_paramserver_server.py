@@ -395,3 +395,32 @@ def test_query_merges_shards_by_score() -> None:
             np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :6])
             np.testing.assert_allclose(scores, np.take_along_axis(full, ids, axis=1), rtol=1e-5)
             assert rs.info()[0]["index"] is True
+
+
+def test_index_stats_rebuild_period_and_restore_rebuilds(tmp_path) -> None:
+    """The server's stats carry its index's, set_rebuild_every reaches the index, and a restore
+    rebuilds the index over the restored rows (a query right after it sees the new matrix)."""
+    from paramserver.index import IndexManager, make_index
+
+    K, d = 30, 4
+    store = WeightStore(K, d, seed=1, momentum=0.0, weight_decay=0.0)
+    mgr = IndexManager(lambda: make_index("exact", d, "dot"), rebuild_every=5, background=False)
+    mgr.build_now(store.rows_view(), 0)
+    store.attach_index(mgr)
+    with inthread(store) as (_, addr), RemoteStore([addr], K, d, timeout=10) as rs:
+        st = rs.stats()["shards"][0]
+        assert st["index"]["builds"] == 1
+        rs.set_rebuild_every(7)
+        assert mgr.rebuild_every == 7
+        with pytest.raises(Exception, match="steps must be an integer >= 1"):
+            rs.set_rebuild_every(0)
+        # snapshot a matrix whose row 17 is the only one aligned with e_0, then scramble and restore
+        rows = np.zeros((K, d), np.float32)
+        rows[17, 0] = 1.0
+        rs.set_rows(np.arange(K), rows)
+        rs.snapshot(str(tmp_path / "snap"))
+        rs.set_rows(np.arange(K), np.random.default_rng(0).standard_normal((K, d)).astype(np.float32))
+        rs.restore(str(tmp_path / "snap"))
+        ids, _ = rs.query(np.array([[1.0, 0, 0, 0]], np.float32), 1)
+        assert ids[0, 0] == 17
+        assert rs.stats()["shards"][0]["index"]["builds"] >= 2

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from .base import ClassifierHead
 
 logger = logging.getLogger(__name__)
@@ -125,13 +126,13 @@ class MachHead(ClassifierHead):
         mc = cfg.mach
         R = mc.num_hashes
         if R < 1:
-            raise ValueError(f"head.mach.num_hashes must be >= 1, got {R}")
+            raise ConfigError(f"head.mach.num_hashes must be >= 1, got {R}")
         B = mc.num_buckets if mc.num_buckets > 0 else default_num_buckets(num_classes, R)
         if R * B >= num_classes:
-            raise ValueError(f"head.mach: R * B = {R} * {B} = {R * B} is not smaller than K = {num_classes}; "
+            raise ConfigError(f"head.mach: R * B = {R} * {B} = {R * B} is not smaller than K = {num_classes}; "
                              f"MACH gains nothing over full softmax (lower head.mach.num_hashes or num_buckets)")
         if cfg.margin != "none":
-            raise ValueError(f"head.margin = '{cfg.margin}' is not supported by MACH (its meta-classifiers are "
+            raise ConfigError(f"head.margin = '{cfg.margin}' is not supported by MACH (its meta-classifiers are "
                              f"plain softmaxes over buckets); use head.margin=none")
         return cls(num_classes, feature_dim, num_hashes=R, num_buckets=B, hidden=mc.hidden, seed=seed, device=device)
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from .base import ClassifierHead
 from .full import MARGINS, FullSoftmax, margin_logits
 
@@ -79,7 +80,7 @@ class RPSoftmax(ClassifierHead):
         """Build from a :class:`hfsoftmax.config.HeadConfig` (``cfg.rp.proj_dim``, margin settings)."""
         m = cfg.rp.proj_dim
         if m <= 0 or m >= feature_dim:
-            raise ValueError(f"head.rp.proj_dim m = {m} must satisfy 0 < m < model.feature_dim d = {feature_dim} "
+            raise ConfigError(f"head.rp.proj_dim m = {m} must satisfy 0 < m < model.feature_dim d = {feature_dim} "
                              f"(m >= d gains nothing over full softmax)")
         return cls(num_classes, feature_dim, m, seed=seed, margin=cfg.margin, scale=cfg.scale,
                    margin_m=cfg.margin_m, device=device)

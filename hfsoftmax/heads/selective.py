@@ -28,8 +28,9 @@ store counts applied updates (``store.step``). At the first step this head reads
 keeps ``offset = store.step - train_step`` (0 for a fresh store, and 0 after a resume that restored
 the store snapshot of the checkpoint, since that snapshot's step IS the checkpoint's step); pushes
 and pulls use ``train_step + offset``. A non-zero offset (a server reused from another run, a
-checkpoint without a snapshot) is logged as a warning. A local store found at a step > 0 (restored)
-gets its index rebuilt synchronously from the restored rows at that first step.
+checkpoint without a snapshot) is logged as a warning. ``WeightStore.restore`` (local, or the
+server's on a ``restore`` request) rebuilds its attached index from the restored rows at once, so the
+first selection after a resume already reflects the resumed matrix.
 
 CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
 Every P = ``cpk_every`` steps, on a probe of up to ``cpk_probe`` samples of the current batch, the
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from .base import ClassifierHead
 from .full import MARGINS, margin_logits
 
@@ -163,7 +165,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     kind = cfg.store.kind
     if kind == "local":
         if info.world_size > 1:
-            raise ValueError(f"store.kind=local keeps W inside one process, but this run has world_size="
+            raise ConfigError(f"store.kind=local keeps W inside one process, but this run has world_size="
                              f"{info.world_size} ranks: start a parameter server (paramserver/paramserver.py "
                              f"--num-clients {info.world_size}) and use store.kind=remote store.address=tcp://...")
         from paramserver.store import WeightStore
@@ -180,14 +182,14 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
 
         addresses = [a.strip() for a in cfg.store.address.split(",") if a.strip()]
         if not addresses:
-            raise ValueError("store.kind=remote needs store.address=tcp://host:port[,tcp://host:port...]")
+            raise ConfigError("store.kind=remote needs store.address=tcp://host:port[,tcp://host:port...]")
         try:
             # The constructor asks every shard for its info and refuses a K, d or class range that
             # differs, naming the server address and both values.
             store = RemoteStore(addresses, num_classes, d, timeout=float(cfg.store.timeout),
                                 token=cfg.store.token or None, client_id=int(info.rank))
         except ValueError as e:
-            raise ValueError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
+            raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
         needs_query = head_index_name(cfg.head) != "random" and int(cfg.head.num_active) < num_classes
@@ -195,12 +197,12 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             bare = [a for a, inf in zip(addresses, store.info()) if not inf.get("index")]
             if bare:
                 store.close()
-                raise ValueError(f"parameter server {', '.join(bare)} has no class index, but head {cfg.head.name} "
+                raise ConfigError(f"parameter server {', '.join(bare)} has no class index, but head {cfg.head.name} "
                                  f"with num_active={cfg.head.num_active} < num_classes={num_classes} queries one: "
                                  f"start it with --index {cfg.head.index} --metric {index_metric(cfg.head.margin)} "
                                  f"--rebuild-every {cfg.head.rebuild_every}")
         return store
-    raise ValueError(f"unknown store.kind '{kind}' (choose local or remote)")
+    raise ConfigError(f"unknown store.kind '{kind}' (choose local or remote)")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -240,20 +242,20 @@ class SelectiveSoftmax(ClassifierHead):
         if margin not in MARGINS:
             raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
         if int(store.num_classes) != num_classes or int(store.dim) != feature_dim:
-            raise ValueError(f"SelectiveSoftmax: the store holds W of num_classes={store.num_classes} x "
+            raise ConfigError(f"SelectiveSoftmax: the store holds W of num_classes={store.num_classes} x "
                              f"dim={store.dim}, but the head has num_classes={num_classes} x "
                              f"feature_dim={feature_dim}")
         if not 1 <= num_active <= num_classes:
-            raise ValueError(f"head.num_active M={num_active} must lie in [1, num_classes={num_classes}]")
+            raise ConfigError(f"head.num_active M={num_active} must lie in [1, num_classes={num_classes}]")
         if candidates < 1 or cpk_every < 0 or rebuild_every < 1 or cpk_probe < 1 or block_size < 1:
-            raise ValueError(f"need candidates >= 1, cpk_every >= 0, rebuild_every >= 1, cpk_probe >= 1, "
+            raise ConfigError(f"need candidates >= 1, cpk_every >= 0, rebuild_every >= 1, cpk_probe >= 1, "
                              f"block_size >= 1; got {candidates}, {cpk_every}, {rebuild_every}, {cpk_probe}, "
                              f"{block_size}")
         if adaptive and not (0.0 < tau_cp <= 1.0 and 1 <= m_min <= m_max):
-            raise ValueError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, "
+            raise ConfigError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, "
                              f"got tau_cp={tau_cp}, m_min={m_min}, m_max={m_max}")
         if adaptive and cpk_every == 0:
-            raise ValueError("head.adaptive=true needs head.cpk_every > 0 (CPK drives the allocation)")
+            raise ConfigError("head.adaptive=true needs head.cpk_every > 0 (CPK drives the allocation)")
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = int(rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0))
         self.world_size = int(world_size if world_size is not None
@@ -323,11 +325,6 @@ class SelectiveSoftmax(ClassifierHead):
             if self._offset:
                 logger.warning("store is at step %d but training is at step %d: store steps are train step %+d",
                                store_step, step, self._offset)
-            idx = getattr(self.store, "index", None)
-            if store_step > 0 and idx is not None and hasattr(idx, "build_now"):
-                # A restored local store: its index still reflects the W it was built from before
-                # restore (the random init), so rebuild it from the restored rows before selecting.
-                idx.build_now(self.store.rows_view(), step=store_step)
         self._train_step, self._lr = int(step), float(lr)
         self._forwarded = self._pushed = False
 
@@ -404,7 +401,7 @@ class SelectiveSoftmax(ClassifierHead):
             M = self._probe_cpk(probe)                                           # adaptive: new M
         if M < n_unique:
             if not self.adaptive:
-                raise ValueError(f"head.num_active M={M} is smaller than the {n_unique} unique labels of this "
+                raise ConfigError(f"head.num_active M={M} is smaller than the {n_unique} unique labels of this "
                                  f"batch (batch size {lab.size}); raise head.num_active to at least {n_unique}")
             logger.info("step %s: M grows from %d to the batch's %d unique labels", self._train_step, M, n_unique)
             M = n_unique

@@ -1,0 +1,158 @@
+"""HF-softmax end to end: scripts/train_hf.sh with its own server, Ctrl-C, a server lost mid-run."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hfsoftmax.config import load_config
+from hfsoftmax.train import TrainingError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["data.num_classes=40", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=10",
+        "data.val_pairs=20", "model.feature_dim=16", "train.progress=false", "train.log_every=2", "train.batch_size=8",
+        "head.num_active=20", "head.candidates=8", "head.rebuild_every=2", "head.cpk_every=2", "optim.lr=0.05"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable, NPROC="1")
+    env.pop("HFSOFTMAX_DEBUG", None)
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _server_pid(text: str) -> int:
+    m = re.search(r"parameter server started at (tcp://\S+) \(pid (\d+)", text)
+    assert m, text
+    return int(m.group(2))
+
+
+def test_train_hf_sh_end_to_end_leaves_no_server(tmp_path):
+    r = subprocess.run(["sh", "scripts/train_hf.sh", *TINY, "train.steps=4", f"train.out_dir={tmp_path}"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pid = _server_pid(r.stdout)
+    time.sleep(0.2)
+    assert not _alive(pid), "train_hf.sh left its parameter server running"
+    assert "heldout" in r.stdout                       # the verification table
+    ck = torch.load(tmp_path / "ckpt_last.pt", weights_only=False)
+    assert ck["step"] == 4 and ck["store_snapshot"] and (tmp_path / ck["store_snapshot"]).is_dir()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert '"cpk_exact"' in metrics and '"index_builds"' in metrics
+
+
+def test_train_hf_sh_ctrl_c_stops_server(tmp_path):
+    p = subprocess.Popen(["sh", "scripts/train_hf.sh", *TINY, "train.steps=100000", f"train.out_dir={tmp_path}"],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out = ""
+        deadline = time.time() + 120
+        while "parameter server started" not in out and time.time() < deadline:
+            out += p.stdout.readline()
+        pid = _server_pid(out)
+        time.sleep(3)                                   # let training start
+        os.killpg(p.pid, signal.SIGINT)                 # what Ctrl-C in a terminal does
+        p.wait(timeout=60)
+        time.sleep(0.5)
+        assert not _alive(pid), "Ctrl-C left the parameter server running"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_local_store_without_server(tmp_path):
+    r = subprocess.run(["sh", "scripts/train_hf.sh", *TINY, "train.steps=2", "store.kind=local",
+                        f"train.out_dir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "in-process" in r.stdout and "parameter server started" not in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path, name):
+    ready = tmp_path / f"{name}.addr"
+    args = subprocess.run([sys.executable, "-m", "hfsoftmax.launch", "server-args", *TINY], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, check=True).stdout.split()
+    proc = subprocess.Popen([sys.executable, "paramserver/paramserver.py", "--bind", f"tcp://127.0.0.1:{_free_port()}",
+                             "--ready-file", str(ready), "--no-final-snapshot", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (ready.exists() and ready.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return proc, ready.read_text().strip()
+
+
+def test_server_lost_mid_training_then_resume(tmp_path, monkeypatch):
+    from hfsoftmax.heads import selective
+
+    # Exact selection with M = K makes the run deterministic, so resume can be compared bitwise.
+    common = TINY + ["head.name=hf", "head.margin=cosface", "head.scale=8", "head.num_active=40", "train.steps=6", "train.ckpt_every=2", "store.kind=remote",
+                     "store.timeout=5"]
+    ref_server, ref_addr = _start_server(tmp_path, "ref")
+    try:
+        train(load_config(None, common + [f"store.address={ref_addr}", f"train.out_dir={tmp_path / 'ref'}"]))
+    finally:
+        ref_server.kill()
+        ref_server.wait()
+
+    server, addr = _start_server(tmp_path, "a")
+    run = tmp_path / "run"
+    real_begin = selective.SelectiveSoftmax.begin_step
+
+    def begin_and_maybe_kill(self, step, lr):
+        if step == 3:
+            server.kill()
+            server.wait()
+        return real_begin(self, step, lr)
+    monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", begin_and_maybe_kill)
+    try:
+        with pytest.raises(TrainingError) as e:
+            train(load_config(None, common + [f"store.address={addr}", f"train.out_dir={run}"]))
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    msg = str(e.value)
+    assert addr in msg and "ckpt_last.pt" in msg and "resume=auto" in msg
+
+    monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", real_begin)
+    server2, addr2 = _start_server(tmp_path, "b")
+    try:
+        r = train(load_config(None, common + [f"store.address={addr2}", f"train.out_dir={run}", "train.resume=auto"]))
+    finally:
+        server2.kill()
+        server2.wait()
+    assert r["start_step"] == 2
+    ref = torch.load(tmp_path / "ref" / "ckpt_last.pt", weights_only=False)
+    got = torch.load(run / "ckpt_last.pt", weights_only=False)
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], got["model"][k]), k
+    import numpy as np
+    from paramserver.store import WeightStore
+    w_ref = WeightStore.from_snapshot(str(tmp_path / "ref" / ref["store_snapshot"])).pull(np.arange(40))
+    w_got = WeightStore.from_snapshot(str(run / got["store_snapshot"])).pull(np.arange(40))
+    assert np.array_equal(w_ref, w_got)
