@@ -178,12 +178,12 @@ def _rebuild_phases(manager: Any, make_batch, step, s0: int, phase_s: float, eve
     builds0 = manager.stats()["builds"]
     manager.rebuild_every = every
     sps_on, s = run(2 * phase_s, s)
-    st = manager.stats()
     manager.rebuild_every = 10**9
     t_wait = time.perf_counter()
     while manager.stats()["building"]:  # let a running build finish, so the last phase is really "off"
         time.sleep(0.1)
     wait_s = time.perf_counter() - t_wait
+    st = manager.stats()  # after the wait: a build started in the "on" phase counts
     sps_b, s = run(phase_s, s)
     sps_off = 0.5 * (sps_a + sps_b)
     return {"sps_off_a": sps_a, "sps_off_b": sps_b, "sps_on": sps_on, "rebuild_cost": 1.0 - sps_on / sps_off,
