@@ -223,7 +223,10 @@ class RemoteStore:
             return np.empty((0, self._d), dtype=self._dtype or np.float32)
         reps = self._call(reqs, limit)
         if len(parts) == 1:
-            return np.array(reps[0][1][0])  # copy: the received frame is read-only
+            rows = reps[0][1][0]
+            # The received frame is this process's own memory (writable, kept alive by the array): no
+            # copy. The server sends a fresh array per pull, so even over inproc nothing else holds it.
+            return rows if rows.flags.writeable else np.array(rows)
         first = next(iter(reps.values()))[1][0]
         out = np.empty((len(arr), self._d), dtype=first.dtype)
         for i, p in enumerate(parts):

@@ -25,6 +25,7 @@ rounding (relative 6e-8 in float32). For float64 rows the math is always plain n
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,6 +64,12 @@ class SGDConfig:
                 "nesterov": bool(self.nesterov), "exact_rounding": bool(self.exact_rounding)}
 
 
+# Rows are updated in blocks of about this many bytes per work array, so the gathered rows, their
+# momentum and the temporaries of one block stay in the CPU cache between the ~6 arithmetic passes
+# (one pass over 1000 x 512 float32 rows each is DRAM-bound; measured 1.4-1.7x faster in blocks).
+BLOCK_BYTES = 256 << 10
+
+
 class Scratch:
     """Reusable work arrays, so a step does not allocate (and page-fault in) fresh megabytes.
 
@@ -77,7 +84,7 @@ class Scratch:
 
     def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         dt = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         if n * dt.itemsize > self.max_bytes:
             return np.empty(shape, dtype=dt)
         buf = self._bufs.get((key, dt.str))
@@ -87,15 +94,14 @@ class Scratch:
         return buf[:n].reshape(shape)
 
 
-def _muladd(out: np.ndarray, a: np.ndarray, scale: float, b: np.ndarray, t32: np.ndarray,
+def _muladd(out: np.ndarray, a: np.ndarray, s: np.generic, b: np.ndarray, t32: np.ndarray,
             t64: Optional[np.ndarray]) -> np.ndarray:
-    """out = a + scale * b (out may be a; ``t32`` is a scratch of out's shape/dtype, not out).
+    """out = a + s * b (out may be a; ``t32`` is a scratch of out's shape/dtype, not out).
 
-    With ``t64`` (a float64 scratch) the sum is rounded once, as torch's fused
-    ``a.add(b, alpha=scale)``; without it, numpy's multiply-then-add. ``scale`` is first rounded to
-    the row dtype, as torch casts alpha.
+    ``s`` is already a scalar of the row dtype (torch casts alpha to it). With ``t64`` (a float64
+    scratch) the sum is rounded once, as torch's fused ``a.add(b, alpha=s)``; without it, numpy's
+    multiply-then-add.
     """
-    s = a.dtype.type(scale)
     if t64 is None:
         np.multiply(b, s, out=t32)
         np.add(a, t32, out=out)
@@ -104,6 +110,42 @@ def _muladd(out: np.ndarray, a: np.ndarray, scale: float, b: np.ndarray, t32: np
     t64 += a                                # one rounding to float64 ...
     np.copyto(out, t64, casting="same_kind")  # ... then to the row dtype: a single fused rounding
     return out
+
+
+class _Block:
+    """The scalars and work arrays of one update, sized for blocks of at most ``rows`` rows."""
+
+    __slots__ = ("rows", "wd", "mom", "neg_lr", "nesterov", "t32", "g", "t64")
+
+    def __init__(self, d: int, dtype: np.dtype, lr: float, cfg: SGDConfig, sc: Scratch,
+                 rows: Optional[int] = None) -> None:
+        dt = np.dtype(dtype)
+        self.rows = max(1, int(rows) if rows else BLOCK_BYTES // max(1, d * dt.itemsize))
+        # Scalars in the row dtype, as torch casts alpha / momentum / weight decay.
+        self.wd = dt.type(cfg.weight_decay) if cfg.weight_decay != 0.0 else None
+        self.mom = dt.type(cfg.momentum) if cfg.momentum != 0.0 else None
+        self.neg_lr = dt.type(-lr)
+        self.nesterov = cfg.nesterov
+        exact = cfg.exact_rounding and dt != np.float64
+        self.t32 = sc.get("sgd_t32", (self.rows, d), dt)
+        self.g = sc.get("sgd_g", (self.rows, d), dt)
+        self.t64 = sc.get("sgd_t64", (self.rows, d), np.float64) if exact else None
+
+    def step(self, w: np.ndarray, buf: np.ndarray, grad: np.ndarray) -> None:
+        """The SGD step on k <= rows gathered rows, in place (``grad`` only read)."""
+        k = len(w)
+        t32, t64 = self.t32[:k], (self.t64[:k] if self.t64 is not None else None)
+        g = grad
+        if self.wd is not None:
+            g = _muladd(self.g[:k], grad, self.wd, w, t32, t64)     # g = grad + wd * w
+        if self.mom is not None:
+            buf *= self.mom                                       # buf = m * buf + g (two roundings, as torch)
+            buf += g
+            if self.nesterov:
+                g = _muladd(self.g[:k], g, self.mom, buf, t32, t64)  # g = g + m * buf (g may alias the output)
+            else:
+                g = buf
+        _muladd(w, w, self.neg_lr, g, t32, t64)                   # w = w - lr * g
 
 
 def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float, cfg: SGDConfig,
@@ -118,19 +160,38 @@ def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float,
         cfg: momentum / weight decay / nesterov / rounding.
         scratch: reusable work arrays (default: fresh ones).
     """
+    blk = _Block(w.shape[1], w.dtype, lr, cfg, scratch or Scratch(max_bytes=0))
+    for s in range(0, len(w), blk.rows):
+        e = s + blk.rows
+        blk.step(w[s:e], buf[s:e], grad[s:e])
+
+
+def sgd_update_indexed(W: np.ndarray, M: np.ndarray, idx: np.ndarray, grad: np.ndarray, lr: float,
+                       cfg: SGDConfig, scratch: Optional[Scratch] = None, block_rows: Optional[int] = None) -> None:
+    """One SGD step on rows ``idx`` of ``W`` and of their momentum ``M``, in place.
+
+    Block by block (``BLOCK_BYTES`` per work array, or ``block_rows``): gather the block's rows of W
+    and M into reused buffers, update them while they are in cache, scatter them back. Same
+    arithmetic, in the same order, as :func:`sgd_update_rows` on the whole gathered set.
+
+    Args:
+        W, M: [K, d] the class matrix and its momentum (C-contiguous).
+        idx: [n] distinct local row indices, all valid (validated by the caller).
+        grad: [n, d] the summed gradient of row ``idx[i]`` in ``grad[i]``; only read.
+        lr, cfg, scratch: as :func:`sgd_update_rows`.
+        block_rows: rows per block (tests use small blocks to cover the block edges).
+    """
+    n, d = grad.shape
     sc = scratch or Scratch(max_bytes=0)
-    exact = cfg.exact_rounding and w.dtype != np.float64
-    t64 = sc.get("sgd_t64", w.shape, np.float64) if exact else None
-    t32 = sc.get("sgd_t32", w.shape, w.dtype)
-    g = grad
-    if cfg.weight_decay != 0.0:
-        g = _muladd(sc.get("sgd_g", w.shape, w.dtype), grad, cfg.weight_decay, w, t32, t64)  # g = grad + wd * w
-    if cfg.momentum != 0.0:
-        buf *= w.dtype.type(cfg.momentum)                      # buf = m * buf + g (two roundings, as torch)
-        buf += g
-        if cfg.nesterov:
-            out = g if g is not grad else sc.get("sgd_g", w.shape, w.dtype)
-            g = _muladd(out, g, cfg.momentum, buf, t32, t64)   # g = g + m * buf
-        else:
-            g = buf
-    _muladd(w, w, -lr, g, t32, t64)                            # w = w - lr * g
+    blk = _Block(d, W.dtype, lr, cfg, sc, block_rows)
+    wb = sc.get("blk_w", (blk.rows, d), W.dtype)
+    bb = sc.get("blk_buf", (blk.rows, d), W.dtype)
+    for s in range(0, n, blk.rows):
+        i = idx[s:s + blk.rows]
+        k = len(i)
+        # mode="clip": ids are validated; "raise" would make take() buffer its output.
+        w = np.take(W, i, axis=0, out=wb[:k], mode="clip")
+        b = np.take(M, i, axis=0, out=bb[:k], mode="clip")
+        blk.step(w, b, grad[s:s + k])
+        W[i] = w
+        M[i] = b

@@ -328,7 +328,7 @@ class ParamServer:
             wait = min(max(wait, 0.0), self.max_wait)
             self._parked.append(_Parked(env, h.get("id"), ids, matrix, step, wait))
             return None
-        rows = self.store.pull(ids, matrix=matrix)
+        rows = self.store.pull(ids, matrix=matrix)  # a fresh array: zmq sends it without a copy
         return ok_reply(h.get("id"), [rows], step=self.store.step)
 
     def _op_push(self, env: list, h: dict, arrays: list) -> list:

@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from paramserver.optim import Scratch, SGDConfig, sgd_update_rows
+from paramserver.optim import Scratch, SGDConfig, sgd_update_indexed
 
 logger = logging.getLogger(__name__)
 
@@ -455,29 +455,27 @@ class WeightStore:
             ids = np.concatenate([entries[c][0] for c in order_clients])
             grads = np.concatenate([entries[c][1] for c in order_clients])
         if ids.size:
-            order = np.argsort(ids, kind="stable")  # stable: duplicates summed in client, then position order
-            sids = ids[order]
-            first = np.ones(len(sids), dtype=bool)
-            first[1:] = sids[1:] != sids[:-1]
-            if first.all():
-                uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
+            if len(ids) == 1 or bool((ids[1:] > ids[:-1]).all()):
+                uniq, g = ids, grads  # strictly increasing (the usual client order): no duplicates, no sort
             else:
-                uniq, g = _sum_duplicates(sids, grads, order, first)
-            n = len(uniq)
-            # Gather into reused buffers (mode="clip": ids are validated; "raise" would buffer `out`).
-            w = np.take(self._W, uniq, axis=0, out=self._scratch.get("w", (n, self._d), self._dtype), mode="clip")
-            buf = np.take(self._M, uniq, axis=0, out=self._scratch.get("buf", (n, self._d), self._dtype), mode="clip")
-            sgd_update_rows(w, buf, g, lr, self.opt, self._scratch)
-            self._W[uniq] = w
-            self._M[uniq] = buf
+                order = np.argsort(ids, kind="stable")  # stable: duplicates summed in client, then position order
+                sids = ids[order]
+                first = np.ones(len(sids), dtype=bool)
+                first[1:] = sids[1:] != sids[:-1]
+                if first.all():
+                    uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
+                else:
+                    uniq, g = _sum_duplicates(sids, grads, order, first)
+            # Gather, update and scatter back block by block (W and momentum rows stay in cache).
+            sgd_update_indexed(self._W, self._M, uniq, g, lr, self.opt, self._scratch)
         else:
-            uniq, w = ids, self._W[:0]
+            uniq = ids
         self._step += 1
         self._counts["updates"] += 1
         if self._index is not None and uniq.size:
             changed = getattr(self._index, "rows_changed", None)
             if changed is not None:
-                changed(uniq + self._offset, w.copy(), self._step)  # w is a reused buffer
+                changed(uniq + self._offset, self._W[uniq], self._step)  # a copy of the updated rows
         if self._index is not None:
             rebuild = getattr(self._index, "maybe_rebuild", None)
             if rebuild is not None:
