@@ -38,8 +38,13 @@ come from IndexManager.stats().
 
 Default run (no arguments): K = 100K (all methods, forest and IVF rebuild cost) and K = 1M (full,
 hf-ivf, random, hf-ivf-remote, mach, rp; IVF rebuild cost). The forest is built at 1M only with
-``--forest-1m`` (~100-200 s build on this machine). Takes about 12-15 minutes on the 2-core machine;
-peak memory ~10 GB (full softmax at 1M). Ends with exactly one ``RESULT key=value ...`` line.
+``--forest-1m`` (~100-200 s build on this machine). Measured on the shared, loaded 2-core machine
+(load average 4-12 from other engineers): the K = 1M part took 18 min (full softmax 69 s/step: 4.5
+min; RP 6 min), the K = 100K part ~12 min, so ~30 min in all; on a quiet machine about half. Peak
+memory ~14 GB (full softmax at 1M: W, its gradient and momentum, the normalised copy for CosFace and
+the logits; hf-ivf in-process is as large: W + momentum in the store, plus faiss' own copy of the
+normalised rows). Ends with exactly one ``RESULT key=value ...`` line. ``--ks 1000000`` or
+``--ks 100000`` runs one size (the RESULT keys are prefixed by K).
 """
 from __future__ import annotations
 
@@ -160,7 +165,8 @@ def _hf_step_fn(head: Any, store_rows, K: int, B: int, d: int, seed: int):
     return make_batch, step
 
 
-def _rebuild_phases(manager: Any, make_batch, step, s0: int, phase_s: float, every: int) -> tuple[dict[str, Any], int]:
+def _rebuild_phases(manager: Any, make_batch, step, s0: int, phase_s: float, every: int,
+                    max_wait_s: float = 120.0) -> tuple[dict[str, Any], int]:
     """off / on / off phases of the HF loop; rebuild cost = 1 - sps(on) / mean sps(off)."""
     def run(seconds: float, s: int) -> tuple[float, int]:
         n, busy = 0, 0.0
@@ -180,7 +186,10 @@ def _rebuild_phases(manager: Any, make_batch, step, s0: int, phase_s: float, eve
     sps_on, s = run(2 * phase_s, s)
     manager.rebuild_every = 10**9
     t_wait = time.perf_counter()
-    while manager.stats()["building"]:  # let a running build finish, so the last phase is really "off"
+    # Let a running build finish, so the last phase is really "off" -- but at most max_wait_s: a
+    # niced build on an oversubscribed machine may get almost no CPU (observed: 4 s of CPU in 3.5 min
+    # for a forest build at nice 10 under a load average of 5), and then the last phase runs with it.
+    while manager.stats()["building"] and time.perf_counter() - t_wait < max_wait_s:
         time.sleep(0.1)
     wait_s = time.perf_counter() - t_wait
     st = manager.stats()  # after the wait: a build started in the "on" phase counts
