@@ -569,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             elif "verification" in result:
                 print("\nVerification (10-fold):")
                 print(format_table(result["verification"]))
+            if "verification" in result:
                 if "start_verification" in result:
                     s = result["start_verification"]
                     print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
