@@ -9,24 +9,11 @@
 # Env: CONFIG=path.yaml picks another config; NPROC=N processes (default: one per GPU, else 1);
 #      PYTHON=python interpreter.
 set -eu
+CALLER_DIR=$(pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-DATA=""
-if [ $# -gt 0 ]; then
-  case "$1" in
-    *=*) ;;                       # an override, not a path
-    *) DATA=$1; shift ;;
-  esac
-fi
-if [ -n "$DATA" ]; then
-  CONFIG=${CONFIG:-configs/faces_full.yaml}
-  set -- "data.path=$DATA" "$@"
-else
-  CONFIG=${CONFIG:-configs/synthetic_full.yaml}
-fi
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
-fi
+SYNTHETIC_CONFIG=configs/synthetic_full.yaml
+DATASET_CONFIG=configs/faces_full.yaml
+. scripts/_launch_args.sh
 if [ "$NPROC" -gt 1 ]; then
   echo "launching torchrun with $NPROC processes ($CONFIG)"
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"

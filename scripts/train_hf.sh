@@ -12,24 +12,11 @@
 # any server (the store inside the single training process).
 # Env: CONFIG=path.yaml, NPROC=N processes (default: one per GPU, else 1), PYTHON=interpreter.
 set -eu
+CALLER_DIR=$(pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-DATA=""
-if [ $# -gt 0 ]; then
-  case "$1" in
-    *=*) ;;
-    *) DATA=$1; shift ;;
-  esac
-fi
-if [ -n "$DATA" ]; then
-  CONFIG=${CONFIG:-configs/faces_hf.yaml}
-  set -- "data.path=$DATA" "$@"
-else
-  CONFIG=${CONFIG:-configs/synthetic_hf.yaml}
-fi
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
-fi
+SYNTHETIC_CONFIG=configs/synthetic_hf.yaml
+DATASET_CONFIG=configs/faces_hf.yaml
+. scripts/_launch_args.sh
 
 KIND=$("$PY" -m hfsoftmax.launch get store.kind --config "$CONFIG" "$@")
 ADDRESS=$("$PY" -m hfsoftmax.launch get store.address --config "$CONFIG" "$@")
