@@ -130,7 +130,7 @@ def echo_fn(addr: str, ids: np.ndarray, grads: np.ndarray) -> Callable[[int], No
 
 
 def roundtrip_section(M: int, clients: int, ps_addr: str, echo_addr: str, iters: int,
-                      ps_pid: int, echo_pid: int, rounds: int = 8) -> dict:
+                      ps_pid: int, echo_pid: int, rounds: int = 16) -> dict:
     rng = np.random.default_rng(M)
     ids = [np.sort(rng.choice(K, M, replace=False)).astype(np.int64) for _ in range(clients)]
     grads = [np.full((M, D), 1e-3, np.float32) for _ in range(clients)]
@@ -231,7 +231,8 @@ def snapshot_section(rows: int, fsync: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=60, help="round trips per measurement (M=1000; /5 for M=10000)")
+    ap.add_argument("--iters", type=int, default=112,
+                    help="round trips per measurement, in 16 interleaved blocks (M=1000; /5 for M=10000)")
     ap.add_argument("--snapshot-rows", type=int, default=1_000_000, help="rows of the snapshot test (0: skip)")
     ap.add_argument("--fsync", action="store_true", help="snapshot with fsync (durable across power loss)")
     ap.add_argument("--_echo", help=argparse.SUPPRESS)

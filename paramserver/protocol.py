@@ -95,7 +95,10 @@ def _frame_buffer(frame: Any) -> memoryview:
 
 
 def decode(frames: Sequence[Any]) -> tuple[dict, list[np.ndarray]]:
-    """List of frames -> (header, arrays). Arrays are read-only views of the frames (zero copy).
+    """List of frames -> (header, arrays). Arrays are views of the frames (zero copy).
+
+    A frame received with ``copy=False`` is the receiver's own memory and its array is writable;
+    over inproc:// that memory is the sender's buffer, so a sender must not reuse what it sent.
 
     Raises ProtocolError naming the field at fault for any malformed message.
     """

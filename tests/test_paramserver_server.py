@@ -424,3 +424,33 @@ def test_index_stats_rebuild_period_and_restore_rebuilds(tmp_path) -> None:
         ids, _ = rs.query(np.array([[1.0, 0, 0, 0]], np.float32), 1)
         assert ids[0, 0] == 17
         assert rs.stats()["shards"][0]["index"]["builds"] >= 2
+
+
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:*", "inproc://pull-owned-rows"])
+def test_pulled_rows_are_the_callers_own(bind: str) -> None:
+    """RemoteStore.pull returns the received frame without copying: writable, and writing to it
+    changes nothing on the server (also over inproc, where frames share the sender's memory)."""
+    K, d = 40, 8
+    store = WeightStore(K, d, init_std=0.1)
+    ctx = zmq.Context.instance()
+    server = ParamServer(store, bind=bind, log_every=0, context=ctx)
+    addr = server.bind()
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        with RemoteStore(addr, K, d, timeout=10, context=ctx) as rs:
+            ids = np.arange(5, 35, 3)
+            rows = rs.pull(ids)
+            assert rows.flags.writeable and rows.dtype == np.float32 and rows.shape == (len(ids), d)
+            want = store.pull(ids)
+            np.testing.assert_array_equal(rows, want)
+            rows[:] = 7.0
+            np.testing.assert_array_equal(rs.pull(ids), want)
+            np.testing.assert_array_equal(store.pull(ids), want)
+            rs.push(ids, np.ones((len(ids), d), np.float32), 0, 0.1)  # a step still applies normally
+            after = rs.pull(ids, step=1)  # the server answers a push before it applies it
+            np.testing.assert_array_equal(after, store.pull(ids))
+            assert not np.array_equal(after, want)
+    finally:
+        server.stop()
+        t.join(timeout=10)
