@@ -43,7 +43,7 @@ def test_family_rows_families_share_a_centre():
     assert not np.allclose(b[0], b[1])
 
 
-HEAD_SPEC = {"K": 3000, "d": 128, "B": 16, "M": 100, "candidates": 8, "nprobe": 0, "nlist": 0, "steps": 2, "warmup": 1}
+HEAD_SPEC = {"K": 1000, "d": 128, "B": 16, "M": 100, "candidates": 8, "nprobe": 0, "nlist": 0, "steps": 2, "warmup": 1}
 
 
 def test_bench_head_full_and_siblings():
