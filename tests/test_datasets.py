@@ -119,3 +119,33 @@ def test_record_dataset_without_idx_scans(tmp_path):
     assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 2] and ds.num_classes == 3
     # the scanned offsets are exactly what the writer put in the .idx
     assert ds.reader.index == {int(k): int(v) for k, v in (ln.split("\t") for ln in idx_text.splitlines())}
+
+
+def test_workers_spawn_and_persistent_each_open_their_own_handle(tmp_path):
+    """spawn pickles the dataset (no file handle may travel); persistent workers keep theirs."""
+    labels = [k // 2 for k in range(10)]
+    make_rec(tmp_path, labels=labels)
+    ds = dataset_from_path(str(tmp_path), image_size=S, train=False)
+    ds[3]  # the parent holds an open handle
+    loader = DataLoader(ds, batch_size=4, num_workers=1, shuffle=False, multiprocessing_context="spawn",
+                        persistent_workers=True)
+    for _ in range(2):  # the second epoch reuses the persistent worker and its handle
+        assert [y for _, ys in loader for y in ys.tolist()] == labels
+    assert ds[3][1] == labels[3]  # the parent's handle still reads the right record
+
+
+def test_random_flip_is_reproducible_from_the_torch_seed(tmp_path):
+    img = np.zeros((S, S, 3), np.uint8)
+    img[:, : S // 2] = 255
+    write_insightface_rec(str(tmp_path), [(encode_jpeg(img), 0)] * 4, image_size=S)
+    ds = RecordDataset(str(tmp_path / "train.rec"), image_size=S, train=True)
+
+    def flips(seed: int, workers: int) -> list[bool]:
+        torch.manual_seed(seed)
+        loader = DataLoader(ds, batch_size=2, num_workers=workers, shuffle=False)
+        return [bool(x[0, 0, 0] < 0) for xs, _ in loader for x in xs]  # left column dark -> flipped
+
+    for workers in (0, 2):
+        a = flips(0, workers) + flips(1, workers) + flips(2, workers)
+        assert a == flips(0, workers) + flips(1, workers) + flips(2, workers)
+        assert len(set(a)) == 2  # both orientations occur over the seeds

@@ -123,3 +123,52 @@ def test_bad_idx_line(tmp_path):
     idx.write_text("0\t0\nnonsense\n")
     with pytest.raises(RecordIOError, match=r"b\.idx: line 2"):
         RecordIOReader(str(rec))
+
+
+def test_label_float32_cannot_hold_is_refused_on_write():
+    # 2^24 + 1 would be stored as 2^24 and read back as a neighbouring class: refuse it
+    with pytest.raises(ValueError, match="16777217.*not exactly representable as float32"):
+        pack(IRHeader(0, 2 ** 24 + 1, 5, 0), b"x")
+    with pytest.raises(ValueError, match="record id 6: label 16777219"):
+        pack(IRHeader(2, np.array([1, 2 ** 24 + 3], np.int64), 6, 0), b"")
+    h, _ = unpack(pack(IRHeader(0, 2 ** 24, 5, 0), b"x"))  # exactly representable: fine
+    assert class_of(h.label, "x") == 2 ** 24
+
+
+def test_empty_label_array_names_the_record():
+    with pytest.raises(RecordIOError, match="rec: record 9: empty label array"):
+        class_of(np.zeros(0, np.float32), "rec: record 9")
+
+
+def test_idx_with_one_key_at_two_offsets_is_an_error(tmp_path):
+    rec, idx = _write(tmp_path, [b"a" * 16, b"b" * 8])
+    idx.write_text("0\t0\n1\t24\n1\t0\n")
+    with pytest.raises(RecordIOError, match=r"b\.idx: line 3 lists record 1 again at offset 0 \(first at 24\)"):
+        RecordIOReader(str(rec))
+
+
+def test_identity_range_outside_images_is_an_error(tmp_path):
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    with RecordIOWriter(str(rec), str(idx)) as w:
+        w.write_idx(0, pack(IRHeader(2, np.array([3, 4], np.float32), 0, 0), b""))
+        w.write_idx(1, pack(IRHeader(0, 0.0, 1, 0), b"i"))
+        w.write_idx(2, pack(IRHeader(0, 0.0, 2, 0), b"j"))
+        w.write_idx(3, pack(IRHeader(2, np.array([1, 9], np.float32), 3, 0), b""))
+    with pytest.raises(RecordIOError, match=r"train\.rec: identity record 3 range \(1, 9\) is not inside"):
+        read_insightface_layout(RecordIOReader(str(rec)))
+
+
+def test_split_record_at_every_aligned_magic_round_trips_through_idx(tmp_path):
+    # a JPEG-like payload behind a 24-byte header: magic words at aligned offsets inside the payload
+    # (including back to back and at the very end) must be split on write and rejoined on read
+    payload = b"\xff\xd8" + b"ab" + M + M + b"xxxx" + M
+    record = pack(IRHeader(0, 4.0, 1, 0), payload)
+    assert record.count(M) == 3 and all(record.find(M, i) % 4 == 0 for i in (0, 29, 33))
+    rec, idx = _write(tmp_path, [b"first", record, b"last"])
+    raw = rec.read_bytes()
+    assert raw.count(M) == 3 + 3  # one magic per part: 1 + 4 + 1 parts (3 magics dropped from the data)
+    reader = RecordIOReader(str(rec))
+    assert reader.read_idx(1) == record and reader.read_idx(2) == b"last"
+    h, p = unpack(reader.read_idx(1))
+    assert class_of(h.label, "x") == 4 and p == payload
+    assert list(RecordIOReader(str(rec), "")) == [b"first", record, b"last"]

@@ -154,6 +154,9 @@ def read_idx_file(idx_path: str) -> dict[int, int]:
                 raise RecordIOError(f"{idx_path}: line {lineno} is not 'key<TAB>offset': {line[:80]!r}") from None
             if off < 0:
                 raise RecordIOError(f"{idx_path}: line {lineno} has a negative offset {off}")
+            if out.get(key, off) != off:  # two offsets for one key: which record is it? never guess
+                raise RecordIOError(f"{idx_path}: line {lineno} lists record {key} again at offset {off} "
+                                    f"(first at {out[key]})")
             out[key] = off
     return out
 
@@ -296,12 +299,30 @@ class IRHeader:
     id2: int
 
 
+def _exact_f4(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` as float32, refusing any value float32 would change (e.g. a class id above 2^24)."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    f4 = arr.astype("<f4")
+    bad = np.nonzero((f4.astype(np.float64) != arr) & ~(np.isnan(arr) & np.isnan(f4)))[0]
+    if bad.size:
+        v = float(arr[bad[0]])
+        raise ValueError(f"{what}: label {v:.17g} is not exactly representable as float32 (stored as "
+                         f"{float(f4[bad[0]])!r}); it would be read back as another value")
+    return f4
+
+
 def pack(header: IRHeader, payload: bytes) -> bytes:
-    """Header + optional label array + payload, as MXNet's ``recordio.pack`` lays them out."""
+    """Header + optional label array + payload, as MXNet's ``recordio.pack`` lays them out.
+
+    Labels are float32 in the format; a value float32 cannot hold exactly (a class id or record
+    range above 2^24) raises ValueError rather than being written as a neighbouring value.
+    """
     label = header.label
+    what = f"record id {header.id}"
     if isinstance(label, (int, float, np.integer, np.floating)):
-        return struct.pack(_HEADER_FMT, 0, float(label), header.id, header.id2) + bytes(payload)
-    arr = np.asarray(label, dtype="<f4").reshape(-1)
+        f4 = _exact_f4(np.array([label]), what)
+        return struct.pack(_HEADER_FMT, 0, float(f4[0]), header.id, header.id2) + bytes(payload)
+    arr = _exact_f4(label, what)
     return (struct.pack(_HEADER_FMT, arr.size, 0.0, header.id, header.id2) + arr.tobytes()
             + bytes(payload))
 
@@ -327,9 +348,9 @@ def class_of(label: Union[float, np.ndarray], where: str) -> int:
 
     Raises RecordIOError when the value is not a non-negative integer: never round silently.
     """
-    value = float(label[0]) if isinstance(label, np.ndarray) else float(label)
     if isinstance(label, np.ndarray) and label.size == 0:
         raise RecordIOError(f"{where}: empty label array")
+    value = float(label.reshape(-1)[0]) if isinstance(label, np.ndarray) else float(label)
     if not np.isfinite(value) or value < 0 or value != int(value):
         raise RecordIOError(f"{where}: label {value!r} is not a non-negative integer class")
     return int(value)
@@ -358,6 +379,8 @@ def read_insightface_layout(reader: RecordIOReader) -> InsightFaceLayout:
     lab = np.asarray(header.label)
     if lab.size < 2:
         raise RecordIOError(f"{reader.rec_path}: record 0 label {lab.tolist()} should be (a, b)")
+    if not all(np.isfinite(lab[:2])) or any(v != int(v) for v in lab[:2]):
+        raise RecordIOError(f"{reader.rec_path}: record 0 label {lab[:2].tolist()} is not an integer (a, b)")
     a, b = int(lab[0]), int(lab[1])
     if not (1 <= a <= b):
         raise RecordIOError(f"{reader.rec_path}: record 0 label ({a}, {b}) is not an ordered range")
@@ -373,7 +396,11 @@ def read_insightface_layout(reader: RecordIOReader) -> InsightFaceLayout:
         rl = np.asarray(h.label).reshape(-1)
         if rl.size < 2:
             raise RecordIOError(f"{reader.rec_path}: identity record {key} has no (start, end) label")
-        ranges.append((int(rl[0]), int(rl[1])))
+        start, end = float(rl[0]), float(rl[1])
+        if not (start == int(start) and end == int(end) and 1 <= start <= end <= a):
+            raise RecordIOError(f"{reader.rec_path}: identity record {key} range ({start:g}, {end:g}) is not "
+                                f"inside the image records 1..{a - 1}")
+        ranges.append((int(start), int(end)))
     return InsightFaceLayout(list(range(1, a)), ranges)
 
 
