@@ -150,10 +150,18 @@ def test_megaface_known_answer(tmp_path):
     # 150deg -> cos20 (.94). Ordered mate pairs: (0,1) (1,0) hit (cos2); (2,3) cos10 hit; (2,4) cos60 miss;
     # (3,2) cos10 hit; (3,4) cos50=.64 > .57 hit; (4,2) (4,3) miss -> 5 / 8
     assert r["num_pairs"] == 8 and r["rank1"] == pytest.approx(5 / 8)
-    # 10 impostor scores < 1/FAR: the threshold is the largest impostor score, cos(20deg)
-    assert r["threshold"] == pytest.approx(np.cos(ang(20)), abs=1e-6)
-    # genuine (unordered): cos2, cos10, cos60, cos50 -> two above cos20
-    assert r["tar"] == pytest.approx(0.5)
+    # 10 impostor scores < 1/FAR = 1e6: no threshold realises FAR 1e-6, so TAR is not reported
+    assert r["tar"] is None and r["threshold"] is None and r["far_achieved"] is None
+    assert "needs at least 1,000,000 impostor pairs" in r["tar_note"] and "there are 10 (5 x 2)" in r["tar_note"]
+    assert r["max_impostor"] == pytest.approx(np.cos(ang(20)), abs=1e-6)
+    # FAR = 0.1 of 10 impostors: one may pass, so the threshold is the 2nd largest impostor, cos(44deg)
+    # (impostor angles: 46 171 44 169 45 80 55 70 105 20); genuine (unordered): cos2, cos10, cos60,
+    # cos50 -> two above cos44
+    r = megaface_evaluate(probe, labels, dis, far=0.1, chunk=1)
+    assert r["threshold"] == pytest.approx(np.cos(ang(44)), abs=1e-6)
+    assert r["tar"] == pytest.approx(0.5) and r["far_achieved"] == pytest.approx(0.1) and r["tar_note"] == ""
+    # same answer with the default chunking
+    assert megaface_evaluate(probe, labels, dis, far=0.1)["threshold"] == pytest.approx(r["threshold"])
     np.save(tmp_path / "p.npy", probe)
     feats, lab = load_features(str(tmp_path / "p.npy"))
     assert feats.shape == (5, 2) and lab is None
@@ -188,3 +196,62 @@ def test_cli_explicit_arch_and_unprefixed_checkpoint(tmp_path):
     # a wrong architecture is a one-line error, not a crash
     assert main(["verify", "--arch", "hynet", "--model", str(tmp_path / "c.pt"), "--data",
                  str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_checkpoint_of_a_groupnorm_tiny_model_loads(tmp_path):
+    """train.py with model.norm=group writes GroupNorm/LayerNorm weights: eval must rebuild that net."""
+    from hfsoftmax.config import Config
+    from hfsoftmax.eval.cli import load_model
+    cfg = Config()
+    cfg.model.backbone, cfg.model.feature_dim, cfg.model.norm, cfg.data.image_size = "tiny", D, "group", S
+    torch.manual_seed(0)
+    net = get_backbone("tiny", D, S, norm="group").eval()
+    torch.save({"model": net.state_dict(), "config": cfg.to_dict(), "step": 1}, tmp_path / "g.pt")
+    model, size, _ = load_model(str(tmp_path / "g.pt"))
+    assert size == S and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    x = torch.randn(3, 3, S, S)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x))
+
+
+def test_megaface_cli_says_tar_is_not_reported_with_too_few_impostors(tmp_path, capsys):
+    from hfsoftmax.eval.cli import main
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "p.npy", rng.normal(size=(6, 8)))
+    np.save(tmp_path / "l.npy", np.array([0, 0, 1, 1, 2, 2]))
+    np.save(tmp_path / "d.npy", rng.normal(size=(20, 8)))
+    assert main(["megaface", "--probe", str(tmp_path / "p.npy"), "--probe-labels", str(tmp_path / "l.npy"),
+                 "--distractors", str(tmp_path / "d.npy"), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "megaface.md").read_text()
+    assert "| n/a @ 1e-06 | n/a |" in md and "there are 120 (6 x 20): not reported" in md
+    assert json.loads((tmp_path / "o" / "megaface.json").read_text())["tar"] is None
+
+
+def test_bin_naming_other_code_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([Evil(), b"x"], [True]), protocol=2))
+    with pytest.raises(ValueError, match=r"evil\.bin: the pickle names (posix|os|nt)\.system.*refused"):
+        read_bin(str(tmp_path / "evil.bin"))
+    assert not marker.exists()
+
+
+def test_bin_flags_and_images_in_other_python_types(tmp_path):
+    rng = np.random.default_rng(0)
+    jpegs = [encode_jpeg(blocky(rng)) for _ in range(4)]
+    # images as bytearray / uint8 arrays, flags as numpy bools and 0/1 ints, empty bytes allowed by pickle
+    obj = ([bytearray(jpegs[0]), np.frombuffer(jpegs[1], np.uint8), jpegs[2], jpegs[3]], [np.bool_(True), 0])
+    (tmp_path / "t.bin").write_bytes(pickle.dumps(obj, protocol=2))
+    images, flags = read_bin(str(tmp_path / "t.bin"))
+    assert images == jpegs and flags.tolist() == [True, False]
+    # a flag that is neither a bool nor 0/1 (here the string "0", truthy) is an error, not True
+    (tmp_path / "s.bin").write_bytes(pickle.dumps((jpegs[:2], ["0"]), protocol=2))
+    with pytest.raises(ValueError, match=r"s\.bin: issame flag 0 is '0' \(str\)"):
+        read_bin(str(tmp_path / "s.bin"))
+    (tmp_path / "n.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match=r"n\.bin: not a readable \.bin pickle"):
+        read_bin(str(tmp_path / "n.bin"))

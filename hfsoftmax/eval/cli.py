@@ -70,8 +70,10 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     if missing:
         raise EvalError(f"{model_path}: checkpoint has no config for {', '.join(missing)}; pass them explicitly")
     from hfsoftmax.backbones import get_backbone  # the one factory training uses
+    # model.norm changes the layers (tiny: BatchNorm or GroupNorm), so it must come from the checkpoint
+    extra = {"norm": model_cfg["norm"]} if str(name) == "tiny" and model_cfg.get("norm") else {}
     try:
-        model = get_backbone(str(name), int(dim), int(size))
+        model = get_backbone(str(name), int(dim), int(size), **extra)
     except ValueError as exc:
         raise EvalError(f"{model_path}: {exc}") from None
     try:
@@ -127,9 +129,13 @@ def _megaface(args: argparse.Namespace) -> int:
         dis = dis[: args.num_distractors]
     r = megaface_evaluate(probe, labels, dis, far=args.far)
     os.makedirs(args.out, exist_ok=True)
+    tar = f"{100 * r['tar']:.2f}" if r["tar"] is not None else "n/a"
+    thr = f"{r['threshold']:.4f}" if r["threshold"] is not None else "n/a"
     md = ("| distractors | probes | rank-1 (%) | TAR (%) @ FAR | threshold |\n|---:|---:|---:|---:|---:|\n"
           f"| {r['num_distractors']} | {r['num_probes']} | {100 * r['rank1']:.2f} | "
-          f"{100 * r['tar']:.2f} @ {r['far_target']:g} | {r['threshold']:.4f} |\n")
+          f"{tar} @ {r['far_target']:g} | {thr} |\n")
+    if r["tar_note"]:
+        md += f"\n{r['tar_note']}\n"
     from hfsoftmax.eval.report import _atomic_write_text
     _atomic_write_text(os.path.join(args.out, "megaface.md"), md)
     _atomic_write_text(os.path.join(args.out, "megaface.json"), json.dumps(r, indent=1) + "\n")

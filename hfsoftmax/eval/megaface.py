@@ -7,8 +7,9 @@
 * Verification: genuine scores are those same-identity probe pairs (unordered); impostor scores
   are every probe against every distractor. The threshold is the impostor score exceeded by a
   fraction ``far`` of the impostors (1e-6 by default); TAR is the fraction of genuine scores above
-  it. With fewer than 1 / far impostor pairs the threshold is the largest impostor score and the
-  achieved FAR is reported as 0 (``far_resolution`` says how fine the estimate is).
+  it. With fewer than 1 / far impostor pairs (probes x distractors) no threshold realises that FAR,
+  so TAR is not reported: ``tar`` and ``threshold`` are None and ``tar_note`` says how many
+  impostor pairs were needed and how many there were (``far_resolution`` = 1 / impostors).
 
 Feature files: ``.npy`` [n, d]; or a text list with one per-image feature file per line (optional
 label after the path), each either ``.npy`` or the MegaFace devkit / OpenCV matrix ``.bin`` layout
@@ -17,6 +18,7 @@ label after the path), each either ``.npy`` or the MegaFace devkit / OpenCV matr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from typing import Any, Optional
@@ -83,7 +85,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: np.ndarray,
-                      far: float = 1e-6, chunk: int = 65536) -> dict[str, Any]:
+                      far: float = 1e-6, chunk: Optional[int] = None) -> dict[str, Any]:
     """Rank-1 identification and TAR@FAR of probes against N distractors (module docstring).
 
     Args:
@@ -91,8 +93,11 @@ def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: 
         probe_labels: [P] identity per probe.
         distractors: [N, d] distractor features (normalised here).
         far: false-accept rate for TAR.
-        chunk: distractors scored at a time (bounds memory to P * chunk floats).
+        chunk: distractors scored at a time (bounds memory to P * chunk floats); None -> about
+            16M scores per chunk.
     """
+    if not 0.0 < far < 1.0:
+        raise ValueError(f"far must be in (0, 1), got {far}")
     probe = _normalize(probe)
     dis = _normalize(distractors)
     labels = np.asarray(probe_labels).reshape(-1)
@@ -104,7 +109,9 @@ def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: 
     if n == 0:
         raise ValueError("need at least one distractor")
     num_imp = p * n
-    k = int(np.floor(far * num_imp))  # impostors allowed above the threshold
+    chunk = chunk or max(1, (1 << 24) // max(p, 1))
+    # impostors allowed above the threshold (the tiny slack keeps 1e-6 * 1e6 from flooring to 0)
+    k = int(math.floor(far * num_imp * (1.0 + 1e-9)))
     max_dis = np.full(p, -np.inf, dtype=np.float32)
     top = np.empty(0, dtype=np.float32)  # the k + 1 largest impostor scores so far
     for s in tqdm(range(0, n, chunk), desc="distractors", leave=False, disable=n <= chunk):
@@ -112,7 +119,14 @@ def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: 
         max_dis = np.maximum(max_dis, sc.max(axis=1))
         flat = np.concatenate([top, sc.reshape(-1)])
         top = flat if flat.size <= k + 1 else np.partition(flat, flat.size - (k + 1))[-(k + 1):]
-    threshold = float(np.sort(top)[-(k + 1)])
+    if k >= 1:
+        threshold: Optional[float] = float(np.sort(top)[-(k + 1)])
+        note = ""
+    else:  # the largest impostor score would give FAR = 0, not far: a TAR there means nothing
+        threshold = None
+        note = (f"TAR@FAR={far:g} needs at least {math.ceil(1.0 / far - 1e-6):,} impostor pairs "
+                f"(probes x distractors); there are {num_imp:,} ({p} x {n}): not reported")
+        logger.warning(note)
 
     sim = probe @ probe.T  # [P, P]
     same = labels[:, None] == labels[None, :]
@@ -122,17 +136,19 @@ def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: 
         raise ValueError("no identity has two probe images: rank-1 and TAR are undefined")
     hits = int(((sim > max_dis[:, None]) & same).sum())  # g beats every distractor for probe p
     genuine = sim[np.triu(same, 1)]
-    tar = float(np.mean(genuine > threshold))
+    tar = float(np.mean(genuine > threshold)) if threshold is not None else None
     return {
         "rank1": hits / pairs,
         "num_pairs": pairs,
         "num_probes": int(p),
         "num_distractors": int(n),
         "tar": tar,
+        "tar_note": note,
         "far_target": far,
-        "far_achieved": k / num_imp,
+        "far_achieved": (k / num_imp) if threshold is not None else None,
         "far_resolution": 1.0 / num_imp,
         "threshold": threshold,
         "num_genuine": int(genuine.size),
         "num_impostor": int(num_imp),
+        "max_impostor": float(max_dis.max()),
     }
