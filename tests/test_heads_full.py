@@ -55,6 +55,9 @@ def test_topk_blocks_equal_dense():
     v1, i1 = head.topk(f, k=5, block_size=77)
     v2, i2 = head.scores(f).topk(5)
     assert torch.equal(i1, i2) and torch.allclose(v1, v2)
+    # blocks smaller than k (the first blocks cannot fill the top k on their own)
+    v3, i3 = head.topk(f, k=5, block_size=2)
+    assert torch.equal(i3, i2) and torch.allclose(v3, v2)
 
 
 def test_feature_dim_mismatch():

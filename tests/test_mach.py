@@ -103,6 +103,9 @@ def test_blockwise_scores_and_topk_match_full_scores():
     v_ref, _ = full.topk(5, dim=1)
     torch.testing.assert_close(v, v_ref)
     torch.testing.assert_close(full.gather(1, i), v_ref)
+    v3, i3 = head.topk(x, 5, block_size=3)  # blocks smaller than k
+    torch.testing.assert_close(v3, v_ref)
+    torch.testing.assert_close(full.gather(1, i3), v_ref)
     # Each row of bucket probabilities sums to 1, so class scores average to 1/B over a bucket's members.
     assert torch.allclose(head.bucket_probs(x).sum(-1), torch.ones(4, 6))
 

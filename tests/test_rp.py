@@ -207,7 +207,7 @@ def test_rp_recover_tool_matches_the_function(tmp_path):
     np.testing.assert_allclose(saved, w_ref.numpy(), rtol=1e-6)
 
 
-def test_rp_recover_cli_on_synthetic_data_and_refuses_other_heads(tmp_path):
+def test_rp_recover_cli_on_synthetic_data_and_refuses_other_heads(tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt_last.pt")
     _write_checkpoint(ckpt, "rp")
     out = str(tmp_path / "sub" / "W.npy")
@@ -216,4 +216,17 @@ def test_rp_recover_cli_on_synthetic_data_and_refuses_other_heads(tmp_path):
     other = str(tmp_path / "full.pt")
     _write_checkpoint(other, "full")
     with pytest.raises(ValueError, match="trained with head.name='full'; recovery needs an RP-softmax"):
-        rp_recover.main(["--checkpoint", other, "--out", out])
+        rp_recover.recover_from_checkpoint(other, out)
+    # the CLI says it in one line (exit status 2, no traceback) and leaves the earlier output alone
+    before = np.load(out)
+    capsys.readouterr()
+    assert rp_recover.main(["--checkpoint", other, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint ") and "head.name='full'" in err and "head.name='rp'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    np.testing.assert_array_equal(np.load(out), before)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert rp_recover.main(["--checkpoint", str(tmp_path / "junk.pt"), "--out", out]) == 2
+    assert "junk.pt: cannot load checkpoint" in capsys.readouterr().err
+    assert rp_recover.main(["--checkpoint", str(tmp_path / "none.pt"), "--out", out]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -37,7 +37,10 @@ def load_rp_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # weights_only=False: our own checkpoints carry RNG states (numpy tuples) beside the tensors.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
     for key in ("model", "head", "config"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"checkpoint {path} has no '{key}' entry (not written by hfsoftmax.train?)")
@@ -128,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    recover_from_checkpoint(args.checkpoint, args.out, data=args.data or None, batches=args.batches,
-                            batch_size=args.batch_size, device=args.device, class_block=args.class_block,
-                            num_workers=args.num_workers)
+    try:
+        recover_from_checkpoint(args.checkpoint, args.out, data=args.data or None, batches=args.batches,
+                                batch_size=args.batch_size, device=args.device, class_block=args.class_block,
+                                num_workers=args.num_workers)
+    except (FileNotFoundError, ValueError) as exc:  # user errors: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -48,7 +48,7 @@ class ClassifierHead(nn.Module):
             else:
                 v = torch.cat([best_v, v], 1)
                 i = torch.cat([best_i, i], 1)
-                best_v, sel = v.topk(k, dim=1)
+                best_v, sel = v.topk(min(k, v.shape[1]), dim=1)  # block_size < k: fewer so far
                 best_i = i.gather(1, sel)
         return best_v, best_i
 

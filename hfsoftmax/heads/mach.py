@@ -230,7 +230,7 @@ class MachHead(ClassifierHead):
             i = i + start
             if best_v is not None:
                 v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-                v, sel = v.topk(k, dim=1)
+                v, sel = v.topk(min(k, v.shape[1]), dim=1)  # block_size < k: fewer so far
                 i = i.gather(1, sel)
             best_v, best_i = v, i
         return best_v, best_i
