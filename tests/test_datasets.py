@@ -149,3 +149,9 @@ def test_random_flip_is_reproducible_from_the_torch_seed(tmp_path):
         a = flips(0, workers) + flips(1, workers) + flips(2, workers)
         assert a == flips(0, workers) + flips(1, workers) + flips(2, workers)
         assert len(set(a)) == 2  # both orientations occur over the seeds
+
+
+def test_explicit_idx_path_that_does_not_exist_is_an_error(tmp_path):
+    make_rec(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"RecordIO index not found: .*other\.idx"):
+        RecordDataset(str(tmp_path / "train.rec"), S, idx_path=str(tmp_path / "other.idx"))

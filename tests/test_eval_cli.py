@@ -255,3 +255,21 @@ def test_bin_flags_and_images_in_other_python_types(tmp_path):
     (tmp_path / "n.bin").write_bytes(b"not a pickle at all")
     with pytest.raises(ValueError, match=r"n\.bin: not a readable \.bin pickle"):
         read_bin(str(tmp_path / "n.bin"))
+
+
+def test_make_bin_tool_keeps_jpegs_and_reencodes_other_images(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import make_bin as tool
+    rng = np.random.default_rng(0)
+    a, b = blocky(rng), blocky(rng)
+    jpeg = encode_jpeg(a)
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    Image.fromarray(b).save(tmp_path / "b.png")
+    (tmp_path / "pairs.txt").write_text("a.jpg b.png 0\na.jpg a.jpg true\n")
+    assert tool.main(["--pairs", str(tmp_path / "pairs.txt"), "--out", str(tmp_path / "o.bin")]) == 0
+    images, flags = read_bin(str(tmp_path / "o.bin"))
+    assert flags.tolist() == [False, True] and images[0] == jpeg and images[2:] == [jpeg, jpeg]
+    assert images[1][:3] == b"\xff\xd8\xff"  # the PNG became a JPEG
+    (tmp_path / "bad.txt").write_text("a.jpg b.png maybe\n")
+    assert tool.main(["--pairs", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "x.bin")]) == 2
+    assert not (tmp_path / "x.bin").exists()

@@ -172,3 +172,11 @@ def test_split_record_at_every_aligned_magic_round_trips_through_idx(tmp_path):
     h, p = unpack(reader.read_idx(1))
     assert class_of(h.label, "x") == 4 and p == payload
     assert list(RecordIOReader(str(rec), "")) == [b"first", record, b"last"]
+
+
+def test_record0_without_header_is_an_image_when_it_has_a_payload(tmp_path):
+    # packs without the (a, b) header: every key is an image, as arcface_torch reads them
+    rec, idx = _write(tmp_path, [pack(IRHeader(0, 7.0, 0, 0), b"img0"), pack(IRHeader(0, 8.0, 1, 0), b"img1")])
+    assert read_insightface_layout(RecordIOReader(str(rec))).image_keys == [0, 1]
+    rec, idx = _write(tmp_path, [pack(IRHeader(0, 0.0, 0, 0), b""), pack(IRHeader(0, 8.0, 1, 0), b"img1")])
+    assert read_insightface_layout(RecordIOReader(str(rec))).image_keys == [1]

@@ -10,6 +10,7 @@ The output is a pickle (protocol 2) of (list of 2N JPEG bytes, list of N bools).
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -46,9 +47,9 @@ def image_bytes(path: str, image_size: int | None) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        img = Image.open(path)
-        fmt = img.format
-        img = img.convert("RGB")
+        with Image.open(io.BytesIO(data)) as src:  # decode the bytes already read; no second open
+            fmt = src.format
+            img = src.convert("RGB")
     except Exception as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
     if fmt == "JPEG" and (image_size is None or img.size == (image_size, image_size)):

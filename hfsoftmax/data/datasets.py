@@ -63,8 +63,8 @@ class RecordDataset(_SkippingDataset):
 
     Args:
         rec_path: the ``.rec`` file.
-        idx_path: its ``.idx`` (default: same name with ``.idx``); without one, the records are
-            numbered in file order by a sequential scan.
+        idx_path: its ``.idx`` (must exist when given); by default the same name with ``.idx``, and
+            when that is absent the records are numbered in file order by a sequential scan.
         image_size: output side; images of another size are resized.
         train: random horizontal flip when True.
         skip_bad: skip undecodable records (counted) instead of raising.
@@ -72,6 +72,8 @@ class RecordDataset(_SkippingDataset):
 
     def __init__(self, rec_path: str, image_size: int, idx_path: Optional[str] = None, train: bool = True,
                  skip_bad: bool = False) -> None:
+        if idx_path and not os.path.isfile(idx_path):  # asked for by name: never fall back silently
+            raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
         idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
         if os.path.isfile(idx_path):
             self.reader = RecordIOReader(rec_path, idx_path)

@@ -20,7 +20,8 @@ label; uint64 id; uint64 id2}`` (``<IfQQ``). When ``flag > 0`` the label is inst
 InsightFace's convention for ``train.rec``: record 0's label is ``(a, b)``; images are records
 ``1 .. a-1``; records ``a .. b-1`` hold each identity's ``(start, end)`` image range. Some datasets
 store an image's label as a float array whose first element is the class. Newer packs have a
-record 0 with ``flag == 0``: then every key in the ``.idx`` is an image.
+record 0 with ``flag == 0``: then every key in the ``.idx`` is an image (record 0 too, unless its
+payload is empty).
 """
 from __future__ import annotations
 
@@ -373,9 +374,11 @@ def read_insightface_layout(reader: RecordIOReader) -> InsightFaceLayout:
         raise RecordIOError(f"{reader.rec_path}: InsightFace layout needs the .idx file")
     if 0 not in reader.index:
         return InsightFaceLayout(reader.keys, None)
-    header, _ = unpack(reader.read_idx(0), f"{reader.rec_path}: record 0")
+    header, payload0 = unpack(reader.read_idx(0), f"{reader.rec_path}: record 0")
     if header.flag <= 0:
-        return InsightFaceLayout([k for k in reader.keys if k != 0], None)
+        # no (a, b) header: every record is an image (as arcface_torch reads such packs), record 0
+        # included when it carries an image; an empty record 0 is a bare header and is left out
+        return InsightFaceLayout([k for k in reader.keys if k != 0 or payload0], None)
     lab = np.asarray(header.label)
     if lab.size < 2:
         raise RecordIOError(f"{reader.rec_path}: record 0 label {lab.tolist()} should be (a, b)")

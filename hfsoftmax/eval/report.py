@@ -63,7 +63,8 @@ def evaluate_bins(model: nn.Module, bin_paths: Sequence[str], image_size: int, o
     """Run 10-fold verification on each ``.bin`` and write the report files into ``out_dir``.
 
     Args:
-        model: backbone mapping [B, 3, H, W] -> [B, d]; left in eval mode.
+        model: backbone mapping [B, 3, H, W] -> [B, d]; run in eval mode, its train/eval mode
+            restored afterwards (see :func:`~hfsoftmax.eval.extract.extract_features`).
         bin_paths: ``.bin`` files; each result is keyed by the file's base name.
         image_size: side the images are decoded/resized to (the model's input size).
         out_dir: where results.md / results.json / roc_<name>.png / features_<name>.npy go.
