@@ -119,9 +119,9 @@ def batches_from(dataset: Dataset, cfg: Config, info: hdist.DistInfo, start_step
 @dataclass
 class VerificationSet:
     name: str
-    images: torch.Tensor      # [2N, 3, S, S], pairs interleaved
-    issame: np.ndarray        # [N] bool
-    path: str | None = None   # the .bin it was read from (the final report re-reads it)
+    images: torch.Tensor | None   # [2N, 3, S, S], pairs interleaved; None: decode `path` when used
+    issame: np.ndarray | None     # [N] bool
+    path: str | None = None       # the .bin it was read from (the final report re-reads it)
 
 
 def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list[VerificationSet]]:
@@ -144,21 +144,19 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
                                                os.path.join(run_dir, "heldout.bin"))
             images, issame = load_bin(path, cfg.data.image_size)
             return train_set, spec.num_classes, [VerificationSet("heldout", images, np.asarray(issame), path)]
-        images, issame = synthetic.heldout_pairs(spec, cfg.data.val_identities, cfg.data.val_pairs)
-        return train_set, spec.num_classes, [VerificationSet("heldout", images, issame)]
+        return train_set, spec.num_classes, []          # only rank 0 evaluates
     if not os.path.exists(cfg.data.path):
         raise FileNotFoundError(f"dataset path does not exist: {cfg.data.path}")
     from .data.datasets import dataset_from_path
 
     train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad)
     ver: list[VerificationSet] = []
-    folder = cfg.data.path if os.path.isdir(cfg.data.path) else os.path.dirname(cfg.data.path)
-    bins = sorted(glob.glob(os.path.join(folder, "*.bin")))
-    if bins:
-        from .data.binset import load_bin
-        for b in bins:
-            images, issame = load_bin(b, cfg.data.image_size)
-            ver.append(VerificationSet(os.path.splitext(os.path.basename(b))[0], images, np.asarray(issame), b))
+    if run_dir is not None:
+        # Only rank 0 evaluates. The images are decoded at each evaluation, not held: lfw + cfp_fp +
+        # agedb_30 at 112x112 would be ~5 GB of float32 kept for the whole run.
+        folder = cfg.data.path if os.path.isdir(cfg.data.path) else os.path.dirname(cfg.data.path)
+        for b in sorted(glob.glob(os.path.join(folder, "*.bin"))):
+            ver.append(VerificationSet(os.path.splitext(os.path.basename(b))[0], None, None, b))
     return train_set, int(train_set.num_classes), ver
 
 
@@ -315,12 +313,17 @@ def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch
     return torch.cat(out).numpy()
 
 
-def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.device) -> dict[str, dict[str, float]]:
+def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.device,
+           image_size: int) -> dict[str, dict[str, float]]:
     from .eval.verification import evaluate
 
     results = {}
     for vs in sets:
-        r = evaluate(embed(backbone, vs.images, device), vs.issame, nfolds=10)
+        images, issame = vs.images, vs.issame
+        if images is None:
+            from .data.binset import load_bin
+            images, issame = load_bin(vs.path, image_size)
+        r = evaluate(embed(backbone, images, device), np.asarray(issame), nfolds=10)
         results[vs.name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
                             "val": float(r["val"]), "far": float(r["far"])}
     return results
@@ -424,7 +427,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     result: dict[str, Any] = {"num_classes": num_classes, "start_step": start_step}
     if start_step == 0 and ver_sets and info.is_main:
-        start = verify(backbone, ver_sets, device)
+        start = verify(backbone, ver_sets, device, cfg.data.image_size)
         result["start_verification"] = start
         metrics.log(event="eval", step=0, **{f"{n}_acc": r["accuracy"] for n, r in start.items()})
 
@@ -444,7 +447,7 @@ def train(cfg: Config) -> dict[str, Any]:
     result.update({"steps": total, "wall_s": wall,
                    "samples_per_s": (total - start_step) * cfg.train.batch_size * info.world_size / max(wall, 1e-9)})
     if ver_sets and info.is_main:
-        final = verify(backbone, ver_sets, device)
+        final = verify(backbone, ver_sets, device, cfg.data.image_size)
         result["verification"] = final
         metrics.log(event="eval", step=total, **{f"{n}_acc": r["accuracy"] for n, r in final.items()})
         bins = [vs.path for vs in ver_sets if vs.path]
@@ -523,7 +526,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         if bar is not None:
             bar.update(1)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total and info.is_main and ver_sets:
-            r = verify(backbone, ver_sets, device)
+            r = verify(backbone, ver_sets, device, cfg.data.image_size)
             metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
         is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
         if is_ckpt:

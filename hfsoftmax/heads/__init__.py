@@ -26,10 +26,10 @@ def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.devic
         return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim, seed=seed)
     if cfg.name == "mach":
         from .mach import MachHead
-        return MachHead.from_config(cfg, num_classes, feature_dim, device=device)
+        return MachHead.from_config(cfg, num_classes, feature_dim, device=device, seed=seed)
     if cfg.name == "rp":
         from .rp import RPSoftmax
-        return RPSoftmax.from_config(cfg, num_classes, feature_dim, device=device)
+        return RPSoftmax.from_config(cfg, num_classes, feature_dim, device=device, seed=seed)
     raise ValueError(f"unknown head '{cfg.name}'")
 
 
