@@ -23,10 +23,13 @@ def num_classes_of(cfg: Config) -> int:
 
 
 def server_args(cfg: Config, num_clients: int) -> list[str]:
+    from .heads.selective import head_index_name, index_metric
+
     h = cfg.head
-    index = "random" if h.name == "random" else h.index
-    metric = "dot" if h.margin == "none" else "angular"
-    args = ["--num-classes", str(num_classes_of(cfg)), "--dim", str(cfg.model.feature_dim),
+    num_classes = num_classes_of(cfg)
+    index = head_index_name(h, num_classes)
+    metric = index_metric(h.margin)
+    args = ["--num-classes", str(num_classes), "--dim", str(cfg.model.feature_dim),
             "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
             "--momentum", str(cfg.optim.momentum), "--weight-decay", str(cfg.optim.weight_decay),
             "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every)]

@@ -126,16 +126,23 @@ def _index_options(head_cfg: Any, name: str, num_classes: int) -> dict[str, Any]
     return {}
 
 
-def head_index_name(head_cfg: Any) -> str:
-    """The index a selective head uses: "random" for the random head, else ``head.index``."""
-    return "random" if head_cfg.name == "random" else str(head_cfg.index)
+def head_index_name(head_cfg: Any, num_classes: int) -> str:
+    """The index a selective head uses: "random" for the random head, else ``head.index``, where
+    "auto" means the hashing forest below 100K classes and the incremental IVF index from there on
+    (``paramserver.index.default_index_name``: a forest rebuild at 1M classes takes minutes)."""
+    if head_cfg.name == "random":
+        return "random"
+    if head_cfg.index == "auto":
+        from paramserver.index import default_index_name
+        return default_index_name(num_classes)
+    return str(head_cfg.index)
 
 
 def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
     """An IndexManager over a K x d store for this head config (built by the caller)."""
     from paramserver.index import IndexManager, make_index
 
-    name = head_index_name(head_cfg)
+    name = head_index_name(head_cfg, num_classes)
     metric = index_metric(head_cfg.margin)
     opts = _index_options(head_cfg, name, num_classes)
 
@@ -192,14 +199,14 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
-        needs_query = head_index_name(cfg.head) != "random" and int(cfg.head.num_active) < num_classes
+        needs_query = head_index_name(cfg.head, num_classes) != "random" and int(cfg.head.num_active) < num_classes
         if needs_query:
             bare = [a for a, inf in zip(addresses, store.info()) if not inf.get("index")]
             if bare:
                 store.close()
                 raise ConfigError(f"parameter server {', '.join(bare)} has no class index, but head {cfg.head.name} "
                                  f"with num_active={cfg.head.num_active} < num_classes={num_classes} queries one: "
-                                 f"start it with --index {cfg.head.index} --metric {index_metric(cfg.head.margin)} "
+                                 f"start it with --index {head_index_name(cfg.head, num_classes)} --metric {index_metric(cfg.head.margin)} "
                                  f"--rebuild-every {cfg.head.rebuild_every}")
         return store
     raise ConfigError(f"unknown store.kind '{kind}' (choose local or remote)")
@@ -299,7 +306,7 @@ class SelectiveSoftmax(ClassifierHead):
             logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
                            cfg.num_active, num_classes)
         return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
-                   scale=cfg.scale, margin_m=cfg.margin_m, index=head_index_name(cfg), candidates=cfg.candidates,
+                   scale=cfg.scale, margin_m=cfg.margin_m, index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
                    cpk_every=cfg.cpk_every, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
                    m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size)
 
