@@ -217,7 +217,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         if store is not None:
             head.end_step(s)
         train_s += time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     out: dict[str, Any] = {"ms_per_step": 1e3 * train_s / steps, "final_loss": float(np.mean(losses[-50:])),
                            "classifier_mib": cls_mib, **extra}
     if manager is not None:
