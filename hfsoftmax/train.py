@@ -121,7 +121,7 @@ class VerificationSet:
     name: str
     images: torch.Tensor | None   # [2N, 3, S, S], pairs interleaved; None: decode `path` when used
     issame: np.ndarray | None     # [N] bool
-    path: str | None = None       # the .bin it was read from (the final report re-reads it)
+    path: str                     # the .bin (the final report reads it through eval.report)
 
 
 def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list[VerificationSet]]:
@@ -299,22 +299,9 @@ def _prune_store_snapshots(run_dir: str, keep_names: set[str | None]) -> None:
 # --------------------------------------------------------------------------------------------- #
 # Evaluation and logging.
 
-@torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised flip-summed embeddings [N, d] (backbone in eval mode, restored afterwards)."""
-    was_training = backbone.training
-    backbone.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        f = backbone(x) + backbone(torch.flip(x, dims=[3]))
-        out.append(torch.nn.functional.normalize(f.float(), dim=1).cpu())
-    backbone.train(was_training)
-    return torch.cat(out).numpy()
-
-
 def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.device,
            image_size: int) -> dict[str, dict[str, float]]:
+    from .eval.extract import extract_features
     from .eval.verification import evaluate
 
     results = {}
@@ -323,7 +310,8 @@ def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.devic
         if images is None:
             from .data.binset import load_bin
             images, issame = load_bin(vs.path, image_size)
-        r = evaluate(embed(backbone, images, device), np.asarray(issame), nfolds=10)
+        feats = extract_features(backbone, images, batch_size=256, flip=True, device=device, progress=False)
+        r = evaluate(feats, np.asarray(issame), nfolds=10)
         results[vs.name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
                             "val": float(r["val"]), "far": float(r["far"])}
     return results
@@ -351,13 +339,6 @@ def git_sha() -> str:
                               timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| set | accuracy | std | VAL@FAR=1e-3 |", "|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_std']:.2f} | {100 * r['val']:.2f}% |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -447,18 +428,15 @@ def train(cfg: Config) -> dict[str, Any]:
     result.update({"steps": total, "wall_s": wall,
                    "samples_per_s": (total - start_step) * cfg.train.batch_size * info.world_size / max(wall, 1e-9)})
     if ver_sets and info.is_main:
-        final = verify(backbone, ver_sets, device, cfg.data.image_size)
+        # The same report scripts/eval.sh writes (results.md, results.json, roc_<set>.png), on the .bins.
+        from .eval.report import evaluate_bins, format_markdown
+        eval_dir = os.path.join(run_dir, "eval")
+        final = evaluate_bins(backbone, [vs.path for vs in ver_sets], cfg.data.image_size, eval_dir, device=device,
+                              header=f"{cfg.head.name} head, step {total}")
         result["verification"] = final
+        result["report"] = format_markdown(final)
+        result["report_dir"] = eval_dir
         metrics.log(event="eval", step=total, **{f"{n}_acc": r["accuracy"] for n, r in final.items()})
-        bins = [vs.path for vs in ver_sets if vs.path]
-        if bins:
-            # The same report scripts/eval.sh writes: results.md, results.json, roc_<set>.png.
-            from .eval.report import evaluate_bins, format_markdown
-            eval_dir = os.path.join(run_dir, "eval")
-            report = evaluate_bins(backbone, bins, cfg.data.image_size, eval_dir, device=device,
-                                   header=f"{cfg.head.name} head, step {total}")
-            result["report"] = format_markdown(report)
-            result["report_dir"] = eval_dir
     if info.is_main:
         metrics.log(event="done", **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         metrics.close()
@@ -569,13 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             if "report" in result:
                 print(f"\nVerification, 10-fold (report in {result['report_dir']}):")
                 print(result["report"])
-            elif "verification" in result:
-                print("\nVerification (10-fold):")
-                print(format_table(result["verification"]))
-            if "verification" in result:
-                if "start_verification" in result:
-                    s = result["start_verification"]
-                    print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
+            if "start_verification" in result:
+                s = result["start_verification"]
+                print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
             print(f"steps {result['steps']}  wall {result['wall_s']:.1f}s  samples/s {result['samples_per_s']:.1f}")
         return 0
     except _user_errors() as e:
