@@ -9,11 +9,7 @@ shortcut needs no index on the server) and the two runs differ only in how the b
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import subprocess
-import sys
-import time
 from typing import Iterator
 
 import numpy as np
@@ -29,40 +25,17 @@ from hfsoftmax.heads.selective import ParamServerLostError, SelectiveSoftmax, ma
 from hfsoftmax.train import Model
 from paramserver.store import init_rows
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "paramserver", "paramserver.py")
+from servers import free_port, launch_server
+
 K, D, IMG, GLOBAL_B, STEPS = 24, 16, 16, 8, 3
 LRS = [0.2, 0.1, 0.05]          # a schedule: the server must apply each push's lr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def server(tmp_path, name: str, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """A parameter server on a free 127.0.0.1 port; yields (process, address); always killed."""
-    ready = tmp_path / f"{name}.ready"
-    log = open(tmp_path / f"{name}.log", "ab")
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--bind", "tcp://127.0.0.1:0", "--ready-file", str(ready),
-                             "--log-every", "0", "--seed", "5", *args], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {(tmp_path / f'{name}.log').read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("parameter server did not become ready in 30 s")
-            time.sleep(0.02)
-        yield proc, ready.read_text().strip()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        log.close()
+    with launch_server(tmp_path, "--log-every", "0", "--seed", "5", *args, name=name) as pa:
+        yield pa
 
 
 def config(address: str, timeout: float = 30.0) -> Config:

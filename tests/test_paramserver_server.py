@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,40 +21,14 @@ from paramserver.server import ParamServer
 from paramserver.store import BadRequestError, StaleStepError, SyncTimeoutError, WeightStore, shard_ranges
 from test_paramserver_store import FakeIndex, make_pushes, torch_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "paramserver", "paramserver.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import REPO, free_port, launch_server
 
 
 @contextlib.contextmanager
 def launch(tmp_path, *args: str, bind: str = "tcp://127.0.0.1:0", name: str = "ps") -> Iterator[tuple]:
-    """Start ``paramserver.py`` and yield (process, address); always killed on exit."""
-    ready = tmp_path / f"{name}.ready"
-    log = open(tmp_path / f"{name}.log", "ab")
-    if ready.exists():
-        ready.unlink()
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--bind", bind, "--ready-file", str(ready),
-                             "--log-every", "0.5", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: "
-                                   f"{open(tmp_path / f'{name}.log').read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become ready")
-            time.sleep(0.02)
-        yield proc, ready.read_text().strip()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        log.close()
+    """A server that logs its throughput often (the log lines are part of what some tests read)."""
+    with launch_server(tmp_path, "--log-every", "0.5", *args, bind=bind, name=name) as pa:
+        yield pa
 
 
 @contextlib.contextmanager

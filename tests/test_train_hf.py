@@ -2,7 +2,6 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import torch
 
 from hfsoftmax.config import load_config
 from hfsoftmax.train import TrainingError, train
+from servers import launch_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.num_classes=40", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=10",
@@ -86,24 +86,10 @@ def test_local_store_without_server(tmp_path):
     assert "in-process" in r.stdout and "parameter server started" not in r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path, name):
-    ready = tmp_path / f"{name}.addr"
-    args = subprocess.run([sys.executable, "-m", "hfsoftmax.launch", "server-args", *TINY], cwd=ROOT, env=_env(),
+def _server_args() -> list[str]:
+    """The server arguments train_hf.sh would pass for the TINY config."""
+    return subprocess.run([sys.executable, "-m", "hfsoftmax.launch", "server-args", *TINY], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, check=True).stdout.split()
-    proc = subprocess.Popen([sys.executable, "paramserver/paramserver.py", "--bind", f"tcp://127.0.0.1:{_free_port()}",
-                             "--ready-file", str(ready), "--no-final-snapshot", *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (ready.exists() and ready.read_text().strip()):
-        assert proc.poll() is None and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    return proc, ready.read_text().strip()
 
 
 def test_server_lost_mid_training_then_resume(tmp_path, monkeypatch):
@@ -112,40 +98,27 @@ def test_server_lost_mid_training_then_resume(tmp_path, monkeypatch):
     # Exact selection with M = K makes the run deterministic, so resume can be compared bitwise.
     common = TINY + ["head.name=hf", "head.margin=cosface", "head.scale=8", "head.num_active=40", "train.steps=6", "train.ckpt_every=2", "store.kind=remote",
                      "store.timeout=5"]
-    ref_server, ref_addr = _start_server(tmp_path, "ref")
-    try:
+    args = ["--no-final-snapshot", *_server_args()]
+    with launch_server(tmp_path, *args, name="ref") as (_, ref_addr):
         train(load_config(None, common + [f"store.address={ref_addr}", f"train.out_dir={tmp_path / 'ref'}"]))
-    finally:
-        ref_server.kill()
-        ref_server.wait()
 
-    server, addr = _start_server(tmp_path, "a")
     run = tmp_path / "run"
     real_begin = selective.SelectiveSoftmax.begin_step
-
-    def begin_and_maybe_kill(self, step, lr):
-        if step == 3:
-            server.kill()
-            server.wait()
-        return real_begin(self, step, lr)
-    monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", begin_and_maybe_kill)
-    try:
+    with launch_server(tmp_path, *args, name="a") as (server, addr):
+        def begin_and_maybe_kill(self, step, lr):
+            if step == 3:
+                server.kill()
+                server.wait()
+            return real_begin(self, step, lr)
+        monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", begin_and_maybe_kill)
         with pytest.raises(TrainingError) as e:
             train(load_config(None, common + [f"store.address={addr}", f"train.out_dir={run}"]))
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
     msg = str(e.value)
     assert addr in msg and "ckpt_last.pt" in msg and "resume=auto" in msg
 
     monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", real_begin)
-    server2, addr2 = _start_server(tmp_path, "b")
-    try:
+    with launch_server(tmp_path, *args, name="b") as (_, addr2):
         r = train(load_config(None, common + [f"store.address={addr2}", f"train.out_dir={run}", "train.resume=auto"]))
-    finally:
-        server2.kill()
-        server2.wait()
     assert r["start_step"] == 2
     ref = torch.load(tmp_path / "ref" / "ckpt_last.pt", weights_only=False)
     got = torch.load(run / "ckpt_last.pt", weights_only=False)
