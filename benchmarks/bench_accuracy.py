@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpk_exact, emit, peak_rss_mib, run_worker  # noqa: E402
+from common import cpk_exact, emit, peak_rss_mib, print_result, run_worker  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
 logger = logging.getLogger("bench_accuracy")
@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if "top1" in full and name != "full":
             kv += [f"{tag}_top1_minus_full={100 * (r['top1'] - full['top1']):+.2f}pt",
                    f"{tag}_verif_minus_full={100 * (r['verif'] - full['verif']):+.2f}pt"]
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s")
-    kv.append(f"total_s={total:.0f}")
-    print("RESULT " + " ".join(kv))
+    print_result(kv, t_start)
     return 0
 
 

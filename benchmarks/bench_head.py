@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (cpk_exact, emit, features_near, fill_store, median, peak_rss_mib,  # noqa: E402
+from common import (cpk_exact, emit, print_result, features_near, fill_store, median, peak_rss_mib,  # noqa: E402
                     run_worker)
 
 SCRIPT = os.path.abspath(__file__)
@@ -454,10 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 kv += [f"{tag}_rebuild_cost={r['rebuild_cost']:.3f}", f"{tag}_bg_builds={r['bg_builds_done']}",
                        f"{tag}_period_steps={fmt(r['achieved_period_steps'], 0)}",
                        f"{tag}_staleness={r['staleness_steps']}", f"{tag}_since_build={r['steps_since_build']}"]
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s")
-    kv.append(f"total_s={total:.0f}")
-    print("RESULT " + " ".join(kv))
+    print_result(kv, t_start)
     return 0
 
 

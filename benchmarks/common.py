@@ -164,5 +164,12 @@ def cpk_exact(rows_block, K: int, feats: np.ndarray, active: np.ndarray, M: int,
     return out
 
 
+def print_result(kv: list[str], t_start: float) -> None:
+    """Close a benchmark: its total run time, then the one ``RESULT key=value ...`` line."""
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total:.0f} s")
+    print("RESULT " + " ".join(kv + [f"total_s={total:.0f}"]))
+
+
 def median(xs: list[float]) -> float:
     return float(np.median(np.asarray(xs))) if xs else float("nan")
