@@ -3,7 +3,7 @@
 ``python -m hfsoftmax.launch server-args --config C [key=value ...]`` prints, one per line, the
 arguments ``paramserver/paramserver.py`` must get so that its store matches the trainer: K (read from
 the dataset when ``data.path`` is set), d, the classifier's SGD settings and the class index.
-``... get KEY`` prints one resolved config value (e.g. ``train.out_dir``). Both exit 2 with a
+``... get KEY [KEY ...]`` prints resolved config values, one per line (e.g. ``train.out_dir``). Both exit 2 with a
 one-line message on bad input, like the trainer.
 """
 from __future__ import annotations
@@ -47,19 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("server-args", "get"))
     p.add_argument("--config", default=None)
     p.add_argument("--num-clients", type=int, default=1)
-    p.add_argument("rest", nargs="*", help="for get: KEY first; then key=value overrides")
+    p.add_argument("rest", nargs="*", help="for get: the KEYs first; then key=value overrides")
     a = p.parse_intermixed_args(argv)
     try:
         rest = list(a.rest)
-        key = rest.pop(0) if a.what == "get" and rest else None
+        keys = []
+        while a.what == "get" and rest and "=" not in rest[0]:
+            keys.append(rest.pop(0))
         cfg = load_config(a.config, rest)
         if a.what == "get":
-            value: object = cfg
-            for part in (key or "").split("."):
-                if not hasattr(value, part):
-                    raise ConfigError(f"unknown config key '{key}'")
-                value = getattr(value, part)
-            print(value)
+            for key in keys:
+                value: object = cfg
+                for part in key.split("."):
+                    if not hasattr(value, part):
+                        raise ConfigError(f"unknown config key '{key}'")
+                    value = getattr(value, part)
+                print(value)
         else:
             print("\n".join(server_args(cfg, a.num_clients)))
         return 0

@@ -18,9 +18,10 @@ SYNTHETIC_CONFIG=configs/synthetic_hf.yaml
 DATASET_CONFIG=configs/faces_hf.yaml
 . scripts/_launch_args.sh
 
-KIND=$("$PY" -m hfsoftmax.launch get store.kind --config "$CONFIG" "$@")
-ADDRESS=$("$PY" -m hfsoftmax.launch get store.address --config "$CONFIG" "$@")
-OUT_DIR=$("$PY" -m hfsoftmax.launch get train.out_dir --config "$CONFIG" "$@")
+RESOLVED=$("$PY" -m hfsoftmax.launch get store.kind store.address train.out_dir --config "$CONFIG" "$@")
+KIND=$(printf '%s\n' "$RESOLVED" | sed -n 1p)
+ADDRESS=$(printf '%s\n' "$RESOLVED" | sed -n 2p)
+OUT_DIR=$(printf '%s\n' "$RESOLVED" | sed -n 3p)
 
 run_trainer() {
   if [ "$NPROC" -gt 1 ]; then
