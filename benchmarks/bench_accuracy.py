@@ -150,7 +150,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     if method == "full":
         head = FullSoftmax(K, d, margin="cosface", scale=spec["scale"], margin_m=spec["margin_m"])
         cls_mib = K * d * 4 / 2**20
-    elif method in ("hf-forest", "hf-ivf", "random"):
+    elif method in ("hf-forest", "hf-ivf", "hf-graph", "hf-exact", "random"):
         from paramserver.index import IndexManager, make_index
         from paramserver.store import WeightStore
         from hfsoftmax.heads.selective import SelectiveSoftmax

@@ -128,11 +128,11 @@ def _make_local_store(spec: dict[str, Any], index: str) -> tuple[Any, Any, float
     if index == "random":
         return store, None, 0.0
     opts: dict[str, Any] = {}
+    if index in ("ivf", "graph") and spec.get("nlist"):
+        opts["nlist"] = spec["nlist"]
     if index == "ivf":
         if spec.get("nprobe"):
             opts["nprobe"] = spec["nprobe"]
-        if spec.get("nlist"):
-            opts["nlist"] = spec["nlist"]
     manager = IndexManager(lambda: make_index(index, d, "angular", seed=0, **opts), rebuild_every=10**9)
     t0 = time.perf_counter()
     manager.build_now(store.rows_view(), step=0)
@@ -326,8 +326,8 @@ def worker_hf_remote(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKERS = {"full": worker_full, "mach": worker_sibling, "rp": worker_sibling, "hf-forest": worker_hf,
-           "hf-ivf": worker_hf, "random": worker_hf, "hf-ivf-remote": worker_hf_remote,
-           "hf-forest-remote": worker_hf_remote}
+           "hf-ivf": worker_hf, "hf-graph": worker_hf, "random": worker_hf, "hf-ivf-remote": worker_hf_remote,
+           "hf-forest-remote": worker_hf_remote, "hf-graph-remote": worker_hf_remote}
 
 
 def run_method(method: str, K: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -344,7 +344,7 @@ def run_method(method: str, K: int, args: argparse.Namespace) -> dict[str, Any]:
         spec.update(steps=args.steps, warmup=args.warmup)
     else:
         spec.update(steps=args.steps, warmup=args.warmup, index=method.split("-")[1] if "-" in method else "random")
-        if method in ("hf-forest", "hf-ivf") and args.rebuild_phase_s > 0 and (not big or method == "hf-ivf"):
+        if method in ("hf-forest", "hf-ivf", "hf-graph") and args.rebuild_phase_s > 0 and (not big or method != "hf-forest"):
             spec.update(rebuild_phase_s=args.rebuild_phase_s, rebuild_every=args.rebuild_every)
     logger.info("K=%d %s ...", K, method)
     res = run_worker(SCRIPT, spec, threads=args.threads)

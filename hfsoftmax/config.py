@@ -74,13 +74,14 @@ class HeadConfig:
     margin_m: float = 0.35         # m: 0.35 cosface, 0.5 arcface are the usual values
     # Selective softmax (hf, random): see heads/selective.py.
     num_active: int = 1000         # M
-    index: str = "auto"            # auto (forest below 100K classes, ivf above) | forest | ivf | hnsw | exact | random
+    index: str = "auto"            # auto (forest below 100K classes, ivf above) | forest | ivf | graph | hnsw | exact | random
     candidates: int = 64           # nearest classes asked of the index per sample
     rebuild_every: int = 100       # T (a minimum period: builds never queue)
     ntrees: int = 50
     search_k: int = -1
     nlist: int = 0                 # IVF lists; 0 -> about sqrt(K)
     nprobe: int = 8
+    degree: int = 32               # graph index: neighbours kept per class
     cpk_every: int = 0             # P: log CPK(M) on a probe batch every P steps (0 = off)
     adaptive: bool = False         # adaptive allocation of M and T from CPK
     tau_cp: float = 0.9
@@ -265,7 +266,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 _CHOICES = {
     "head.name": ("full", "hf", "random", "mach", "rp"),
     "head.margin": ("none", "cosface", "arcface"),
-    "head.index": ("auto", "forest", "ivf", "hnsw", "exact", "random"),
+    "head.index": ("auto", "forest", "ivf", "graph", "hnsw", "exact", "random"),
     "optim.schedule": ("constant", "step", "cosine"),
     "store.kind": ("local", "remote"),
     "model.norm": ("batch", "group"),

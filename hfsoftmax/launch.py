@@ -39,6 +39,8 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
         args += ["--ntrees", str(h.ntrees), "--search-k", str(h.search_k)]
     if index == "ivf":
         args += ["--nlist", str(h.nlist), "--nprobe", str(h.nprobe)]
+    if index == "graph":
+        args += ["--nlist", str(h.nlist), "--degree", str(h.degree)]
     return args
 
 

@@ -259,14 +259,16 @@ class RemoteStore:
         header = {"op": "set_rows", "matrix": matrix}
         self._call({i: (header, [arr[p], rows[p]]) for i, p in enumerate(parts) if len(p)})
 
-    def query(self, features: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` classes per feature over all shards: (ids int64 [B, n], scores float32 [B, n]).
 
         Each shard answers from its own index; candidates are concatenated along axis 1 and the n
         best by score are kept per row (stable, so ties keep shard order).
         """
-        feats = np.ascontiguousarray(features)
-        reps = self._call({i: ({"op": "query", "n": int(n)}, [feats]) for i in range(len(self.addresses))})
+        arrays = [np.ascontiguousarray(features)]
+        if labels is not None:
+            arrays.append(np.ascontiguousarray(labels, dtype=np.int64))
+        reps = self._call({i: ({"op": "query", "n": int(n)}, arrays) for i in range(len(self.addresses))})
         ids = np.concatenate([reps[i][1][0] for i in range(len(self.addresses))], axis=1)
         scores = np.concatenate([reps[i][1][1] for i in range(len(self.addresses))], axis=1)
         if len(self.addresses) == 1:

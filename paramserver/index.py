@@ -145,9 +145,10 @@ class ClassIndex:
         """Build from W [K, d] float32. The index copies what it keeps, so W may change after."""
         raise NotImplementedError
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """F [B, d] -> (ids int64 [B, n] global class ids, -1 where fewer found;
-        scores float32 [B, n], sorted descending per row)."""
+        scores float32 [B, n], sorted descending per row). `labels` [B] (the batch's global class
+        ids) is a hint only the label-driven GraphIndex uses; the others ignore it."""
         raise NotImplementedError
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -173,10 +174,12 @@ class ExactIndex(ClassIndex):
     """Exact top-n by blocked matmul; the reference every approximate index is measured against.
 
     Memory stays bounded at K = 1M: rows are scored in blocks of `block_rows`, and a running top-n
-    ([B, n]) is merged with each block's top-n via np.argpartition.
+    ([B, n]) is merged with each block's top-n via np.argpartition. Incremental: `update` writes
+    the pushed rows into its copy, so the index is never stale (the oracle selection in benchmarks).
     """
 
     name = "exact"
+    incremental = True
 
     def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
                  block_rows: int = 65536) -> None:
@@ -191,7 +194,20 @@ class ExactIndex(ClassIndex):
         self._W = _normalize_rows(W) if self.metric == "angular" else W.copy()
         self.num_classes = W.shape[0]
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite the changed rows (global ids [m], rows [m, d])."""
+        if self._W is None:
+            raise RuntimeError("ExactIndex.update called before build()")
+        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape != (local.size, self.dim):
+            raise ValueError(f"rows must be [len(ids)={local.size}, {self.dim}], got shape {rows.shape}")
+        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
+            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
+                             f"got range [{ids.min()}, {ids.max()}]")
+        self._W[local] = _normalize_rows(rows) if self.metric == "angular" else rows
+
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         assert self._W is not None
         if self.metric == "angular":
@@ -306,7 +322,7 @@ class HashingForest(ClassIndex):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         B = F.shape[0]
         ids = np.full((B, n), -1, dtype=np.int64)
@@ -352,7 +368,7 @@ class HNSWIndex(ClassIndex):
         self._hnsw = index
         self.num_classes = W.shape[0]
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         k = min(n, self.num_classes)
         with self._lock:
@@ -474,7 +490,7 @@ class IVFIndex(ClassIndex):
         with self._lock, _faiss_threads(self.query_threads):
             self._ivf.update_vectors(np.ascontiguousarray(local), X)
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         Q = _normalize_rows(F) if self.metric == "angular" else F
         assert self._centroids is not None
@@ -491,6 +507,184 @@ class IVFIndex(ClassIndex):
         ids = np.where(I >= 0, I + self.class_offset, -1).astype(np.int64)
         ids, scores = _sort_desc(ids, D.astype(np.float32))
         return self._pad(ids, scores, n)
+
+
+class GraphIndex(ClassIndex):
+    """Class-neighbour graph: each class's `degree` nearest classes (cosine of their rows), built in
+    the background; a query scores the neighbours of each sample's LABEL against the feature.
+
+    Why: at B = 256 a per-feature probe of an IVF or a forest touches most of W every step (256
+    queries x nprobe lists), which costs 5-9x the M-row softmax step itself. The hard negatives of a
+    sample are the classes its feature scores highest, and once training is under way the feature
+    lies near its label's row, so they are the label's nearest classes (the "doppelganger" lists of
+    face recognition). The graph holds those lists; a step gathers B x (degree + 1) rows and scores
+    them with the features -- per-step cost independent of K. The scores are exact and fresh (the
+    index keeps a copy of the rows, updated every step like IVF); only the neighbour SETS age, and
+    they are recomputed at each rebuild.
+
+    Query, per sample b with feature f_b and label y_b: entry e_b = y_b when the label is a class of
+    this shard, else (no labels, or a label of another shard) a greedy graph walk: start at the
+    member nearest to the centroid nearest to f_b and move `hops` times to the best-scoring row of
+    {e} + graph[e]. Candidates = {e_b} + graph[e_b]; score = f_b . row (cosine for "angular"); the
+    top n returned. With S shards each shard proposes only its own classes, so a label's neighbours
+    in other shards are found by the walk, which is weaker than the label's own list.
+
+    Build: spherical k-means (faiss) on a sample; every row is assigned to its nearest centroid and
+    searches its `probe` nearest lists (an IVF kNN search of W against itself). The work is grouped
+    by list -- one BLAS matmul of all rows probing list j against j's members -- so it runs at
+    matmul speed, not at a per-query scan's. Cost ~ K * probe * (K / nlist) * d multiply-adds.
+
+    Args (besides the base ones):
+        degree: neighbours kept per class (graph out-degree).
+        nlist: k-means lists (None: round(sqrt(K)), at most K // 8, at least 1).
+        probe: lists searched for each list's neighbours (itself included).
+        hops: greedy steps of the walk for a sample without a label in this shard.
+        niter, train_points_per_centroid: k-means iterations and sample size per centroid.
+    """
+
+    name = "graph"
+    incremental = True
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3, niter: int = 10,
+                 train_points_per_centroid: int = 64) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        for key, val in (("degree", degree), ("probe", probe), ("niter", niter),
+                         ("train_points_per_centroid", train_points_per_centroid)):
+            if not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {val!r}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if not isinstance(hops, (int, np.integer)) or hops < 0:
+            raise ValueError(f"hops must be an int >= 0, got {hops!r}")
+        self.degree, self.nlist_opt, self.probe, self.hops = int(degree), nlist, int(probe), int(hops)
+        self.niter, self.train_points_per_centroid = int(niter), int(train_points_per_centroid)
+        self.nlist = 0
+        self._rows: Optional[np.ndarray] = None       # [K, d] what queries score (unit rows for angular)
+        self._graph: Optional[np.ndarray] = None      # [K, degree] int32 local ids, -1 = none
+        self._centroids: Optional[np.ndarray] = None  # [nlist, d] unit
+        self._reps: Optional[np.ndarray] = None       # [nlist] member nearest each centroid
+        self._lock = threading.Lock()
+
+    def build(self, W: np.ndarray) -> None:
+        import faiss
+
+        W = self._check_W(W)
+        K = W.shape[0]
+        X = _normalize_rows(W)  # neighbours are by cosine for both metrics
+        rows = X if self.metric == "angular" else W.copy()
+        nlist = min(self.nlist_opt or max(1, min(int(round(math.sqrt(K))), K // 8)), K)
+        with _faiss_threads(self.build_threads):
+            rng = np.random.default_rng(self.seed)
+            n_train = min(K, nlist * self.train_points_per_centroid)
+            sample = X if n_train == K else X[np.sort(rng.choice(K, n_train, replace=False))]
+            km = faiss.Kmeans(self.dim, nlist, niter=self.niter, seed=self.seed, spherical=True,
+                              max_points_per_centroid=self.train_points_per_centroid, verbose=False)
+            km.train(sample)
+            C = _normalize_rows(np.ascontiguousarray(km.centroids, dtype=np.float32))
+            flat = faiss.IndexFlatIP(self.dim)
+            flat.add(C)
+            p = min(self.probe, nlist)
+            sims, top = flat.search(X, p)                   # each row's p nearest lists, best first
+        assign = top[:, 0]
+        order = np.argsort(assign, kind="stable")          # rows grouped by their own list
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(assign, minlength=nlist))))
+        pos = np.empty(K, dtype=np.int64)                  # a row's position inside its list
+        pos[order] = np.arange(K) - bounds[assign[order]]
+        # (row, slot) pairs grouped by probed list: list j is searched by every row that has it
+        # among its p nearest lists, in one matmul of those rows against j's members.
+        probed = top.reshape(-1)
+        by_list = np.argsort(probed, kind="stable")
+        qbounds = np.concatenate(([0], np.cumsum(np.bincount(probed, minlength=nlist))))
+        deg = min(self.degree, K - 1)
+        part_i = np.full((K, p, deg), -1, dtype=np.int32)  # per (row, probed list) top-deg
+        part_s = np.full((K, p, deg), -np.inf, dtype=np.float32)
+        reps = np.zeros(nlist, dtype=np.int64)
+        block = 4096  # query rows per matmul: bounds the [block, members] score matrix
+        for lst in range(nlist):
+            mem = order[bounds[lst]:bounds[lst + 1]]
+            if mem.size == 0:
+                continue
+            reps[lst] = mem[np.argmax(sims[mem, 0])]
+            pairs = by_list[qbounds[lst]:qbounds[lst + 1]]
+            rows_q, slot = pairs // p, pairs % p
+            Xm = X[mem]
+            for lo in range(0, rows_q.size, block):
+                rq, sl = rows_q[lo:lo + block], slot[lo:lo + block]
+                S = X[rq] @ Xm.T                                  # [q, members]
+                own = np.flatnonzero(assign[rq] == lst)
+                S[own, pos[rq[own]]] = -np.inf                    # not its own neighbour
+                k = min(deg, mem.size)
+                t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < mem.size else \
+                    np.broadcast_to(np.arange(mem.size), S.shape)
+                part_i[rq, sl, :k] = mem[t]
+                part_s[rq, sl, :k] = np.take_along_axis(S, t, axis=1)
+        part_i, part_s = part_i.reshape(K, -1), part_s.reshape(K, -1)
+        best = np.argpartition(-part_s, deg - 1, axis=1)[:, :deg] if deg < part_s.shape[1] else \
+            np.broadcast_to(np.arange(part_s.shape[1]), part_s.shape)
+        bs = np.take_along_axis(part_s, best, axis=1)
+        best = np.take_along_axis(best, np.argsort(-bs, axis=1, kind="stable"), axis=1)
+        graph = np.full((K, self.degree), -1, dtype=np.int32)
+        graph[:, :deg] = np.take_along_axis(part_i, best, axis=1)
+        graph[:, :deg][~np.isfinite(np.take_along_axis(part_s, best, axis=1))] = -1
+        with self._lock:
+            self._rows, self._graph, self._centroids, self._reps = rows, graph, C, reps
+            self.nlist, self.num_classes = nlist, K
+
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite the changed rows (global ids [m], rows [m, d]); the neighbour sets wait for a rebuild."""
+        if self._rows is None:
+            raise RuntimeError("GraphIndex.update called before build()")
+        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape != (local.size, self.dim):
+            raise ValueError(f"rows must be [len(ids)={local.size}, {self.dim}], got shape {rows.shape}")
+        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
+            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
+                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
+        with self._lock:
+            self._rows[local] = _normalize_rows(rows) if self.metric == "angular" else rows
+
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        Q = _normalize_rows(F) if self.metric == "angular" else F
+        B, K = F.shape[0], self.num_classes
+        with self._lock:
+            rows, graph, C, reps = self._rows, self._graph, self._centroids, self._reps
+            assert rows is not None and graph is not None and C is not None and reps is not None
+            entry = np.full(B, -1, dtype=np.int64)
+            if labels is not None:
+                lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+                if lab.shape[0] != B:
+                    raise ValueError(f"labels must be [B={B}], got {lab.shape[0]} entries")
+                local = lab - self.class_offset
+                mine = (local >= 0) & (local < K)
+                entry[mine] = local[mine]
+            lost = np.flatnonzero(entry < 0)
+            if lost.size:  # no label in this shard: enter at the cluster nearest the feature and
+                # walk greedily to the best-scoring row (a few hops of B x degree scores each)
+                entry[lost] = reps[np.argmax(_normalize_rows(F[lost]) @ C.T, axis=1)]
+                for _ in range(self.hops):
+                    c, s = self._score(rows, graph, entry[lost], Q[lost])
+                    entry[lost] = c[np.arange(lost.size), np.argmax(s, axis=1)]
+            cand, S = self._score(rows, graph, entry, Q)   # [B, 1 + degree] fresh scores
+        k = min(n, S.shape[1])
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else \
+            np.broadcast_to(np.arange(S.shape[1]), S.shape)
+        ids = np.take_along_axis(cand, top, axis=1)
+        scores = np.take_along_axis(S, top, axis=1).astype(np.float32)
+        ids = np.where(np.isfinite(scores), ids + self.class_offset, -1)
+        ids, scores = _sort_desc(ids, scores)
+        return self._pad(ids, scores, n)
+
+    @staticmethod
+    def _score(rows: np.ndarray, graph: np.ndarray, entry: np.ndarray, Q: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Candidates {e} + graph[e] per query and their scores q . row (-inf where none)."""
+        cand = np.concatenate([entry[:, None], graph[entry]], axis=1).astype(np.int64)
+        ok = cand >= 0
+        S = np.matmul(rows[np.where(ok, cand, 0)], Q[:, :, None])[:, :, 0]
+        S[~ok] = -np.inf
+        return cand, S
 
 
 class RandomIndex(ClassIndex):
@@ -510,19 +704,21 @@ class RandomIndex(ClassIndex):
     def build(self, W: np.ndarray) -> None:
         self.num_classes = self._check_W(W).shape[0]
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         with self._lock:
             ids = self._rng.integers(0, self.num_classes, size=(F.shape[0], n), dtype=np.int64)
         return ids + self.class_offset, np.zeros((F.shape[0], n), dtype=np.float32)
 
 
-_INDEXES: Dict[str, type] = {c.name: c for c in (ExactIndex, HashingForest, HNSWIndex, IVFIndex, RandomIndex)}
+_INDEXES: Dict[str, type] = {c.name: c for c in (ExactIndex, HashingForest, HNSWIndex, IVFIndex, GraphIndex,
+                                                  RandomIndex)}
 _OPTIONS: Dict[str, Tuple[str, ...]] = {
     "exact": ("block_rows",),
     "forest": ("ntrees", "search_k", "subprocess"),
     "hnsw": ("M", "ef_construction", "ef_search"),
     "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid", "query_threads"),
+    "graph": ("degree", "nlist", "probe", "hops", "niter", "train_points_per_centroid"),
     "random": (),
 }
 
@@ -737,13 +933,13 @@ class IndexManager:
                 index.update(ids, rows)
                 self._source_step = max(self._source_step, int(step))
 
-    def query(self, F: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Query the live index; never waits for a running build."""
         with self._lock:
             index = self._index
         if index is None:
             raise RuntimeError("no index yet: call build_now(W) or maybe_rebuild(store, step) first")
-        return index.query(F, n)
+        return index.query(F, n, labels)
 
     @property
     def index(self) -> Optional[ClassIndex]:

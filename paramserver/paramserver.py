@@ -3,7 +3,7 @@
     python paramserver/paramserver.py --bind tcp://127.0.0.1:5570 --num-classes K --dim d \\
         --num-clients R [--shard i/S] [--snapshot-dir DIR] [--restore PATH] [--snapshot-every N] \\
         [--token T] [--momentum M --weight-decay WD --nesterov] [--seed S] [--ready-file PATH] \\
-        [--index forest|ivf|hnsw|exact|random --metric angular|dot --rebuild-every T --ntrees 50 ...]
+        [--index forest|ivf|graph|hnsw|exact|random --metric angular|dot --rebuild-every T --ntrees 50 ...]
 
 Prints ``paramserver listening on tcp://...`` (the actual address, also for port 0 / ``*``) when
 ready, and writes that address to ``--ready-file`` atomically. SIGINT/SIGTERM stop it cleanly, with
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", help="snapshot directory (or a --snapshot-dir: its newest) to start from")
     p.add_argument("--token", default=os.environ.get("PARAMSERVER_TOKEN"),
                    help="shared secret required in every request (default: $PARAMSERVER_TOKEN)")
-    p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "random"],
+    p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "graph", "random"],
                    help="class index for HF-softmax's query op (paramserver/index.py), built over this "
                         "shard's rows at start and rebuilt in the background; none: no query op")
     p.add_argument("--metric", default="angular", choices=["angular", "dot"],
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-every", type=int, default=100, help="T: minimum applied steps between index builds")
     p.add_argument("--ntrees", type=int, default=50, help="forest: Annoy trees")
     p.add_argument("--search-k", type=int, default=-1, help="forest: Annoy search_k (-1: ntrees * n)")
-    p.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (0: about sqrt(rows))")
+    p.add_argument("--nlist", type=int, default=0, help="ivf, graph: k-means lists (0: about sqrt(rows))")
+    p.add_argument("--degree", type=int, default=32, help="graph: neighbours kept per class")
     p.add_argument("--nprobe", type=int, default=8, help="ivf: lists probed per query")
     p.add_argument("--ready-file", help="write the bound address here (atomically) once listening")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between throughput lines")
@@ -116,6 +117,8 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
         opts = {"ntrees": args.ntrees, "search_k": args.search_k}
     elif args.index == "ivf":
         opts = {"nlist": args.nlist or None, "nprobe": args.nprobe}
+    elif args.index == "graph":
+        opts = {"degree": args.degree, "nlist": args.nlist or None}
     lo, _ = store.class_range
 
     def factory():  # type: ignore[no-untyped-def]

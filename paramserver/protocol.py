@@ -30,6 +30,8 @@ Arrays per op (request -> reply):
     push      [ids [n], grads dtype [n, d]]             -> []  (reply has "applied": bool, "step")
     set_rows  [ids [n], rows dtype [n, d]]              -> []
     query     [features float32|float64 [B, d]]         -> [ids int64 [B, n], scores float32 [B, n]]
+              or [features, labels int32|int64 [B]] (the batch's global class ids; the graph index
+              needs them, the other indexes ignore them)
     others    []                                        -> []
 
 Reply header: {"v": 1, "id": <echo>, "ok": true, "arrays": [...], ...op fields} or

@@ -350,13 +350,15 @@ class ParamServer:
         return ok_reply(h.get("id"), step=self.store.step)
 
     def _op_query(self, env: list, h: dict, arrays: list) -> list:
-        expect_arrays(h, arrays, 1)
+        if len(arrays) != 2:
+            expect_arrays(h, arrays, 1)
         n = get_field(h, "n", int)
         feats = arrays[0]
         if feats.dtype.kind != "f":
             raise BadRequestError(f"query: features must be float32 or float64, got {feats.dtype}")
+        labels = arrays[1] if len(arrays) == 2 else None
         # a writable copy (B x d, small): index libraries may not accept read-only frame views
-        ids, scores = self.store.query(np.array(feats), n)
+        ids, scores = self.store.query(np.array(feats), n, labels=labels)
         return ok_reply(h.get("id"), [ids, scores])
 
     def _op_snapshot(self, env: list, h: dict, arrays: list) -> list:

@@ -514,8 +514,11 @@ class WeightStore:
         """Alias of :meth:`rows_view` (the name index builders use). Row i is global id class_offset + i."""
         return self.rows_view()
 
-    def query(self, features: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``n`` candidate classes per feature from the attached index: (ids int64 [B, n], scores float32 [B, n])."""
+    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` candidate classes per feature from the attached index: (ids int64 [B, n], scores float32 [B, n]).
+
+        ``labels`` [B]: the batch's global class ids (the graph index enters at each sample's label;
+        the other indexes ignore them)."""
         if self._index is None:
             raise BadRequestError("query: no class index is attached to this store (attach_index first)")
         feats = np.asarray(features)
@@ -523,7 +526,13 @@ class WeightStore:
             raise BadRequestError(f"query: features must be [B, {self._d}], got {list(feats.shape)}")
         if not isinstance(n, (int, np.integer)) or n <= 0:
             raise BadRequestError(f"query: n must be a positive integer, got {n!r}")
-        ids, scores = self._index.query(feats, int(n))
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (feats.shape[0],) or labels.dtype.kind not in "iu":
+                raise BadRequestError(f"query: labels must be integer [B={feats.shape[0]}], got "
+                                      f"{labels.dtype} {list(labels.shape)}")
+        # labels only when given: an attached index written for query(F, n) keeps working
+        ids, scores = self._index.query(feats, int(n)) if labels is None else self._index.query(feats, int(n), labels)
         return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     # ------------------------------------------------------------------ snapshots

@@ -369,6 +369,34 @@ def test_query_merges_shards_by_score() -> None:
             assert rs.info()[0]["index"] is True
 
 
+def test_query_sends_labels_to_a_graph_index_on_every_shard() -> None:
+    """The graph index enters at each sample's label: over the wire (2 shards) the answer equals the
+    in-process shards' answers merged by score, and a bad labels array is refused by name."""
+    from paramserver.index import IndexManager, make_index
+
+    K, d = 400, 8
+    rng = np.random.default_rng(0)
+    stores = [WeightStore(hi - lo, d, seed=3, class_offset=lo, total_classes=K) for lo, hi in shard_ranges(K, 2)]
+    for st in stores:
+        lo = st.class_range[0]
+        mgr = IndexManager(lambda lo=lo: make_index("graph", d, class_offset=lo, degree=8), rebuild_every=10**9)
+        mgr.build_now(st.rows_view(), step=0)
+        st.attach_index(mgr)
+    labels = rng.choice(K, 6, replace=False)
+    feats = rng.standard_normal((6, d)).astype(np.float32)
+    local = [st.query(feats, 5, labels=labels) for st in stores]
+    ids_l = np.concatenate([i for i, _ in local], axis=1)
+    sc_l = np.concatenate([s for _, s in local], axis=1)
+    top = np.argsort(-sc_l, axis=1, kind="stable")[:, :5]
+    with inthread(stores[0]) as (_, a0), inthread(stores[1]) as (_, a1):
+        with RemoteStore([a0, a1], K, d, timeout=10) as rs:
+            ids, scores = rs.query(feats, 5, labels=labels)
+            np.testing.assert_array_equal(ids, np.take_along_axis(ids_l, top, axis=1))
+            np.testing.assert_allclose(scores, np.take_along_axis(sc_l, top, axis=1), rtol=1e-6)
+            with pytest.raises(BadRequestError, match="labels must be integer"):
+                rs.query(feats, 5, labels=labels[:2])
+
+
 def test_index_stats_rebuild_period_and_restore_rebuilds(tmp_path) -> None:
     """The server's stats carry its index's, set_rebuild_every reaches the index, and a restore
     rebuilds the index over the restored rows (a query right after it sees the new matrix)."""

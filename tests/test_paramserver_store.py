@@ -304,7 +304,7 @@ class FakeIndex:
         self.changed: list = []
         self.rebuilds: list = []
 
-    def query(self, feats: np.ndarray, n: int):
+    def query(self, feats: np.ndarray, n: int, labels=None):
         lo, _ = self.store.class_range
         scores = feats @ self.store.rows_view().T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :n]

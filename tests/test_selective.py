@@ -80,7 +80,7 @@ def test_m_equals_k_matches_full_softmax(margin: str, shortcut: bool) -> None:
 def test_labels_always_active_exactly_m_unique_and_only_active_rows_move() -> None:
     K, d, M, B = 300, 8, 40, 24
     rng = np.random.default_rng(0)
-    for index in ("exact", "random"):
+    for index in ("exact", "graph", "random"):
         store = local_store(K, d, index=index)
         head = head_on(store, M, index=index, candidates=5)
         for step in range(6):

@@ -117,12 +117,15 @@ def next_rebuild_period(period: int, cpk_start: float, cpk_end: float, cpk_drop:
 # The store.
 
 def _index_options(head_cfg: Any, name: str, num_classes: int) -> dict[str, Any]:
-    """make_index options from the head config: forest -> ntrees/search_k, ivf -> nlist/nprobe."""
+    """make_index options from the head config: forest -> ntrees/search_k, ivf -> nlist/nprobe,
+    graph -> degree/nlist."""
     if name == "forest":
         return {"ntrees": int(head_cfg.ntrees), "search_k": int(head_cfg.search_k)}
     if name == "ivf":
         # nlist 0 -> None: IVFIndex then takes about sqrt(K) lists.
         return {"nlist": int(head_cfg.nlist) or None, "nprobe": int(head_cfg.nprobe)}
+    if name == "graph":
+        return {"degree": int(head_cfg.degree), "nlist": int(head_cfg.nlist) or None}
     return {}
 
 
@@ -377,7 +380,7 @@ class SelectiveSoftmax(ClassifierHead):
             cand_scores = np.empty(0, dtype=np.float32)
         else:
             try:
-                cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K))
+                cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K), labels=labels)
             except _LOST as e:
                 raise self._lost("query", e) from None
         return select_active(cand_ids, cand_scores, labels, num_active, K, self._rng())
