@@ -97,6 +97,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    # Selective heads' classifier rows in the store: "unrolled" (each touch applies the whole momentum
+    # series lr/(1-m) at once) or "lazy" (torch.optim.SGD on the touched rows). See paramserver/optim.py.
+    sparse_momentum: str = "unrolled"
     schedule: str = "cosine"       # constant | step | cosine
     warmup_steps: int = 0
     milestones: list[int] = field(default_factory=list)   # step schedule: steps where lr *= gamma
@@ -268,6 +271,7 @@ _CHOICES = {
     "head.margin": ("none", "cosface", "arcface"),
     "head.index": ("auto", "forest", "ivf", "graph", "hnsw", "exact", "random"),
     "optim.schedule": ("constant", "step", "cosine"),
+    "optim.sparse_momentum": ("lazy", "unrolled"),
     "store.kind": ("local", "remote"),
     "model.norm": ("batch", "group"),
 }

@@ -32,6 +32,7 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
     args = ["--num-classes", str(num_classes), "--dim", str(cfg.model.feature_dim),
             "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
             "--momentum", str(cfg.optim.momentum), "--weight-decay", str(cfg.optim.weight_decay),
+            "--sparse-momentum", cfg.optim.sparse_momentum,
             "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every)]
     if cfg.optim.nesterov:
         args.append("--nesterov")

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--sparse-momentum", default="unrolled", choices=["lazy", "unrolled"],
+                   help="momentum of rows touched on few steps: unrolled = each push moves its rows by the "
+                        "whole series lr/(1-m) at once (default; see paramserver/optim.py), lazy = torch.optim.SGD "
+                        "on the touched rows")
     p.add_argument("--exact-rounding", action="store_true",
                    help="round like torch's fused CPU kernels (bit-identical to torch.optim.SGD, slower)")
     p.add_argument("--sync-timeout", type=float, default=60.0, help="longest wait of a pull for its step (s)")
@@ -102,7 +106,8 @@ def make_store(args: argparse.Namespace) -> WeightStore:
     lo, hi = shard_ranges(args.num_classes, s)[i]
     return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
                        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-                       exact_rounding=args.exact_rounding, num_clients=args.num_clients,
+                       exact_rounding=args.exact_rounding, sparse_momentum=args.sparse_momentum,
+                       num_clients=args.num_clients,
                        sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes)
 
 

@@ -23,7 +23,8 @@ set_rows leaves the matrix bit-identical.
 Snapshot format (a directory, written atomically: a temporary sibling directory is filled and then
 renamed over ``path``): ``W.npy`` and ``momentum.npy`` (numpy .npy, [num_classes, dim] rows of
 this store) and ``manifest.json`` with ``format``, ``version``, ``num_classes``, ``class_offset``,
-``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer`` ({momentum, weight_decay, nesterov}),
+``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer`` ({momentum, weight_decay, nesterov,
+exact_rounding, sparse_momentum}),
 ``files``. Pushes still being collected are not part of a snapshot. ``restore(path)`` is an
 instance method that loads a snapshot in place (same rows, dim and dtype required);
 :meth:`WeightStore.from_snapshot` builds a new store from one.
@@ -166,8 +167,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 
 def _opt_from_manifest(opt: dict) -> SGDConfig:
-    return SGDConfig(momentum=float(opt["momentum"]), weight_decay=float(opt["weight_decay"]),
-                     nesterov=bool(opt["nesterov"]), exact_rounding=bool(opt.get("exact_rounding", False)))
+    return SGDConfig.from_dict(opt)
 
 
 def read_manifest(path: str) -> dict:
@@ -245,13 +245,14 @@ class WeightStore:
         class_offset: global id of this store's first row (shards).
         total_classes: K of the whole matrix (defaults to class_offset + num_classes).
         exact_rounding: bit-identical rounding to torch.optim.SGD on CPU (see optim.py), slower.
+        sparse_momentum: "lazy" (torch.optim.SGD on the touched rows) or "unrolled" (see optim.py).
     """
 
     def __init__(self, num_classes: int, dim: int, dtype: str = "float32", init: str = "normal",
                  init_std: float = 0.01, seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False, num_clients: int = 1, sync_timeout: float = 60.0,
                  class_offset: int = 0, total_classes: Optional[int] = None, exact_rounding: bool = False,
-                 _rows: Optional[np.ndarray] = None) -> None:
+                 sparse_momentum: str = "lazy", _rows: Optional[np.ndarray] = None) -> None:
         if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
             raise ValueError(f"WeightStore: num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -272,7 +273,7 @@ class WeightStore:
         if self._total < self._offset + self._K:
             raise ValueError(f"WeightStore: total_classes={self._total} < class_offset+num_classes")
         self.opt = SGDConfig(momentum=float(momentum), weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                             exact_rounding=bool(exact_rounding))
+                             exact_rounding=bool(exact_rounding), sparse_momentum=str(sparse_momentum))
         self.num_clients = int(num_clients)
         self.sync_timeout = float(sync_timeout)
         self.init_desc = {"init": init, "init_std": float(init_std), "seed": int(seed)}
@@ -631,7 +632,7 @@ class WeightStore:
         store = cls(man["num_classes"], man["dim"], dtype=man["dtype"], init="zeros",
                     momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]),
                     nesterov=bool(o["nesterov"]), exact_rounding=bool(o.get("exact_rounding", False)),
-                    num_clients=num_clients, sync_timeout=sync_timeout,
+                    sparse_momentum=str(o.get("sparse_momentum", "lazy")), num_clients=num_clients, sync_timeout=sync_timeout,
                     class_offset=man["class_offset"], total_classes=man["total_classes"], _rows=W)
         _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
         store._step = int(man["step"])

@@ -142,7 +142,7 @@ def test_remote_selection_with_server_index_equals_local_store(tmp_path) -> None
     M, B = 10, 6
     args = ("--num-classes", str(K), "--dim", str(D), "--momentum", "0.9", "--weight-decay", "5e-4",
             "--index", "exact", "--metric", "angular", "--rebuild-every", "1000")
-    local = WeightStore(K, D, momentum=0.9, weight_decay=5e-4, seed=5)
+    local = WeightStore(K, D, momentum=0.9, weight_decay=5e-4, seed=5, sparse_momentum="unrolled")  # the server default
     mgr = IndexManager(lambda: make_index("exact", D, "angular", seed=5), rebuild_every=1000, background=False)
     mgr.build_now(local.rows_view(), step=0)
     local.attach_index(mgr)

@@ -54,7 +54,8 @@ def test_help_runs_from_repo_root() -> None:
 def test_parity_with_torch_through_live_server(tmp_path) -> None:
     K, d, R = 20, 8, 2
     with launch(tmp_path, "--num-classes", str(K), "--dim", str(d), "--num-clients", str(R), "--nesterov",
-                "--exact-rounding", "--momentum", "0.8", "--weight-decay", "0.01", "--init-std", "0.1") as (_, addr):
+                "--exact-rounding", "--momentum", "0.8", "--weight-decay", "0.01", "--init-std", "0.1",
+                "--sparse-momentum", "lazy") as (_, addr):
         clients = [RemoteStore([addr], K, d, timeout=10, client_id=c) for c in range(R)]
         W0 = clients[0].pull(np.arange(K))
         pushes = make_pushes(K, d, steps=8, clients=R, n=7, seed=11)
@@ -105,7 +106,7 @@ def test_three_clients_sync_and_two_shards_equal_one(tmp_path) -> None:
             np.testing.assert_array_equal(a.pull(ids), b.pull(ids))
             np.testing.assert_array_equal(a.pull(ids, matrix="momentum"), b.pull(ids, matrix="momentum"))
             # in-process reference of the same pushes
-            ref = WeightStore(K, d, seed=4, num_clients=R)
+            ref = WeightStore(K, d, seed=4, num_clients=R, sparse_momentum="unrolled")  # the CLI default
             for s in range(steps):
                 for c in range(R):
                     rng = np.random.default_rng(c)

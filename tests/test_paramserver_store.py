@@ -139,6 +139,50 @@ def test_float64_parity_with_torch() -> None:
     np.testing.assert_allclose(store.pull(np.arange(K)), W_ref, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_unrolled_momentum_moves_a_row_as_far_as_dense_momentum_does(nesterov: bool) -> None:
+    """One gradient impulse: dense torch SGD (momentum 0.8, the row then stepped with zero gradients
+    until the series has died out) and one "unrolled" push end at the same row; the unrolled store
+    keeps no momentum, and a lazy store moves the row by only (1 - m) of that (Nesterov: (1 - m^2))
+    until the row's next touch."""
+    d, lr, m = 16, 0.05, 0.8
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((1, d)).astype(np.float32)
+    unrolled = WeightStore(3, d, init_std=0.1, momentum=m, weight_decay=0.0, nesterov=nesterov,
+                           sparse_momentum="unrolled")
+    lazy = WeightStore(3, d, init_std=0.1, momentum=m, weight_decay=0.0, nesterov=nesterov)
+    w0 = unrolled.pull([1])[0]
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch.optim.SGD([p], lr=lr, momentum=m, nesterov=nesterov)
+    p.grad = torch.from_numpy(g[0].copy())
+    opt.step()
+    for _ in range(200):                                  # m^200 ~ 4e-20: the series is summed
+        p.grad = torch.zeros(d)
+        opt.step()
+    unrolled.push([1], g, 0, lr)
+    lazy.push([1], g, 0, lr)
+    np.testing.assert_allclose(unrolled.pull([1])[0], p.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not unrolled.pull(np.arange(3), matrix="momentum").any()
+    first = (1 - m) * ((1 + m) if nesterov else 1)        # lazy: lr * g (Nesterov: lr * g * (1 + m)) for now
+    np.testing.assert_allclose(lazy.pull([1])[0] - w0, first * (unrolled.pull([1])[0] - w0), rtol=1e-4, atol=1e-7)
+    # weight decay is unrolled with the gradient: w - lr / (1 - m) * (g + wd * w)
+    st = WeightStore(3, d, init_std=0.1, momentum=m, weight_decay=0.01, sparse_momentum="unrolled")
+    w0 = st.pull([2])[0]
+    st.push([2], g, 0, lr)
+    np.testing.assert_allclose(st.pull([2])[0], w0 - lr / (1 - m) * (g[0] + 0.01 * w0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sparse_momentum must be one of"):
+        WeightStore(3, d, sparse_momentum="eager")
+
+
+def test_unrolled_is_kept_in_snapshots(tmp_path) -> None:
+    st = WeightStore(4, 2, sparse_momentum="unrolled")
+    st.snapshot(str(tmp_path / "s"))
+    assert WeightStore.from_snapshot(str(tmp_path / "s")).opt.sparse_momentum == "unrolled"
+    lazy = WeightStore(4, 2)
+    lazy.restore(str(tmp_path / "s"), in_place=True)
+    assert lazy.opt.sparse_momentum == "unrolled"
+
+
 def test_untouched_rows_do_not_move() -> None:
     store = WeightStore(8, 4, num_clients=1)
     before = store.pull(np.arange(8))
@@ -250,7 +294,8 @@ def test_snapshot_restore_roundtrip(tmp_path) -> None:
     store.snapshot(path)
     man = json.load(open(os.path.join(path, "manifest.json")))
     assert (man["num_classes"], man["dim"], man["dtype"], man["step"]) == (50, 8, "float32", 3)
-    assert man["optimizer"] == {"momentum": 0.7, "weight_decay": 5e-4, "nesterov": True, "exact_rounding": False}
+    assert man["optimizer"] == {"momentum": 0.7, "weight_decay": 5e-4, "nesterov": True, "exact_rounding": False,
+                                "sparse_momentum": "lazy"}
     W, B = store.pull(np.arange(50)), store.pull(np.arange(50), matrix="momentum")
     store.push([4], np.ones((1, 8), np.float32), 3, 0.1)
     store.snapshot(path)  # overwriting an existing snapshot is atomic too

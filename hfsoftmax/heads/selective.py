@@ -181,7 +181,8 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
         from paramserver.store import WeightStore
 
         store = WeightStore(num_classes, d, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                            nesterov=cfg.optim.nesterov, num_clients=1, seed=cfg.train.seed,
+                            nesterov=cfg.optim.nesterov, sparse_momentum=cfg.optim.sparse_momentum,
+                            num_clients=1, seed=cfg.train.seed,
                             sync_timeout=float(cfg.store.timeout))
         manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
         manager.build_now(store.rows_view(), step=0)
