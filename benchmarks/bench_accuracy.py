@@ -16,9 +16,11 @@ SGD with momentum; the classifier of each head is trained with the same SGD sett
 random sampling inside the parameter store, row-sparse).
 
 Heads (CosFace logits s = 30, m = 0.2 for full/HF/random; the HF index metric is angular):
-full softmax; HF-softmax with the forest (Annoy) and with IVF (background rebuilds every
-``rebuild_every`` steps; IVF also re-assigns the pushed rows each step); random sampling at the same
-M = 1% of K; MACH (R = 16, default B) and RP-softmax (m = 32 of d), whose heads carry no margin.
+full softmax; HF-softmax with the forest (Annoy), with IVF and with the class-neighbour graph
+(background rebuilds every ``rebuild_every`` steps; IVF and graph also take the pushed rows each
+step); random sampling at the same M = 1% of K; MACH (R = 16, default B) and RP-softmax (m = 32 of
+d), whose heads carry no margin. The store's rows use ``--sparse-momentum`` (default "unrolled", the
+training default; "lazy" = torch.optim.SGD on the touched rows, see paramserver/optim.py).
 
 Reported, per method: top-1 over all K on held-out samples of training identities; 10-fold
 verification accuracy (hfsoftmax.eval.verification.evaluate) on pairs of held-out identities (new
@@ -157,7 +159,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
 
         index = "random" if method == "random" else method.split("-")[1]
         store = WeightStore(K, d, init="normal", init_std=0.01, seed=seed, momentum=0.9,
-                            weight_decay=spec["weight_decay"])
+                            weight_decay=spec["weight_decay"], sparse_momentum=spec["sparse_momentum"])
         if index != "random":
             manager = IndexManager(lambda: make_index(index, d, "angular", seed=seed), rebuild_every=spec["rebuild_every"])
             t0 = time.perf_counter()
@@ -256,7 +258,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-METHODS = ("full", "hf-forest", "hf-ivf", "random", "mach", "rp")
+METHODS = ("full", "hf-forest", "hf-ivf", "hf-graph", "random", "mach", "rp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild-every", type=int, default=50, help="index rebuild period T (HF)")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--sparse-momentum", default="unrolled", choices=["lazy", "unrolled"],
+                    help="momentum of the store rows (HF, random; paramserver/optim.py)")
     ap.add_argument("--scale", type=float, default=30.0)
     ap.add_argument("--margin-m", type=float, default=0.2)
     ap.add_argument("--rp-m", type=int, default=32)
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     M = args.m or max(K // 100, 2 * args.batch)
     spec = {"families": args.families, "family_size": args.family_size, "d": args.d, "batch": args.batch,
             "steps": args.steps, "m": M, "candidates": args.candidates, "rebuild_every": args.rebuild_every,
-            "lr": args.lr, "weight_decay": args.weight_decay, "scale": args.scale, "margin_m": args.margin_m,
+            "lr": args.lr, "weight_decay": args.weight_decay, "sparse_momentum": args.sparse_momentum,
+            "scale": args.scale, "margin_m": args.margin_m,
             "rp_m": args.rp_m, "eval_samples": args.eval_samples, "pairs": args.pairs, "seed": args.seed}
     t_start = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}

@@ -9,12 +9,14 @@ One step of each method, on d = 512, B = 256, M = 1000, CosFace logits (s = 30, 
 
 - full:        W [K, d] a torch parameter; logits over all K, CE, backward, torch SGD with momentum
                (what a trainer does).
-- hf-forest / hf-ivf: SelectiveSoftmax on an in-process WeightStore: index query + select_active +
-               pull M rows + forward/backward over M + push (row-sparse momentum SGD in the store, and
-               for IVF the incremental re-assignment of the M changed rows).
+- hf-forest / hf-ivf / hf-graph: SelectiveSoftmax on an in-process WeightStore: index query +
+               select_active + pull M rows + forward/backward over M + push (row-sparse SGD in the
+               store with unrolled momentum, the training default, and for IVF / graph the
+               incremental update of the M changed rows). The graph index scores each label's
+               neighbour classes (B x 33 rows), the IVF index scans nprobe lists per feature.
 - random:      the same head with M - labels rows drawn at random (no index query): the floor of any
                method that touches M rows.
-- hf-ivf-remote: hf-ivf with the store and index in a parameter server on loopback
+- hf-graph-remote (or hf-ivf-remote): hf-graph with the store and index in a parameter server on loopback
                (paramserver.server.ParamServer in its own process, RemoteStore in the trainer): the
                deployment the design intends, where the trainer never holds W. Its trainer peak RSS is
                the HF memory figure; the server's peak RSS is reported beside it.
@@ -30,14 +32,14 @@ after warm-up (full softmax: 1 warm-up + 3 timed steps, at 1M 2 timed steps). Ea
 with one OpenMP/BLAS thread (``--threads``): on this shared, oversubscribed 2-core machine two
 threads spin at barriers and are many times slower (see benchmarks/common.run_worker).
 
-Rebuild cost (hf-forest and hf-ivf workers): after the timed steps the same step loop runs with
+Rebuild cost (hf-forest, hf-ivf and hf-graph workers): after the timed steps the same step loop runs with
 background rebuilds off / on (rebuild_every = T, default 50: at these sizes a build lasts longer than
 T steps, so builds run back to back -- the worst case; builds never queue) / off again, and the
 cost is 1 - steps/s(on) / mean steps/s(off); the achieved rebuild period and the index staleness
 come from IndexManager.stats().
 
-Default run (no arguments): K = 100K (all methods, forest and IVF rebuild cost) and K = 1M (full,
-hf-ivf, random, hf-ivf-remote, mach, rp; IVF rebuild cost). The forest is built at 1M only with
+Default run (no arguments): K = 100K (all methods, forest, IVF and graph rebuild cost) and K = 1M
+(full, hf-ivf, hf-graph, random, hf-graph-remote, mach, rp; IVF and graph rebuild cost). The forest is built at 1M only with
 ``--forest-1m`` (~100-200 s build on this machine). Measured on the shared, loaded 2-core machine
 (load average 4-12 from other engineers): the K = 1M part took 18 min (full softmax 69 s/step: 4.5
 min; RP 6 min), the K = 100K part ~12 min, so ~30 min in all; on a quiet machine about half. Peak
@@ -123,7 +125,7 @@ def _make_local_store(spec: dict[str, Any], index: str) -> tuple[Any, Any, float
     from paramserver.store import WeightStore
 
     K, d = spec["K"], spec["d"]
-    store = WeightStore(K, d, init="zeros", momentum=0.9, weight_decay=5e-4)
+    store = WeightStore(K, d, init="zeros", momentum=0.9, weight_decay=5e-4, sparse_momentum="unrolled")
     fill_store(store, K, d, FAMILY, SPREAD, seed=0)
     if index == "random":
         return store, None, 0.0
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--server", help=argparse.SUPPRESS)
     ap.add_argument("--ks", default="100000,1000000", help="comma list of K")
-    ap.add_argument("--methods", default="full,hf-forest,hf-ivf,random,hf-ivf-remote,mach,rp")
+    ap.add_argument("--methods", default="full,hf-forest,hf-ivf,hf-graph,random,hf-graph-remote,mach,rp")
     ap.add_argument("--forest-1m", action="store_true", help="also build the forest at K >= 500K (slow)")
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)

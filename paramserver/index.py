@@ -15,6 +15,10 @@ compare it with, all behind one interface (`ClassIndex.build(W)`, `ClassIndex.qu
                    changes only the M pushed rows, and `update(ids, rows)` re-assigns just those rows
                    to their nearest centroid, so the index stays fresh at per-step cost; only the
                    centroids age, and they are re-clustered rarely in the background.
+- `GraphIndex`:   class-neighbour graph (each class's nearest classes, built in the background by an
+                   IVF kNN search of W against itself in grouped matmuls); a query scores the
+                   neighbours of each sample's LABEL against its feature, so the per-step cost is
+                   B x (degree + 1) rows whatever K is. Needs the batch labels (`query(F, n, labels)`).
 - `RandomIndex`:  random class ids; with `select_active` this is the Partial-FC style random
                    sampling baseline at the same M.
 

@@ -317,6 +317,18 @@ def test_make_store_and_build_head_from_config() -> None:
         assert head.stats()["index_builds"] == 1
     finally:
         store.index.close()
+    cfg.optim.momentum, cfg.optim.sparse_momentum = 0.9, "lazy"
+    cfg.head.index, cfg.head.degree = "graph", 5
+    store = make_store(cfg, 40, DistInfo(0, 1, 0, torch.device("cpu")))
+    try:
+        assert store.opt.sparse_momentum == "lazy" and store.index.index.name == "graph"
+        assert store.index.index.degree == 5
+    finally:
+        store.index.close()
+    from hfsoftmax.launch import server_args
+    args = server_args(cfg, 1)
+    assert args[args.index("--sparse-momentum") + 1] == "lazy" and args[args.index("--degree") + 1] == "5"
+    assert server_args(Config(), 1)[server_args(Config(), 1).index("--sparse-momentum") + 1] == "unrolled"
     cfg.head.name, cfg.head.index, cfg.head.nlist = "random", "ivf", 0
     mgr = make_index_manager(cfg.head, 40, 8)
     assert mgr.factory().name == "random"
