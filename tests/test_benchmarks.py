@@ -54,15 +54,15 @@ def test_bench_head_full_and_siblings():
         assert r["ms"] > 0 and r["param_mib"] > 0
 
 
-@pytest.mark.parametrize("index", ["ivf", "random"])
+@pytest.mark.parametrize("index", ["ivf", "graph", "random"])
 def test_bench_head_hf_step_and_rebuild_phases(index):
     spec = dict(HEAD_SPEC, method="hf-" + index if index != "random" else "random", index=index)
-    if index == "ivf":
+    if index != "random":
         spec.update(rebuild_phase_s=0.3, rebuild_every=2)
     r = bench_head.worker_hf(spec)
     assert r["ms"] > 0
     assert 0.0 < r["cpk"] <= 1.0 + 1e-9
-    if index == "ivf":
+    if index != "random":
         assert r["ms_random_paired"] > 0
         assert "rebuild_cost" in r and r["bg_builds_done"] >= 0
 
@@ -70,12 +70,12 @@ def test_bench_head_hf_step_and_rebuild_phases(index):
 def test_bench_accuracy_train_eval_tiny():
     spec = {"families": 10, "family_size": 20, "d": 16, "batch": 32, "steps": 4, "m": 64, "candidates": 4,
             "rebuild_every": 2, "lr": 0.1, "weight_decay": 5e-4, "scale": 30.0, "margin_m": 0.2, "rp_m": 8,
-            "eval_samples": 100, "pairs": 100, "seed": 0}
-    for method in ("full", "hf-ivf", "random", "mach", "rp"):
+            "eval_samples": 100, "pairs": 100, "seed": 0, "sparse_momentum": "unrolled"}
+    for method in ("full", "hf-ivf", "hf-graph", "random", "mach", "rp"):
         r = bench_accuracy.train_eval(dict(spec, method=method))
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["verif"] <= 1.0, method
         assert r["ms_per_step"] > 0 and r["classifier_mib"] > 0
-        if method in ("hf-ivf", "random"):
+        if method in ("hf-ivf", "hf-graph", "random"):
             assert 0.0 < r["cpk"] <= 1.0 + 1e-9
 
 

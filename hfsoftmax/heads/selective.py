@@ -5,8 +5,9 @@ The K x d classifier W lives in a parameter store (``paramserver.store.WeightSto
 ``paramserver.client.RemoteStore`` for a ZeroMQ server; the same methods). One training step of rank
 r of R (``begin_step(step, lr)``, ``loss = head(F, labels)``, ``loss.backward()``, ``end_step``):
 
-1. F [B, d] -> CPU numpy -> ``store.query(F, candidates)``: per feature the classes whose rows score
-   highest ("dot" metric for plain linear logits, "angular" for CosFace/ArcFace).
+1. F [B, d] -> CPU numpy -> ``store.query(F, candidates, labels)``: per feature the classes whose
+   rows score highest ("dot" metric for plain linear logits, "angular" for CosFace/ArcFace); the
+   graph index searches from each sample's label, the other indexes ignore the labels.
 2. ``select_active``: exactly M unique ids, the batch's labels first, then the strongest candidates,
    then a random fill; labels are remapped into 0..M-1. The fill uses a numpy Generator seeded from
    (seed, rank, step), so a run and its resume select the same classes.
