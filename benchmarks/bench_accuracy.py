@@ -226,6 +226,9 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         st = manager.stats()
         out.update(builds=st["builds"], mean_build_s=st["mean_build_s"], period_steps=st["achieved_period_steps"],
                    period_s=st["achieved_period_s"], staleness=st["staleness_steps"], since_build=st["steps_since_build"])
+        live = manager.index
+        if getattr(live, "queries", 0):  # graph: share of samples searched from the feature (cold label rows)
+            out["cold_frac"] = live.cold_queries / live.queries
     backbone.eval()
     head.eval()
     erng = np.random.default_rng([seed, 5])
@@ -329,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{name:<11}{r['top1']:>8.4f}{r['verif']:>8.4f}{r['verif_std']:>7.3f}{r['ms_per_step']:>9.1f}"
               f"{r['classifier_mib']:>9.1f}{r['peak_rss_mib']:>9.0f}{g('cpk'):>8}{g('neg_cpk'):>8}{g('builds'):>7}"
-              f"{g('period_steps', 0):>8}{g('staleness'):>6}  {r['final_loss']:.3f} {r.get('desc', '')}")
+              f"{g('period_steps', 0):>8}{g('staleness'):>6}  {r['final_loss']:.3f} {r.get('desc', '')}"
+              + (f" (cold {r['cold_frac']:.2f} since the last build)" if "cold_frac" in r else ""))
         tag = name.replace("-", "_")
         kv += [f"{tag}_top1={r['top1']:.4f}", f"{tag}_verif={r['verif']:.4f}", f"{tag}_ms={r['ms_per_step']:.1f}",
                f"{tag}_cls_mib={r['classifier_mib']:.1f}"]

@@ -494,6 +494,12 @@ class IVFIndex(ClassIndex):
         with self._lock, _faiss_threads(self.query_threads):
             self._ivf.update_vectors(np.ascontiguousarray(local), X)
 
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The rows [m, d] the index holds for global ids (normalized for "angular")."""
+        local = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset)
+        with self._lock:
+            return self._ivf.reconstruct_batch(local)
+
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
         Q = _normalize_rows(F) if self.metric == "angular" else F
@@ -550,7 +556,8 @@ class GraphIndex(ClassIndex):
     incremental = True
 
     def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
-                 degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3, niter: int = 10,
+                 degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3,
+                 cold_cos: float = 0.3, cold_nprobe: int = 8, cold_drift: float = 0.01, niter: int = 10,
                  train_points_per_centroid: int = 64) -> None:
         super().__init__(dim, metric, class_offset=class_offset, seed=seed)
         for key, val in (("degree", degree), ("probe", probe), ("niter", niter),
@@ -561,7 +568,12 @@ class GraphIndex(ClassIndex):
             raise ValueError(f"nlist must be >= 1, got {nlist}")
         if not isinstance(hops, (int, np.integer)) or hops < 0:
             raise ValueError(f"hops must be an int >= 0, got {hops!r}")
+        if not isinstance(cold_nprobe, (int, np.integer)) or cold_nprobe < 0:
+            raise ValueError(f"cold_nprobe must be an int >= 0, got {cold_nprobe!r}")
         self.degree, self.nlist_opt, self.probe, self.hops = int(degree), nlist, int(probe), int(hops)
+        self.cold_cos, self.cold_nprobe, self.cold_drift = float(cold_cos), int(cold_nprobe), float(cold_drift)
+        self._ivf: Optional[IVFIndex] = None         # feature search for cold samples (cold_nprobe > 0)
+        self.queries = self.cold_queries = 0         # samples answered, and of those by the cold path
         self.niter, self.train_points_per_centroid = int(niter), int(train_points_per_centroid)
         self.nlist = 0
         self._rows: Optional[np.ndarray] = None       # [K, d] what queries score (unit rows for angular)
@@ -631,8 +643,16 @@ class GraphIndex(ClassIndex):
         graph = np.full((K, self.degree), -1, dtype=np.int32)
         graph[:, :deg] = np.take_along_axis(part_i, best, axis=1)
         graph[:, :deg][~np.isfinite(np.take_along_axis(part_s, best, axis=1))] = -1
+        ivf = None
+        if self.cold_nprobe:
+            ivf = IVFIndex(self.dim, self.metric, class_offset=self.class_offset, seed=self.seed, nlist=nlist,
+                           nprobe=self.cold_nprobe, niter=self.niter,
+                           train_points_per_centroid=self.train_points_per_centroid)
+            ivf.build_threads = self.build_threads
+            ivf.build(W)
         with self._lock:
             self._rows, self._graph, self._centroids, self._reps = rows, graph, C, reps
+            self._ivf = ivf
             self.nlist, self.num_classes = nlist, K
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -648,6 +668,16 @@ class GraphIndex(ClassIndex):
                              f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
         with self._lock:
             self._rows[local] = _normalize_rows(rows) if self.metric == "angular" else rows
+            ivf = self._ivf
+        if ivf is not None and local.size:
+            # Re-assign in the IVF only the rows that moved (cosine to the held row below
+            # 1 - cold_drift): a label's row after its step, not the many slightly pushed negatives.
+            # Its scores are never used (cold candidates are re-scored on the fresh rows), so the
+            # IVF only has to keep each row in about the right list.
+            held, new = _normalize_rows(ivf.reconstruct(ids)), _normalize_rows(rows)
+            moved = np.einsum("md,md->m", held, new) < 1.0 - self.cold_drift
+            if moved.any():
+                ivf.update(np.asarray(ids).reshape(-1)[moved], rows[moved])
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
@@ -662,16 +692,41 @@ class GraphIndex(ClassIndex):
                 if lab.shape[0] != B:
                     raise ValueError(f"labels must be [B={B}], got {lab.shape[0]} entries")
                 local = lab - self.class_offset
-                mine = (local >= 0) & (local < K)
+                mine = np.flatnonzero((local >= 0) & (local < K))
                 entry[mine] = local[mine]
+                if mine.size and self.cold_cos > -1.0:
+                    # A label row that does not agree with its feature yet (untrained: its graph
+                    # neighbours were computed from noise) is no entry: search from the feature.
+                    r = rows[entry[mine]]
+                    cos = np.einsum("bd,bd->b", r, F[mine]) / np.maximum(
+                        np.linalg.norm(r, axis=1) * np.linalg.norm(F[mine], axis=1), _EPS)
+                    entry[mine[cos < self.cold_cos]] = -1
             lost = np.flatnonzero(entry < 0)
-            if lost.size:  # no label in this shard: enter at the cluster nearest the feature and
-                # walk greedily to the best-scoring row (a few hops of B x degree scores each)
+            ivf = self._ivf
+            if lost.size and ivf is None:  # enter at the cluster nearest the feature and walk
+                # greedily to the best-scoring row (a few hops of B x degree scores each)
                 entry[lost] = reps[np.argmax(_normalize_rows(F[lost]) @ C.T, axis=1)]
                 for _ in range(self.hops):
                     c, s = self._score(rows, graph, entry[lost], Q[lost])
                     entry[lost] = c[np.arange(lost.size), np.argmax(s, axis=1)]
-            cand, S = self._score(rows, graph, entry, Q)   # [B, 1 + degree] fresh scores
+                lost = lost[:0]
+            self.queries += B
+            self.cold_queries += int(lost.size)
+            warm = np.flatnonzero(entry >= 0)
+            cand, S = self._score(rows, graph, entry[warm], Q[warm])   # [b, 1 + degree] fresh scores
+            if lost.size:  # the IVF proposes, the fresh rows score
+                assert ivf is not None
+                ci, _ = ivf.query(F[lost], n)
+                ci = ci - self.class_offset
+                ok = ci >= 0
+                cs = np.matmul(rows[np.where(ok, ci, 0)], Q[lost][:, :, None])[:, :, 0]
+                cs[~ok] = -np.inf
+                width = max(cand.shape[1], ci.shape[1])
+                c_all = np.full((B, width), -1, dtype=np.int64)
+                s_all = np.full((B, width), -np.inf, dtype=S.dtype)
+                c_all[warm, :cand.shape[1]], s_all[warm, :S.shape[1]] = cand, S
+                c_all[lost, :ci.shape[1]], s_all[lost, :cs.shape[1]] = ci, cs
+                cand, S = c_all, s_all
         k = min(n, S.shape[1])
         top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else \
             np.broadcast_to(np.arange(S.shape[1]), S.shape)
@@ -722,7 +777,8 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
     "forest": ("ntrees", "search_k", "subprocess"),
     "hnsw": ("M", "ef_construction", "ef_search"),
     "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid", "query_threads"),
-    "graph": ("degree", "nlist", "probe", "hops", "niter", "train_points_per_centroid"),
+    "graph": ("degree", "nlist", "probe", "hops", "cold_cos", "cold_nprobe", "cold_drift", "niter",
+              "train_points_per_centroid"),
     "random": (),
 }
 

@@ -457,7 +457,7 @@ def test_default_index_name():
 # (random ids: degree / K = 0.004).
 def test_graph_neighbour_recall_and_exact_fresh_scores(data):
     W, _ = data
-    g = make_index("graph", D, "angular", class_offset=5, seed=0, degree=16, probe=8)
+    g = make_index("graph", D, "angular", class_offset=5, seed=0, degree=16, probe=8, cold_cos=-1.0)
     g.build(W)
     ref = brute(W, W, 17, "angular")[0][:, 1:]                    # each row's 16 nearest other rows
     graph = g._graph.astype(np.int64)
@@ -485,9 +485,41 @@ def test_graph_neighbour_recall_and_exact_fresh_scores(data):
         g.query(F, 8, labels=labels[:3])
 
 
+def test_graph_cold_labels_are_answered_by_the_ivf_and_moved_rows_reassigned(data):
+    W, F = data
+    g = make_index("graph", D, "angular", class_offset=3, seed=0, cold_cos=0.3)
+    g.build(W)
+    rng = np.random.default_rng(4)
+    labels = rng.choice(K, 64, replace=False)
+    warm_f = (W[labels] + 0.2 * rng.standard_normal((64, D))).astype(np.float32)   # cos with own row ~1
+    cold_f = -warm_f                                                                   # cos ~ -1: cold
+    ids_cold, s_cold = g.query(cold_f, 8, labels=labels + 3)
+    np.testing.assert_array_equal(ids_cold, g.query(cold_f, 8)[0])   # as if no label: the IVF path
+    assert g.cold_queries == 128 and g.queries == 128
+    ref = brute(W, cold_f, 8, "angular")[0]
+    assert recall(ids_cold - 3, ref) >= 0.6                           # IVF recall (floor above: 0.7)
+    np.testing.assert_allclose(s_cold, np.take_along_axis(
+        _normalize(cold_f) @ _normalize(W).T, ids_cold - 3, axis=1), rtol=1e-4, atol=1e-5)
+    ids_warm, _ = g.query(warm_f, 8, labels=labels + 3)
+    assert g.cold_queries == 128 and g.queries == 192                 # warm ones took the graph
+    graph = g._graph.astype(np.int64)
+    assert all(set((ids_warm[b] - 3).tolist()) <= {labels[b]} | set(graph[labels[b]].tolist()) for b in range(64))
+    # update: rows that moved are re-assigned in the IVF (it holds their new direction), rows that
+    # barely moved are left where they are
+    moved, nudged = labels[:10], labels[10:20]
+    new = W.copy()
+    new[moved] = -W[moved]
+    new[nudged] = W[nudged] * 1.001 + 1e-4
+    ids = np.concatenate([moved, nudged])
+    before = g._ivf.reconstruct(nudged + 3)
+    g.update(ids + 3, new[ids])
+    np.testing.assert_allclose(g._ivf.reconstruct(moved + 3), _normalize(new[moved]), atol=1e-5)
+    np.testing.assert_array_equal(g._ivf.reconstruct(nudged + 3), before)
+
+
 def test_graph_query_without_or_with_foreign_labels_enters_near_the_feature(data):
     W, F = data
-    g = make_index("graph", D, "dot", class_offset=100, seed=0)
+    g = make_index("graph", D, "dot", class_offset=100, seed=0, cold_nprobe=0)
     g.build(W)
     ref = brute(W, F, 1, "dot")[0][:, 0]
     for labels in (None, np.zeros(64, dtype=np.int64)):          # label 0 lies in another shard
