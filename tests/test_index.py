@@ -535,3 +535,13 @@ def test_graph_query_without_or_with_foreign_labels_enters_near_the_feature(data
 
 def _normalize(X: np.ndarray) -> np.ndarray:
     return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def test_graph_built_in_a_subprocess_equals_the_in_process_build(data):
+    W, _ = data
+    a = make_index("graph", D, "angular", seed=0, subprocess=False, cold_nprobe=0)
+    b = make_index("graph", D, "angular", seed=0, subprocess=True, cold_nprobe=0)
+    a.build(W)
+    b.build(W)
+    np.testing.assert_array_equal(a._graph, b._graph)
+    np.testing.assert_array_equal(a._reps, b._reps)
