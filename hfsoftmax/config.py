@@ -74,13 +74,13 @@ class HeadConfig:
     margin_m: float = 0.35         # m: 0.35 cosface, 0.5 arcface are the usual values
     # Selective softmax (hf, random): see heads/selective.py.
     num_active: int = 1000         # M
-    index: str = "auto"            # auto (forest below 100K classes, ivf above) | forest | ivf | graph | hnsw | exact | random
+    index: str = "auto"            # auto (forest below 100K classes, graph above) | forest | ivf | graph | hnsw | exact | random
     candidates: int = 64           # nearest classes asked of the index per sample
     rebuild_every: int = 100       # T (a minimum period: builds never queue)
     ntrees: int = 50
     search_k: int = -1
     nlist: int = 0                 # IVF lists; 0 -> about sqrt(K)
-    nprobe: int = 8
+    nprobe: int = 8                # IVF lists probed per feature (graph: per cold sample)
     degree: int = 32               # graph index: neighbours kept per class
     cpk_every: int = 0             # P: log CPK(M) on a probe batch every P steps (0 = off)
     adaptive: bool = False         # adaptive allocation of M and T from CPK

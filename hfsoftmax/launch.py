@@ -41,7 +41,7 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
     if index == "ivf":
         args += ["--nlist", str(h.nlist), "--nprobe", str(h.nprobe)]
     if index == "graph":
-        args += ["--nlist", str(h.nlist), "--degree", str(h.degree)]
+        args += ["--nlist", str(h.nlist), "--degree", str(h.degree), "--nprobe", str(h.nprobe)]
     return args
 
 

@@ -840,15 +840,20 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
 # (7.6 s vs 51 s), queried 2x faster (257 vs 506 ms), with higher recall@50 (0.37 vs 0.30) and
 # equal or better negative-class CPK (0.270 vs 0.266; exact 0.300, random 0.012), and it stays
 # fresh through per-step updates (1000 rows in ~1-14 ms) where the forest is a full rebuild
-# behind. So IVF is the default from this size up; the forest stays the paper's index below it.
+# behind. But IVF's per-feature scan still costs 5-9x the M-row step at 100K-1M (benchmarks/
+# bench_head.py). The graph index (label neighbours for warm samples, the IVF only for samples whose
+# label row is still cold) is 1.3x the random-rows floor at 100K and 1M with CPK as high as IVF's,
+# and in benchmarks/bench_accuracy.py (K = 100K, 600 steps) within 2 points of IVF in top-1 and
+# above it in verification (see the README). So the graph is the default from this size up; the
+# forest stays the paper's index below it.
 LARGE_K = 100_000
 
 
 def default_index_name(num_classes: int) -> str:
-    """The index to use for K classes by default: "ivf" for K >= LARGE_K, else "forest"."""
+    """The index to use for K classes by default: "graph" for K >= LARGE_K, else "forest"."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return "ivf" if num_classes >= LARGE_K else "forest"
+    return "graph" if num_classes >= LARGE_K else "forest"
 
 
 def make_index(name: str, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-k", type=int, default=-1, help="forest: Annoy search_k (-1: ntrees * n)")
     p.add_argument("--nlist", type=int, default=0, help="ivf, graph: k-means lists (0: about sqrt(rows))")
     p.add_argument("--degree", type=int, default=32, help="graph: neighbours kept per class")
-    p.add_argument("--nprobe", type=int, default=8, help="ivf: lists probed per query")
+    p.add_argument("--nprobe", type=int, default=8,
+                   help="ivf: lists probed per query; graph: per sample whose label row is still cold")
     p.add_argument("--ready-file", help="write the bound address here (atomically) once listening")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between throughput lines")
     p.add_argument("--log-level", default="INFO")
@@ -123,7 +124,7 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
     elif args.index == "ivf":
         opts = {"nlist": args.nlist or None, "nprobe": args.nprobe}
     elif args.index == "graph":
-        opts = {"degree": args.degree, "nlist": args.nlist or None}
+        opts = {"degree": args.degree, "nlist": args.nlist or None, "cold_nprobe": args.nprobe}
     lo, _ = store.class_range
 
     def factory():  # type: ignore[no-untyped-def]

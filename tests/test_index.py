@@ -444,7 +444,7 @@ def test_forest_build_paths_match_floor(data, subprocess):
 
 
 def test_default_index_name():
-    assert default_index_name(1000) == "forest" and default_index_name(1_000_000) == "ivf"
+    assert default_index_name(1000) == "forest" and default_index_name(1_000_000) == "graph"
     with pytest.raises(ValueError, match="num_classes"):
         default_index_name(0)
 

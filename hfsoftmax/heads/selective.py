@@ -119,21 +119,23 @@ def next_rebuild_period(period: int, cpk_start: float, cpk_end: float, cpk_drop:
 
 def _index_options(head_cfg: Any, name: str, num_classes: int) -> dict[str, Any]:
     """make_index options from the head config: forest -> ntrees/search_k, ivf -> nlist/nprobe,
-    graph -> degree/nlist."""
+    graph -> degree/nlist and nprobe for its cold samples' IVF."""
     if name == "forest":
         return {"ntrees": int(head_cfg.ntrees), "search_k": int(head_cfg.search_k)}
     if name == "ivf":
         # nlist 0 -> None: IVFIndex then takes about sqrt(K) lists.
         return {"nlist": int(head_cfg.nlist) or None, "nprobe": int(head_cfg.nprobe)}
     if name == "graph":
-        return {"degree": int(head_cfg.degree), "nlist": int(head_cfg.nlist) or None}
+        return {"degree": int(head_cfg.degree), "nlist": int(head_cfg.nlist) or None,
+                "cold_nprobe": int(head_cfg.nprobe)}
     return {}
 
 
 def head_index_name(head_cfg: Any, num_classes: int) -> str:
     """The index a selective head uses: "random" for the random head, else ``head.index``, where
-    "auto" means the hashing forest below 100K classes and the incremental IVF index from there on
-    (``paramserver.index.default_index_name``: a forest rebuild at 1M classes takes minutes)."""
+    "auto" means the hashing forest below 100K classes and the class-neighbour graph from there on
+    (``paramserver.index.default_index_name``: a forest rebuild at 1M classes takes minutes, and an
+    IVF scan per feature costs several times the step)."""
     if head_cfg.name == "random":
         return "random"
     if head_cfg.index == "auto":
