@@ -36,10 +36,12 @@ needs them.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -210,7 +212,7 @@ class ExactIndex(ClassIndex):
             raise ValueError(f"rows must be [len(ids)={local.size}, {self.dim}], got shape {rows.shape}")
         if local.size and (local.min() < 0 or local.max() >= self.num_classes):
             raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
-                             f"got range [{ids.min()}, {ids.max()}]")
+                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
         self._W[local] = _normalize_rows(rows) if self.metric == "angular" else rows
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -543,8 +545,6 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     assign = top[:, 0]
     order = np.argsort(assign, kind="stable")          # rows grouped by their own list
     bounds = np.concatenate(([0], np.cumsum(np.bincount(assign, minlength=nlist))))
-    pos = np.empty(K, dtype=np.int64)                  # a row's position inside its list
-    pos[order] = np.arange(K) - bounds[assign[order]]
     # (row, slot) pairs grouped by probed list: list j is searched by every row that has it
     # among its p nearest lists, in one matmul of those rows against j's members.
     probed = top.reshape(-1)
@@ -555,6 +555,11 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     part_s = np.full((K, p, deg), -np.inf, dtype=np.float32)
     reps = np.zeros(nlist, dtype=np.int64)
     block = 4096  # query rows per matmul: bounds the [block, members] score matrix
+    # A list far larger than the average (degenerate rows: all-zero or identical rows all fall into
+    # one list) would make the build K x K; its candidates are a seeded sample of `cap` members
+    # (such rows are near-ties anyway), which bounds the build at ~4x its normal cost.
+    cap = max(4 * -(-K // nlist), 4 * degree, 256)
+    sub_rng = np.random.default_rng([seed, 11])
     for lst in range(nlist):
         mem = order[bounds[lst]:bounds[lst + 1]]
         if mem.size == 0:
@@ -562,16 +567,19 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
         reps[lst] = mem[np.argmax(sims[mem, 0])]
         pairs = by_list[qbounds[lst]:qbounds[lst + 1]]
         rows_q, slot = pairs // p, pairs % p
-        Xm = X[mem]
+        cm = mem if mem.size <= cap else np.sort(sub_rng.choice(mem, cap, replace=False))
+        Xm = X[cm]
         for lo in range(0, rows_q.size, block):
             rq, sl = rows_q[lo:lo + block], slot[lo:lo + block]
-            S = X[rq] @ Xm.T                                  # [q, members]
+            S = X[rq] @ Xm.T                                  # [q, candidate members]
             own = np.flatnonzero(assign[rq] == lst)
-            S[own, pos[rq[own]]] = -np.inf                    # not its own neighbour
-            k = min(deg, mem.size)
-            t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < mem.size else \
-                np.broadcast_to(np.arange(mem.size), S.shape)
-            part_i[rq, sl, :k] = mem[t]
+            if own.size:                                      # not its own neighbour
+                r, c = np.nonzero(rq[own][:, None] == cm[None, :])
+                S[own[r], c] = -np.inf
+            k = min(deg, cm.size)
+            t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < cm.size else \
+                np.broadcast_to(np.arange(cm.size), S.shape)
+            part_i[rq, sl, :k] = cm[t]
             part_s[rq, sl, :k] = np.take_along_axis(S, t, axis=1)
     part_i, part_s = part_i.reshape(K, -1), part_s.reshape(K, -1)
     best = np.argpartition(-part_s, deg - 1, axis=1)[:, :deg] if deg < part_s.shape[1] else \
@@ -582,6 +590,15 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     graph[:, :deg] = np.take_along_axis(part_i, best, axis=1)
     graph[:, :deg][~np.isfinite(np.take_along_axis(part_s, best, axis=1))] = -1
     return graph, C, reps
+
+
+_BUILD_DIRS: set = set()  # temp dirs of graph builds in flight (a build thread is a daemon)
+
+
+@atexit.register
+def _remove_build_dirs() -> None:
+    for path in list(_BUILD_DIRS):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _graph_build_worker(x_path: str, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
@@ -694,9 +711,11 @@ class GraphIndex(ClassIndex):
             import tempfile
 
             tmp = tempfile.mkdtemp(prefix="hf_graph_")
+            _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
             np.save(os.path.join(tmp, "X.npy"), X)
+            # daemon: a build still running when the trainer or server exits is terminated, not awaited
             proc = multiprocessing.get_context("spawn").Process(
-                target=_graph_build_worker, name="hf-graph-build",
+                target=_graph_build_worker, name="hf-graph-build", daemon=True,
                 args=(os.path.join(tmp, "X.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice))
             proc.start()
         try:
@@ -718,10 +737,10 @@ class GraphIndex(ClassIndex):
         finally:
             if proc is not None and proc.is_alive():
                 proc.kill()
+                proc.join()
             if tmp is not None:
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
+                _BUILD_DIRS.discard(tmp)
         with self._lock:
             self._rows, self._graph, self._centroids, self._reps = rows, graph, C, reps
             self._ivf = ivf
@@ -781,9 +800,10 @@ class GraphIndex(ClassIndex):
                 for _ in range(self.hops):
                     c, s = self._score(rows, graph, entry[lost], Q[lost])
                     entry[lost] = c[np.arange(lost.size), np.argmax(s, axis=1)]
-                lost = lost[:0]
             self.queries += B
             self.cold_queries += int(lost.size)
+            if ivf is None:
+                lost = lost[:0]
             warm = np.flatnonzero(entry >= 0)
             cand, S = self._score(rows, graph, entry[warm], Q[warm])   # [b, 1 + degree] fresh scores
             if lost.size:  # the IVF proposes, the fresh rows score
@@ -1076,7 +1096,7 @@ class IndexManager:
             index = self._index
         if index is None:
             raise RuntimeError("no index yet: call build_now(W) or maybe_rebuild(store, step) first")
-        return index.query(F, n, labels)
+        return index.query(F, n) if labels is None else index.query(F, n, labels)
 
     @property
     def index(self) -> Optional[ClassIndex]:

@@ -28,7 +28,8 @@ the same total displacement per gradient as dense momentum SGD at a constant lr 
 sums to the same, so ``nesterov`` makes no difference there). Measured (benchmarks/bench_accuracy.py
 setting, K = 20K in families of 100, 2000 steps, M = 512, HF-IVF): top-1 93.1 % lazy, 98.0 %
 unrolled, full softmax (dense momentum) 98.9 %. With M = K (every row touched every step) "lazy" is
-exactly torch.optim.SGD and "unrolled" is plain SGD at lr / (1 - m).
+exactly torch.optim.SGD and "unrolled" is plain SGD at lr / (1 - m), without momentum's smoothing and
+with a tighter stability limit: when most rows are active every step, choose "lazy".
 
 Rounding: torch's CPU kernels compute ``a.add(b, alpha=s)`` as one fused multiply-add (one
 rounding). With ``exact_rounding=True`` we reproduce that for float32 rows by computing each

@@ -101,6 +101,13 @@ def make_store(args: argparse.Namespace) -> WeightStore:
         for name, val, have in (("--num-classes", args.num_classes, K), ("--dim", args.dim, store.dim)):
             if val is not None and val != have:
                 raise SystemExit(f"--restore {path}: snapshot has {name[2:]}={have}, command line says {name} {val}")
+        asked = {"momentum": args.momentum, "weight_decay": args.weight_decay, "nesterov": args.nesterov,
+                 "sparse_momentum": args.sparse_momentum}
+        have = store.opt.to_dict()
+        differ = {k: (have[k], v) for k, v in asked.items() if have[k] != v}
+        if differ:  # the snapshot's optimizer wins (its momentum matrix was made by it)
+            logger.warning("--restore %s: the snapshot's optimizer is used; it differs from the command line in %s "
+                        "(snapshot, command line)", path, differ)
         return store
     if args.num_classes is None or args.dim is None:
         raise SystemExit("--num-classes and --dim are required unless --restore is given")

@@ -604,7 +604,11 @@ class WeightStore:
             self._step = int(man["step"])
             self._pending.clear()
             o = man["optimizer"]
-            self.opt = _opt_from_manifest(o)
+            restored = _opt_from_manifest(o)
+            if restored != self.opt:  # the snapshot's optimizer wins, as its momentum matches it
+                logger.warning("restore %s: optimizer %s from the snapshot replaces this store's %s",
+                               path, restored.to_dict(), self.opt.to_dict())
+            self.opt = restored
             self._cond.notify_all()
         logger.info("restored step %d from %s", self._step, path)
         # The attached index was built over the old rows: rebuild it now, synchronously, so the first

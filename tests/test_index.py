@@ -545,3 +545,15 @@ def test_graph_built_in_a_subprocess_equals_the_in_process_build(data):
     b.build(W)
     np.testing.assert_array_equal(a._graph, b._graph)
     np.testing.assert_array_equal(a._reps, b._reps)
+
+
+def test_graph_on_degenerate_rows_is_valid():
+    """All-zero rows (a store with init=zeros) fall into one k-means list, whose candidates the build
+    samples (else it would score all K x K pairs: 62 s and 2 GB at 20K x 64, 0.3 s now); every row
+    still gets `degree` distinct neighbours other than itself."""
+    W = np.zeros((3000, 8), np.float32)
+    g = make_index("graph", 8, "angular", seed=0, degree=6, cold_nprobe=0)
+    g.build(W)
+    graph = g._graph.astype(np.int64)
+    assert (graph >= 0).all() and not (graph == np.arange(3000)[:, None]).any()
+    assert all(len(set(r)) == 6 for r in graph.tolist())
