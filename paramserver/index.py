@@ -148,6 +148,19 @@ class ClassIndex:
             raise ValueError(f"n (candidates per feature) must be an int >= 1, got {n!r}")
         return np.ascontiguousarray(F, dtype=np.float32)
 
+    def _check_update(self, ids: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Validate an update (global ids [m], rows [m, d]); returns (local row indices int64, rows)."""
+        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != local.size:
+            raise ValueError(f"rows must be [len(ids)={local.size}, d], got shape {rows.shape}")
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows dim {rows.shape[1]} does not match index dim {self.dim}")
+        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
+            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
+                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
+        return local, rows
+
     # -- API ------------------------------------------------------------------------------------
     def build(self, W: np.ndarray) -> None:
         """Build from W [K, d] float32. The index copies what it keeps, so W may change after."""
@@ -206,13 +219,7 @@ class ExactIndex(ClassIndex):
         """Overwrite the changed rows (global ids [m], rows [m, d])."""
         if self._W is None:
             raise RuntimeError("ExactIndex.update called before build()")
-        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape != (local.size, self.dim):
-            raise ValueError(f"rows must be [len(ids)={local.size}, {self.dim}], got shape {rows.shape}")
-        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
-            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
-                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
+        local, rows = self._check_update(ids, rows)
         self._W[local] = _normalize_rows(rows) if self.metric == "angular" else rows
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -477,16 +484,7 @@ class IVFIndex(ClassIndex):
         """Re-assign the changed rows (global ids [m], rows [m, d]) to their nearest centroid."""
         if self._ivf is None:
             raise RuntimeError("IVFIndex.update called before build()")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
-            raise ValueError(f"rows must be [len(ids)={ids.shape[0]}, d], got shape {rows.shape}")
-        if rows.shape[1] != self.dim:
-            raise ValueError(f"rows dim {rows.shape[1]} does not match index dim {self.dim}")
-        local = ids - self.class_offset
-        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
-            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
-                             f"got range [{ids.min()}, {ids.max()}]")
+        local, rows = self._check_update(ids, rows)
         if local.size == 0:
             return
         # faiss requires unique ids in one update: keep the last occurrence of each.
@@ -750,13 +748,7 @@ class GraphIndex(ClassIndex):
         """Overwrite the changed rows (global ids [m], rows [m, d]); the neighbour sets wait for a rebuild."""
         if self._rows is None:
             raise RuntimeError("GraphIndex.update called before build()")
-        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape != (local.size, self.dim):
-            raise ValueError(f"rows must be [len(ids)={local.size}, {self.dim}], got shape {rows.shape}")
-        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
-            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
-                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
+        local, rows = self._check_update(ids, rows)
         with self._lock:
             self._rows[local] = _normalize_rows(rows) if self.metric == "angular" else rows
             ivf = self._ivf
@@ -765,10 +757,11 @@ class GraphIndex(ClassIndex):
             # 1 - cold_drift): a label's row after its step, not the many slightly pushed negatives.
             # Its scores are never used (cold candidates are re-scored on the fresh rows), so the
             # IVF only has to keep each row in about the right list.
-            held, new = _normalize_rows(ivf.reconstruct(ids)), _normalize_rows(rows)
+            gids = local + self.class_offset
+            held, new = _normalize_rows(ivf.reconstruct(gids)), _normalize_rows(rows)
             moved = np.einsum("md,md->m", held, new) < 1.0 - self.cold_drift
             if moved.any():
-                ivf.update(np.asarray(ids).reshape(-1)[moved], rows[moved])
+                ivf.update(gids[moved], rows[moved])
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
