@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import zmq
 
-from paramserver.protocol import ProtocolError, decode, encode
+from paramserver.protocol import WIRE_DTYPES, ProtocolError, decode, encode, from_bf16, to_bf16
 from paramserver.store import BadRequestError, StaleStepError, StoreError, SyncTimeoutError, shard_ranges
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,22 @@ class RemoteStore:
         check: on construction, ask every shard for its ``info`` and check K, d and its class range
             (catches a wrong address order or a server started with other sizes).
         context: ZeroMQ context (default: the global instance).
+        wire_dtype: "native" (the store dtype) or "bf16": pulled rows and pushed gradients travel as
+            bfloat16 (half the bytes; the server keeps and updates W in its own dtype).
     """
 
     def __init__(self, addresses: Sequence[str] | str, num_classes: int, dim: int, timeout: float = 30.0,
                  token: Optional[str] = None, client_id: int = 0, check: bool = True,
-                 context: Optional[zmq.Context] = None) -> None:
+                 context: Optional[zmq.Context] = None, wire_dtype: str = "native") -> None:
         if isinstance(addresses, str):
             addresses = [addresses]
         if not addresses:
             raise ValueError("RemoteStore: at least one address is required")
         if timeout <= 0:
             raise ValueError(f"RemoteStore: timeout must be > 0, got {timeout}")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"RemoteStore: wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.wire_dtype = wire_dtype
         self.addresses = list(addresses)
         self._K, self._d = int(num_classes), int(dim)
         self.ranges = shard_ranges(self._K, len(self.addresses))
@@ -208,20 +213,32 @@ class RemoteStore:
         """Announce this client's id to every shard (logged by the servers)."""
         self._all({"op": "register", "client_id": self.client_id})
 
-    def pull(self, ids: Any, step: Optional[int] = None, timeout: Optional[float] = None,
-             matrix: str = "W") -> np.ndarray:
-        """Rows ``ids`` [n, d]; with ``step``, the servers first wait until that step is reached."""
-        arr, parts = self._split(ids)
-        limit = self.timeout if timeout is None else float(timeout)
-        header: dict[str, Any] = {"op": "pull", "matrix": matrix}
+    def _step_fields(self, header: dict, step: Optional[int], limit: float) -> dict:
         if step is not None:
             header["step"] = int(step)
             header["timeout"] = max(limit * 0.9 - 0.05, 0.0)  # the server's error names the missing clients
+        return header
+
+    def pull(self, ids: Any, step: Optional[int] = None, timeout: Optional[float] = None,
+             matrix: str = "W") -> np.ndarray:
+        """Rows ``ids`` [n, d]; with ``step``, the servers first wait until that step is reached.
+
+        With ``wire_dtype="bf16"`` (constructor) the rows travel as bfloat16 and come back as
+        float32 rounded to bfloat16 (half the bytes)."""
+        arr, parts = self._split(ids)
+        limit = self.timeout if timeout is None else float(timeout)
+        header: dict[str, Any] = {"op": "pull", "matrix": matrix}
+        if self.wire_dtype != "native":
+            header["wire_dtype"] = self.wire_dtype
+        self._step_fields(header, step, limit)
         reqs = {i: (header, [arr[p]] if len(parts) > 1 else [arr]) for i, p in enumerate(parts)
                 if len(p) or (step is not None)}
         if not reqs:  # no ids and no step to wait for
             return np.empty((0, self._d), dtype=self._dtype or np.float32)
         reps = self._call(reqs, limit)
+        if self.wire_dtype == "bf16":
+            for i in reps:
+                reps[i][1][0] = from_bf16(reps[i][1][0])
         if len(parts) == 1:
             rows = reps[0][1][0]
             # The received frame is this process's own memory (writable, kept alive by the array): no
@@ -243,6 +260,8 @@ class RemoteStore:
             raise BadRequestError(f"push grads: shape {list(grads.shape)} does not match [{len(arr)}, {self._d}]")
         header = {"op": "push", "step": int(step), "lr": float(lr),
                   "client_id": self.client_id if client_id is None else int(client_id)}
+        if self.wire_dtype == "bf16" and grads.dtype != np.uint16:
+            grads = to_bf16(grads)  # the server widens them back to its dtype
         if len(parts) == 1:
             reqs = {0: (header, [arr, grads])}
         else:
@@ -259,16 +278,20 @@ class RemoteStore:
         header = {"op": "set_rows", "matrix": matrix}
         self._call({i: (header, [arr[p], rows[p]]) for i, p in enumerate(parts) if len(p)})
 
-    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None, step: Optional[int] = None,
+              timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` classes per feature over all shards: (ids int64 [B, n], scores float32 [B, n]).
 
         Each shard answers from its own index; candidates are concatenated along axis 1 and the n
-        best by score are kept per row (stable, so ties keep shard order).
+        best by score are kept per row (stable, so ties keep shard order). With ``step`` each shard
+        answers once it has applied the updates of the steps before it (as :meth:`pull`).
         """
         arrays = [np.ascontiguousarray(features)]
         if labels is not None:
             arrays.append(np.ascontiguousarray(labels, dtype=np.int64))
-        reps = self._call({i: ({"op": "query", "n": int(n)}, arrays) for i in range(len(self.addresses))})
+        limit = self.timeout if timeout is None else float(timeout)
+        header = self._step_fields({"op": "query", "n": int(n)}, step, limit)
+        reps = self._call({i: (header, arrays) for i in range(len(self.addresses))}, limit)
         ids = np.concatenate([reps[i][1][0] for i in range(len(self.addresses))], axis=1)
         scores = np.concatenate([reps[i][1][1] for i in range(len(self.addresses))], axis=1)
         if len(self.addresses) == 1:
@@ -292,6 +315,15 @@ class RemoteStore:
         reps = self._call({i: ({"op": "restore", "path": self._shard_path(path, i)}, ())
                            for i in range(len(self.addresses))})
         return [{"path": reps[i][0]["path"], "step": reps[i][0]["step"]} for i in range(len(self.addresses))]
+
+    def clone(self) -> "RemoteStore":
+        """Another client of the same shards with its own sockets (for a second thread, e.g. a
+        background pusher: a RemoteStore serialises its calls, so one blocked in a waiting pull
+        would otherwise hold up the push that pull is waiting for)."""
+        c = RemoteStore(self.addresses, self._K, self._d, timeout=self.timeout, token=self.token,
+                        client_id=self.client_id, check=False, context=self._ctx, wire_dtype=self.wire_dtype)
+        c._dtype = self._dtype
+        return c
 
     def stats(self) -> dict:
         """Summed rows/bytes/pushes/pulls over the shards, min step, and the per-shard dicts."""

@@ -1,4 +1,4 @@
-"""Wire protocol of the hfsoftmax parameter server (version 1), documented in docs/protocol.md.
+"""Wire protocol of the hfsoftmax parameter server (version 2), documented in docs/protocol.md.
 
 Every message (request or reply) is one ZeroMQ multipart message:
 
@@ -10,7 +10,8 @@ identity frame(s) (and a REQ client's empty delimiter) are transport envelope, n
 protocol. Array frames are sent without copying (``copy=False``) and read with ``np.frombuffer``.
 
 Request header fields:
-    v          int, protocol version, must be 1
+    v          int, protocol version, must be 2 (a JSON integer: true or 2.0 are refused; a peer
+               speaking another version gets an error naming both versions)
     op         "info" | "register" | "pull" | "push" | "set_rows" | "query" | "snapshot" |
                "restore" | "stats" | "ping" | "shutdown" | "set_rebuild_every"
     id         any JSON value, echoed in the reply (lets a DEALER client match replies)
@@ -18,7 +19,8 @@ Request header fields:
                there are none); dtype is a numpy type string from DTYPES ("<f4", "<i8", ...)
     token      str, the shared secret, required when the server was started with one
     matrix     "W" (default) or "momentum" (pull / set_rows)
-    step       int (push; optional for pull: wait until the store has applied steps < step)
+    step       int (push; optional for pull and query: wait until the store has applied steps < step)
+    wire_dtype "bf16" (pull: rows come back as bfloat16 bit patterns, dtype <u2)
     lr         float (push)
     client_id  int in [0, R) (push / register)
     timeout    float seconds (pull with step: longest wait; the server also caps it)
@@ -28,14 +30,15 @@ Request header fields:
 Arrays per op (request -> reply):
     pull      [ids int32|int64 [n]]                     -> [rows dtype [n, d]]
     push      [ids [n], grads dtype [n, d]]             -> []  (reply has "applied": bool, "step")
+              grads may be <u2 [n, d]: bfloat16 bit patterns, widened to the store dtype
     set_rows  [ids [n], rows dtype [n, d]]              -> []
     query     [features float32|float64 [B, d]]         -> [ids int64 [B, n], scores float32 [B, n]]
               or [features, labels int32|int64 [B]] (the batch's global class ids; the graph index
               needs them, the other indexes ignore them)
     others    []                                        -> []
 
-Reply header: {"v": 1, "id": <echo>, "ok": true, "arrays": [...], ...op fields} or
-{"v": 1, "id": <echo or null>, "ok": false, "error": "<reason>", "kind": <one of ERROR_KINDS>}. Every request gets exactly one
+Reply header: {"v": 2, "id": <echo>, "ok": true, "arrays": [...], ...op fields} or
+{"v": 2, "id": <echo or null>, "ok": false, "error": "<reason>", "kind": <one of ERROR_KINDS>}. Every request gets exactly one
 reply; a malformed one gets an error reply and changes nothing.
 """
 from __future__ import annotations
@@ -49,12 +52,14 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 OPS = ("info", "register", "pull", "push", "set_rows", "query", "snapshot", "restore", "stats",
        "ping", "shutdown", "set_rebuild_every")
 # Array dtypes accepted on the wire (little-endian only, so any client can produce them).
+# "<u2" carries bfloat16 bit patterns (numpy has no bfloat16): see to_bf16 / from_bf16.
 DTYPES = {"<f4": np.float32, "<f8": np.float64, "<i4": np.int32, "<i8": np.int64,
-          "<u4": np.uint32, "<u8": np.uint64}
+          "<u4": np.uint32, "<u8": np.uint64, "<u2": np.uint16}
+WIRE_DTYPES = ("native", "bf16")
 MAX_HEADER_BYTES = 1 << 20
 MAX_NDIM = 4
 
@@ -83,6 +88,22 @@ def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
     h["v"] = PROTOCOL_VERSION
     h["arrays"] = descs
     return [json.dumps(h, separators=(",", ":"), allow_nan=False).encode("utf-8")] + bufs
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 [...] -> uint16 [...] bfloat16 bit patterns, rounded to nearest even (NaN stays NaN)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def from_bf16(b: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """uint16 bfloat16 bit patterns [...] -> float array [...] (exact: bf16 is float32's top half)."""
+    out = (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
 
 def _reject_constant(name: str) -> Any:
@@ -115,8 +136,12 @@ def decode(frames: Sequence[Any]) -> tuple[dict, list[np.ndarray]]:
         raise ProtocolError(f"header frame is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"header field 'v' must be {PROTOCOL_VERSION}, got {header.get('v')!r}")
+    v = header.get("v")
+    if type(v) is not int:  # true == 1 and 1.0 == 1 in Python: neither is a version
+        raise ProtocolError(f"header field 'v' must be the integer {PROTOCOL_VERSION}, got {v!r}")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version mismatch: the message speaks version {v}, this side speaks "
+                            f"version {PROTOCOL_VERSION}; upgrade the older of client and server")
     descs = header.get("arrays", [])
     if not isinstance(descs, list):
         raise ProtocolError("header field 'arrays' must be a list")

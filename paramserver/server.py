@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import zmq
 
-from paramserver.protocol import (OPS, ProtocolError, decode, error_reply, expect_arrays, get_field, ok_reply,
-                                  PROTOCOL_VERSION, token_ok)
+from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
+                                  get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
 from paramserver.store import BadRequestError, StaleStepError, StoreError, WeightStore, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,13 @@ def resolve_snapshot(path: str) -> str:
 
 
 class _Parked:
-    """A pull waiting for its step: answered later through the ROUTER envelope."""
+    """A pull or query waiting for its step: ``answer()`` builds the reply frames once the step is
+    reached; it is sent later through the ROUTER envelope."""
 
-    __slots__ = ("envelope", "req_id", "ids", "matrix", "step", "deadline", "waited")
+    __slots__ = ("envelope", "req_id", "answer", "step", "deadline", "waited")
 
-    def __init__(self, envelope: list, req_id: Any, ids: np.ndarray, matrix: str, step: int, wait: float) -> None:
-        self.envelope, self.req_id, self.ids, self.matrix, self.step = envelope, req_id, ids, matrix, step
+    def __init__(self, envelope: list, req_id: Any, answer: Callable[[], list], step: int, wait: float) -> None:
+        self.envelope, self.req_id, self.answer, self.step = envelope, req_id, answer, step
         self.deadline = time.monotonic() + wait
         self.waited = wait
 
@@ -128,7 +129,8 @@ class ParamServer:
         self._parked: list[_Parked] = []
         self._update_due = False
         self.address: Optional[str] = None
-        self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+        # busy_s: time spent handling requests and applying updates (what R ranks cost the server).
+        self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "busy_s": 0.0}
         self._peers = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -252,6 +254,13 @@ class ParamServer:
 
     def _handle(self, frames: list) -> None:
         """One request: frames = ROUTER envelope + protocol frames."""
+        t0 = time.perf_counter()
+        try:
+            self._handle_request(frames)
+        finally:
+            self._counts["busy_s"] += time.perf_counter() - t0
+
+    def _handle_request(self, frames: list) -> None:
         self._counts["requests"] += 1
         if len(frames) < 2:  # only an identity frame: nothing to answer
             self._counts["errors"] += 1
@@ -282,7 +291,13 @@ class ParamServer:
             self._send(envelope, reply)
         if self._update_due:
             self._update_due = False
-            if self.store.apply_pending():
+            try:
+                applied = self.store.apply_pending()
+            except Exception:  # the step's pushes stay pending; their clients time out with a message
+                self._counts["errors"] += 1
+                logger.exception("applying the update of step %d failed", self.store.step)
+                return
+            if applied:
                 self._after_update()
 
     # ------------------------------------------------------------------ ops
@@ -316,30 +331,44 @@ class ParamServer:
     def _op_pull(self, env: list, h: dict, arrays: list) -> Optional[list]:
         expect_arrays(h, arrays, 1)
         matrix = get_field(h, "matrix", str, default="W")
-        step = get_field(h, "step", int, optional=True)
+        wire = get_field(h, "wire_dtype", str, default="native")
+        if wire not in WIRE_DTYPES:
+            raise BadRequestError(f"pull: wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire!r}")
         ids = arrays[0]
-        if step is not None and step < 0:
-            raise BadRequestError(f"pull: step must be >= 0, got {step}")
         # Validate now so a bad pull fails at once rather than after waiting.
         self.store._check_matrix(matrix)
         self.store._local_ids(ids)
+
+        def answer() -> list:
+            rows = self.store.pull(ids, matrix=matrix)  # a fresh array: zmq sends it without a copy
+            return ok_reply(h.get("id"), [to_bf16(rows) if wire == "bf16" else rows], step=self.store.step)
+
+        return self._park_or_answer(env, h, answer)
+
+    def _park_or_answer(self, env: list, h: dict, answer: Callable[[], list]) -> Optional[list]:
+        """Answer now, or park until the store reaches the request's ``step`` (pull and query)."""
+        step = get_field(h, "step", int, optional=True)
+        if step is not None and step < 0:
+            raise BadRequestError(f"{h.get('op')}: step must be >= 0, got {step}")
         if step is not None and self.store.step < step:
             wait = get_field(h, "timeout", float, default=self.max_wait)
             wait = min(max(wait, 0.0), self.max_wait)
-            self._parked.append(_Parked(env, h.get("id"), ids, matrix, step, wait))
+            self._parked.append(_Parked(env, h.get("id"), answer, step, wait))
             return None
-        rows = self.store.pull(ids, matrix=matrix)  # a fresh array: zmq sends it without a copy
-        return ok_reply(h.get("id"), [rows], step=self.store.step)
+        return answer()
 
     def _op_push(self, env: list, h: dict, arrays: list) -> list:
         expect_arrays(h, arrays, 2)
         step = get_field(h, "step", int)
         lr = get_field(h, "lr", float)
         cid = get_field(h, "client_id", int, default=0)
+        grads = arrays[1]
+        if grads.dtype == np.uint16:  # bfloat16 bit patterns (store.wire_dtype=bf16): widen to the store's dtype
+            grads = from_bf16(grads, self.store.dtype)
         # copy=False: the frame's buffer is immutable and stays alive with the array view.
         # apply=False: answer first, then update (in _handle), so the reply travels while we compute;
         # no other request is served before the update, so nobody can observe the difference.
-        complete = self.store.push(arrays[0], arrays[1], step, lr, client_id=cid, copy=False, apply=False)
+        complete = self.store.push(arrays[0], grads, step, lr, client_id=cid, copy=False, apply=False)
         if complete:
             self._update_due = True
         return ok_reply(h.get("id"), applied=complete, step=self.store.step + int(complete))
@@ -357,9 +386,19 @@ class ParamServer:
         if feats.dtype.kind != "f":
             raise BadRequestError(f"query: features must be float32 or float64, got {feats.dtype}")
         labels = arrays[1] if len(arrays) == 2 else None
-        # a writable copy (B x d, small): index libraries may not accept read-only frame views
-        ids, scores = self.store.query(np.array(feats), n, labels=labels)
-        return ok_reply(h.get("id"), [ids, scores])
+        if labels is not None and (labels.shape != (feats.shape[0],) or labels.dtype.kind not in "iu"):
+            raise BadRequestError(f"query: labels must be integer [B={feats.shape[0]}], got {labels.dtype} "
+                                  f"{list(labels.shape)}")
+        if n <= 0:
+            raise BadRequestError(f"query: n must be a positive integer, got {n}")
+
+        def answer() -> list:
+            # a writable copy (B x d, small): index libraries may not accept read-only frame views
+            ids, scores = self.store.query(np.array(feats), n, labels=labels)
+            return ok_reply(h.get("id"), [ids, scores], step=self.store.step)
+
+        # with "step": answered once that step's update (and its index update) is applied
+        return self._park_or_answer(env, h, answer)
 
     def _op_snapshot(self, env: list, h: dict, arrays: list) -> list:
         expect_arrays(h, arrays, 0)
@@ -401,10 +440,13 @@ class ParamServer:
             for p in self._parked:
                 if self.store.step >= p.step:
                     try:
-                        rows = self.store.pull(p.ids, matrix=p.matrix)
-                        self._send(p.envelope, ok_reply(p.req_id, [rows], step=self.store.step))
+                        self._send(p.envelope, p.answer())
                     except StoreError as e:
                         self._send(p.envelope, error_reply(p.req_id, str(e), _kind(e)))
+                    except Exception as e:  # a bug must not take the server down
+                        logger.exception("internal error answering a parked %s", "request")
+                        self._send(p.envelope, error_reply(_safe_id(p.req_id), f"internal error: {type(e).__name__}: {e}",
+                                                           "internal"))
                 else:
                     still.append(p)
             self._parked = still

@@ -515,11 +515,21 @@ class WeightStore:
         """Alias of :meth:`rows_view` (the name index builders use). Row i is global id class_offset + i."""
         return self.rows_view()
 
-    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None, step: Optional[int] = None,
+              timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` candidate classes per feature from the attached index: (ids int64 [B, n], scores float32 [B, n]).
 
         ``labels`` [B]: the batch's global class ids (the graph index enters at each sample's label;
-        the other indexes ignore them)."""
+        the other indexes ignore them). ``step``: first wait (as :meth:`pull`) until store.step >= step,
+        so the index already holds that step's updated rows."""
+        if step is not None:
+            if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+                raise BadRequestError(f"query: step must be a non-negative integer, got {step!r}")
+            with self._cond:
+                if self._step < step:
+                    limit = self.sync_timeout if timeout is None else float(timeout)
+                    if not self._cond.wait_for(lambda: self._step >= step, timeout=limit):
+                        raise SyncTimeoutError(self.timeout_message(step, limit).replace("pull", "query", 1))
         if self._index is None:
             raise BadRequestError("query: no class index is attached to this store (attach_index first)")
         feats = np.asarray(features)

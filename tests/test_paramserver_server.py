@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from paramserver.client import AuthError, RemoteStore
-from paramserver.protocol import encode
+from paramserver.protocol import PROTOCOL_VERSION, encode
 from paramserver.server import ParamServer
 from paramserver.store import BadRequestError, StaleStepError, SyncTimeoutError, WeightStore, shard_ranges
 from test_paramserver_store import FakeIndex, make_pushes, torch_reference
@@ -204,7 +204,7 @@ class RawClient:
 
 
 def _hdr(**kw) -> bytes:
-    return json.dumps({"v": 1, **kw}).encode()
+    return json.dumps({"v": PROTOCOL_VERSION, **kw}).encode()
 
 
 def bad_messages(K: int, d: int) -> list:
@@ -233,7 +233,7 @@ def bad_messages(K: int, d: int) -> list:
         ("missing lr", encode({"op": "push", "step": 1}, [ids, g])),
         ("lr string", encode({"op": "push", "step": 1, "lr": "fast"}, [ids, g])),
         ("bad client", encode({"op": "push", "step": 1, "lr": 0.1, "client_id": 5}, [ids, g])),
-        ("NaN json", [b'{"v": 1, "op": "push", "step": 1, "lr": NaN}', ids.tobytes(), g.tobytes()]),
+        ("NaN json", [b'{"v": 2, "op": "push", "step": 1, "lr": NaN}', ids.tobytes(), g.tobytes()]),
         ("bad dtype code", [_hdr(op="pull", arrays=[{"dtype": "object", "shape": [1]}]), b"x"]),
         ("empty frame", [b""]),
         ("query no index", encode({"op": "query", "n": 2}, [np.ones((1, d), np.float32)])),
@@ -288,7 +288,7 @@ def test_fuzzed_messages_leave_server_up_and_correct(tmp_path) -> None:
             if kind == 0:  # random bytes frames
                 frames = [rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(1, 4)))]
             else:  # plausible headers with wrong fields/frames
-                h = {"v": int(rng.choice([1, 1, 1, 2])), "op": ops[int(rng.integers(len(ops)))]}
+                h = {"v": int(rng.choice([2, 2, 2, 1])), "op": ops[int(rng.integers(len(ops)))]}
                 for field, vals in (("step", [-1, 0, 1, 2, 10 ** 12, "x", None]), ("lr", [0.1, -1.0, "a", None]),
                                     ("matrix", ["W", "momentum", "x", 3]), ("client_id", [0, 1, -3, "a"]),
                                     ("n", [0, 1, 5, -2]), ("timeout", [0.0, 0.01, -5]), ("path", [3, "/no/such"])):

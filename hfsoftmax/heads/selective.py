@@ -59,8 +59,10 @@ Probing costs one pass over all K rows (K*d floats from the store), so P should 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -69,7 +71,9 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .base import ClassifierHead
+from .collective import HeadComm
 from .full import MARGINS, margin_logits
+from .pusher import Pusher
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +247,8 @@ class SelectiveSoftmax(ClassifierHead):
         cpk_probe: samples of the batch used for a CPK probe.
         cpk_drop, t_min, t_max: the T rule (defaults 0.02, max(1, T // 8), 8 T).
         block_size: rows per block when scoring all K (CPK, topk).
+        pipeline: push from a background worker (its own store connection) instead of in end_step.
+        comm: the head's collectives (default: a new :class:`HeadComm` when world_size > 1).
     """
 
     def __init__(self, store: Any, num_classes: int, feature_dim: int, num_active: int, *, margin: str = "none",
@@ -251,7 +257,7 @@ class SelectiveSoftmax(ClassifierHead):
                  m_max: int = 10000, rebuild_every: int = 100, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, shortcut_full: bool = True, cpk_probe: int = 64,
                  cpk_drop: float = 0.02, t_min: Optional[int] = None, t_max: Optional[int] = None,
-                 block_size: int = 65536) -> None:
+                 block_size: int = 65536, pipeline: bool = False, comm: Optional[HeadComm] = None) -> None:
         super().__init__(num_classes, feature_dim)
         if margin not in MARGINS:
             raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
@@ -304,10 +310,26 @@ class SelectiveSoftmax(ClassifierHead):
         self._period_last: Optional[float] = None
         self._warned_remote_t = False
         self._probe_lse: Optional[torch.Tensor] = None   # [P] logsumexp over all K of the last probe
+        self._probe: Optional[torch.Tensor] = None       # [P, d] the last probe's features (global batch)
+        # Multi-rank and pipelining state.
+        self.comm = comm if comm is not None else HeadComm(self.rank, self.world_size)
+        self.pipeline = bool(pipeline)
+        self._worker: Optional[Pusher] = None
+        self._push_store: Any = None
+        if self.pipeline:
+            # A remote store serialises its calls: the worker gets its own sockets.
+            self._push_store = store.clone() if hasattr(store, "clone") else None
+            self._worker = Pusher(f"hfsoftmax-pusher-{self.rank}")
+        self._job: Any = None                    # the push owed by end_step (not pipelined)
+        self._grad_scale: Any = None             # fp16 loss scale of this step (begin_step)
+        self._wait_s, self._wait_steps = 0.0, 0  # exposed store wait since the last stats()
+        self._staging: Optional[torch.Tensor] = None   # pinned host buffer (CUDA)
+        self._staged: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any, store: Any, num_classes: int, feature_dim: int, *, seed: int = 0,
-                    rank: Optional[int] = None, world_size: Optional[int] = None) -> "SelectiveSoftmax":
+                    rank: Optional[int] = None, world_size: Optional[int] = None,
+                    pipeline: bool = False) -> "SelectiveSoftmax":
         """From a :class:`hfsoftmax.config.HeadConfig` (``name`` hf or random). M is capped at K."""
         if cfg.num_active > num_classes:
             logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
@@ -315,7 +337,8 @@ class SelectiveSoftmax(ClassifierHead):
         return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
                    scale=cfg.scale, margin_m=cfg.margin_m, index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
                    cpk_every=cfg.cpk_every, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
-                   m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size)
+                   m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size,
+                   pipeline=pipeline)
 
     # -- step protocol ------------------------------------------------------------------------
     def _server_name(self) -> str:
@@ -326,8 +349,11 @@ class SelectiveSoftmax(ClassifierHead):
         return ParamServerLostError(f"parameter server {self._server_name()} lost during {what} at step "
                                     f"{self._train_step}: {err}")
 
-    def begin_step(self, step: int, lr: float) -> None:
-        """Called by the train loop before the forward of ``step`` with that step's lr."""
+    def begin_step(self, step: int, lr: float, grad_scale: Any = None) -> None:
+        """Called by the train loop before the forward of ``step`` with that step's lr.
+
+        ``grad_scale``: the loss scale of fp16 training (a GradScaler's scale, a float or a device
+        tensor): the active rows' gradient is divided by it before it is pushed."""
         if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"begin_step: lr must be finite and >= 0, got {lr}")
         if self._offset is None:
@@ -340,15 +366,31 @@ class SelectiveSoftmax(ClassifierHead):
                 logger.warning("store is at step %d but training is at step %d: store steps are train step %+d",
                                store_step, step, self._offset)
         self._train_step, self._lr = int(step), float(lr)
+        self._grad_scale = grad_scale
         self._forwarded = self._pushed = False
 
     def end_step(self, step: int) -> None:
-        """After the optimizer step: make sure this rank pushed ``step`` (an empty push if the loss
-        never reached W), or the synchronous store would wait for it forever."""
+        """After the optimizer step: send this step's push (now when not pipelined; the background
+        worker has it otherwise). An empty update is pushed if no gradient reached the active rows,
+        or the synchronous store would wait for it forever."""
         if self._forwarded and not self._pushed:
             logger.warning("step %d: no gradient reached the active rows; pushing an empty update", step)
             self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=np.float32))
+            self._pushed = True
+        job, self._job = self._job, None
+        if job is not None:
+            t0 = time.perf_counter()
+            job()
+            self._wait_s += time.perf_counter() - t0
         self._forwarded = False
+
+    def flush(self) -> None:
+        """Wait until every push of this rank reached the store (before a snapshot, at the end)."""
+        if self._worker is not None:
+            try:
+                self._worker.wait()
+            except _LOST as e:
+                raise self._lost("push", e) from None
 
     @property
     def store_step(self) -> int:
@@ -356,24 +398,25 @@ class SelectiveSoftmax(ClassifierHead):
             raise RuntimeError("SelectiveSoftmax: call head.begin_step(step, lr) before a training forward")
         return self._train_step + self._offset
 
-    def _push(self, ids: np.ndarray, grads: np.ndarray, step: Optional[int] = None) -> None:
+    def _push(self, ids: np.ndarray, grads: np.ndarray, step: Optional[int] = None, store: Any = None) -> None:
         """Push this rank's row gradients for store step ``step`` (default: the current one)."""
-        if self._pushed:
-            raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one backward per "
-                               f"forward and step; gradient accumulation is not supported)")
         try:
-            self.store.push(ids, grads, self.store_step if step is None else step, self._lr, client_id=self.rank)
+            (store or self.store).push(ids, grads, self.store_step if step is None else step, self._lr,
+                                       client_id=self.rank)
         except _LOST as e:
             raise self._lost("push", e) from None
-        self._pushed = True
 
     # -- selection ----------------------------------------------------------------------------
     def _rng(self) -> np.random.Generator:
-        # Keyed by the train step (what a checkpoint restores), so resume selects the same classes.
-        return np.random.default_rng([self.seed, self.rank, self._train_step or 0])
+        # Keyed by (seed, train step) only, not by rank: every rank (and one process with the global
+        # batch) draws the same fill, and a resume selects the same classes.
+        return np.random.default_rng([self.seed, self._train_step or 0])
 
-    def select(self, feats: np.ndarray, labels: np.ndarray, num_active: int) -> tuple[np.ndarray, np.ndarray]:
-        """Active ids [M] (labels first) and labels remapped into 0..M-1, for features [B, d]."""
+    def select(self, feats: Optional[np.ndarray], labels: np.ndarray, num_active: int,
+               step: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Active ids [M] (labels first) and labels remapped into 0..M-1, for features [B, d].
+
+        ``step``: the store step whose rows the index must reflect (the query waits for it)."""
         from paramserver.index import select_active
 
         K = self.num_classes
@@ -383,11 +426,17 @@ class SelectiveSoftmax(ClassifierHead):
             cand_ids = np.empty(0, dtype=np.int64)
             cand_scores = np.empty(0, dtype=np.float32)
         else:
+            kw = {} if step is None else {"step": step}
             try:
-                cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K), labels=labels)
+                cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K), labels=labels, **kw)
             except _LOST as e:
                 raise self._lost("query", e) from None
         return select_active(cand_ids, cand_scores, labels, num_active, K, self._rng())
+
+    def _needs_features(self, probe: bool) -> bool:
+        """Whether the selection reads features (identical on every rank: decides a collective)."""
+        return probe or (self.index_name != "random"
+                         and (self.adaptive or self.num_active < self.num_classes or not self.shortcut_full))
 
     # -- forward ------------------------------------------------------------------------------
     def _pull(self, ids: np.ndarray, step: Optional[int]) -> np.ndarray:
@@ -396,57 +445,143 @@ class SelectiveSoftmax(ClassifierHead):
         except _LOST as e:
             raise self._lost("pull", e) from None
 
+    def _to_device(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Host rows -> ``device``; on CUDA through a reused pinned staging buffer (non_blocking)."""
+        t = torch.from_numpy(rows)
+        if device.type != "cuda":
+            return t
+        n = t.shape[0]
+        if self._staging is None or self._staging.shape[0] < n or self._staging.dtype != t.dtype:
+            self._staging = torch.empty((max(n, 1), t.shape[1]), dtype=t.dtype, pin_memory=True)
+            self._staged = None
+        if self._staged is not None:
+            self._staged.synchronize()        # the previous copy out of the buffer has finished
+        self._staging[:n].copy_(t)
+        out = self._staging[:n].to(device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return out
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the M active classes; backward pushes dL/dWa to the store."""
+        """Mean cross-entropy over the M active classes; backward pushes dL/dWa to the store.
+
+        Training with R ranks: one active set for the global batch (module docstring); the loss is
+        the mean over this rank's samples (DDP's gradient average makes it the global mean)."""
         self.check_features(features)
         if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
             raise ValueError(f"labels must be [B={features.shape[0]}], got {tuple(labels.shape)}")
         training = torch.is_grad_enabled()
+        coll = training and self.comm.distributed            # the global-batch path (collectives)
         step = self.store_step if training else None
-        lab = labels.detach().cpu().numpy().astype(np.int64)                     # [B]
+        wait = 0.0
+        if training and self._worker is not None:
+            try:
+                wait += self._worker.wait()                   # the previous step's push has left
+            except _LOST as e:
+                raise self._lost("push", e) from None
+        lab = labels.detach().to("cpu", torch.int64).numpy()                        # [b]
         if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
                              f"got range [{lab.min()}, {lab.max()}]")
-        n_unique = int(np.unique(lab).size)
-        M = self.num_active
-        probe = None
-        if training and self.cpk_every and self._train_step % self.cpk_every == 0:
-            probe = features.detach()[: self.cpk_probe]
-            M = self._probe_cpk(probe)                                           # adaptive: new M
-        if M < n_unique:
-            if not self.adaptive:
-                raise ConfigError(f"head.num_active M={M} is smaller than the {n_unique} unique labels of this "
-                                 f"batch (batch size {lab.size}); raise head.num_active to at least {n_unique}")
-            logger.info("step %s: M grows from %d to the batch's %d unique labels", self._train_step, M, n_unique)
-            M = n_unique
-        feats_np = features.detach().to("cpu", torch.float32).numpy()           # [B, d]
-        active, remapped = self.select(feats_np, lab, M)                         # [M], [B]
-        w_np = self._pull(active, step)                                          # [M, d] store dtype
-        Wa = torch.from_numpy(w_np).to(device=features.device, dtype=features.dtype)
-        target = torch.from_numpy(remapped).to(features.device)                  # [B] in 0..M-1
+        probe_step = bool(training and self.cpk_every and self._train_step % self.cpk_every == 0)
+        need_feats = self._needs_features(probe_step)
+        glab = (self.comm.gather_batch(torch.from_numpy(lab)).cpu().numpy() if coll else lab)   # [R*b]
+        n_unique = int(np.unique(glab).size)
+        if self.num_active < n_unique and not self.adaptive:
+            raise ConfigError(f"head.num_active M={self.num_active} is smaller than the {n_unique} unique labels "
+                              f"of this {'global ' if coll else ''}batch (batch size {glab.size}); raise "
+                              f"head.num_active to at least {n_unique}")
+        feats32 = features.detach().float()
+        central = coll and need_feats                        # rank 0 selects, the others receive
+        active = None
+        if not central or self.comm.rank == 0:
+            gfeat = (self.comm.gather_batch(feats32) if central else feats32) if need_feats else None
+            M = self.num_active
+            if probe_step:
+                M = self._probe_cpk(gfeat[: self.cpk_probe], step)                  # adaptive: new M
+                self._probe = gfeat[: self.cpk_probe]
+            if M < n_unique:
+                logger.info("step %s: M grows from %d to the batch's %d unique labels", self._train_step, M, n_unique)
+                M = n_unique
+            t0 = time.perf_counter()
+            feats_np = gfeat.cpu().numpy() if gfeat is not None else None
+            active, _ = self.select(feats_np, glab, M, step)                          # [M]
+            wait += time.perf_counter() - t0
+        elif need_feats:
+            self.comm.gather_batch(feats32)                   # rank 0's gather needs every rank
+        if central:
+            active, self.num_active = self.comm.broadcast_ids(active, self.num_active)
+        # This rank's labels in 0..M-1 (active holds every label of the global batch).
+        order = np.argsort(active, kind="stable")
+        remapped = order[np.searchsorted(active, lab, sorter=order)].astype(np.int64)   # [b]
+        M = len(active)
+        part = self.comm.my_slice(M) if coll else slice(0, M)
+        t0 = time.perf_counter()
+        mine = self._pull(active[part], step)                                        # [~M/R, d]
+        wait += time.perf_counter() - t0
+        dtype = torch.promote_types(features.dtype, torch.float32)   # logits in fp32 under autocast
+        if coll:
+            Wa = self.comm.gather_rows(self._to_device(mine, self.comm.device), M)
+            Wa = Wa.to(device=features.device, dtype=dtype)
+        else:
+            Wa = self._to_device(mine, features.device).to(device=features.device, dtype=dtype)   # [M, d]
+        target = torch.from_numpy(remapped).to(features.device)                     # [b] in 0..M-1
         if training:
             self.last_active = active
             self._forwarded = True
+            self._wait_s += wait
+            self._wait_steps += 1
             Wa.requires_grad_(True)
-            grad_dtype = w_np.dtype
+            my_ids, store_dtype, lr_scale = active[part], mine.dtype, self._grad_scale
 
-            def push_hook(grad: torch.Tensor) -> None:
-                # grad [M, d]: this rank's mean-loss gradient; the store sums R ranks, hence / R.
-                g = (grad.detach() / self.world_size).to("cpu").numpy().astype(grad_dtype, copy=False)
-                self._push(active, np.ascontiguousarray(g), step)   # the step of this forward
+            def grad_hook(grad: torch.Tensor) -> None:
+                # grad [M, d]: this rank's mean-loss gradient. Only launches work: the reduce-scatter
+                # is asynchronous and the push is a job (worker thread, or end_step).
+                if self._pushed:
+                    raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one "
+                                       f"backward per forward and step; gradient accumulation is not supported)")
+                g = grad.detach().float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.detach()
+                flag = (~torch.isfinite(g)).any().to(g.dtype)          # device scalar: no host sync
+                if lr_scale is not None:
+                    g = g / lr_scale
+                g = g / self.world_size if self.world_size > 1 else g
+                work, slice_sum, flags = self.comm.reduce_scatter_rows(g.to(self.comm.device), flag)
+                self._pushed = True
+                job = functools.partial(self._push_job, work, slice_sum, flags, my_ids, step, store_dtype)
+                if self._worker is not None:
+                    self._worker.submit(job)
+                else:
+                    self._job = job
 
-            Wa.register_hook(push_hook)
-        logits = margin_logits(features, Wa, target, self.margin, self.scale, self.margin_m)   # [B, M]
-        if probe is not None:
-            self._probe_active(probe, Wa.detach())
-        return F.cross_entropy(logits, target)
+            Wa.register_hook(grad_hook)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            logits = margin_logits(features.to(dtype), Wa, target, self.margin, self.scale, self.margin_m)   # [b, M]
+            if probe_step and (not central or self.comm.rank == 0):
+                self._probe_active(self._probe, Wa.detach())
+            return F.cross_entropy(logits, target)
 
-    def scores_block(self, features: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Scores [B, end - start] of classes [start, end) (eval logits, no margin), rows pulled now."""
+    def _push_job(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray, step: int,
+                  store_dtype: np.dtype) -> None:
+        """Wait for the reduce-scatter, then push this rank's slice of the summed gradient (or, if any
+        rank's gradient was not finite, e.g. an fp16 overflow, an empty update on every rank)."""
+        if work is not None:
+            work.wait()
+        store = self._push_store or self.store
+        if float(flags.item()) > 0:
+            logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not updated "
+                           "this step", step)
+            self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store)
+            return
+        g = np.ascontiguousarray(slice_sum.to("cpu").numpy().astype(store_dtype, copy=False))
+        self._push(ids, g, step, store)
+
+    def scores_block(self, features: torch.Tensor, start: int, end: int, step: Optional[int] = None) -> torch.Tensor:
+        """Scores [B, end - start] of classes [start, end) (eval logits, no margin), rows pulled now
+        (after store step ``step`` when given)."""
         self.check_features(features)
         if not 0 <= start < end <= self.num_classes:
             raise ValueError(f"scores_block: need 0 <= start < end <= {self.num_classes}, got [{start}, {end})")
-        w = torch.from_numpy(self._pull(np.arange(start, end, dtype=np.int64), None))
+        w = torch.from_numpy(self._pull(np.arange(start, end, dtype=np.int64), step))
         w = w.to(device=features.device, dtype=features.dtype)                   # [end - start, d]
         return margin_logits(features, w, None, self.margin, self.scale, self.margin_m)
 
@@ -462,24 +597,24 @@ class SelectiveSoftmax(ClassifierHead):
 
     # -- CPK ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def exact_mass(self, probe: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def exact_mass(self, probe: torch.Tensor, k: int, step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
         k = min(int(k), self.num_classes)
         lse = None
         best = None
         for start in range(0, self.num_classes, self.block_size):
             end = min(start + self.block_size, self.num_classes)
-            s = self.scores_block(probe, start, end).double()                    # [P, blk]
+            s = self.scores_block(probe, start, end, step).double()                    # [P, blk]
             b_lse = torch.logsumexp(s, dim=1)
             lse = b_lse if lse is None else torch.logaddexp(lse, b_lse)
             cat = s if best is None else torch.cat([best, s], dim=1)
             best = cat.topk(min(k, cat.shape[1]), dim=1).values                  # running top-k [P, <=k]
         return lse, torch.exp(best - lse[:, None])
 
-    def _probe_cpk(self, probe: torch.Tensor) -> int:
+    def _probe_cpk(self, probe: torch.Tensor, step: Optional[int] = None) -> int:
         """CPK of the exact top-M on the probe; with adaptive allocation also choose M. Returns M."""
         k = max(self.num_active, min(self.m_max, self.num_classes)) if self.adaptive else self.num_active
-        lse, probs = self.exact_mass(probe, k)
+        lse, probs = self.exact_mass(probe, k, step)
         curve = probs.cumsum(dim=1).mean(dim=0).cpu().numpy()                   # [k] mean CPK(m)
         self._probe_lse = lse
         if self.adaptive:
@@ -551,6 +686,10 @@ class SelectiveSoftmax(ClassifierHead):
     def stats(self) -> dict[str, Any]:
         """num_active, rebuild_every, the last cpk_exact / cpk_active, and index_* stats if any."""
         out: dict[str, Any] = {"num_active": self.num_active, "rebuild_every": self.rebuild_every, **self._cpk}
+        if self._wait_steps:
+            # exposed parameter-server wait of this rank: its blocking query, pull and push calls
+            out["ps_wait_ms"] = 1000.0 * self._wait_s / self._wait_steps
+            self._wait_s, self._wait_steps = 0.0, 0
         if self.index_name != "random":
             for k, v in self._index_stats().items():
                 if isinstance(v, (bool, int, float, str)) and not (isinstance(v, float) and not math.isfinite(v)):
@@ -568,7 +707,13 @@ class SelectiveSoftmax(ClassifierHead):
             self._apply_rebuild_every()
 
     def close(self) -> None:
-        """Stop the local index's background builds; close a remote store's sockets."""
+        """Finish the pushes in flight; stop the local index's background builds; close sockets."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if self._push_store is not None:
+            self._push_store.close()
+            self._push_store = None
         idx = getattr(self.store, "index", None)
         if idx is not None and hasattr(idx, "close"):
             idx.close()
