@@ -121,6 +121,7 @@ class TrainConfig:
     eval_every: int = 0            # held-out verification every this many steps (0 = at the end only)
     grad_clip: float = 0.0
     progress: bool = True
+    amp: str = "off"               # off | bf16 | fp16 (autocast for the backbone; head logits in fp32)
 
 
 @dataclass
@@ -129,6 +130,8 @@ class StoreConfig:
     address: str = ""              # remote: comma-separated shard addresses tcp://host:port
     token: str = ""
     timeout: float = 60.0
+    pipeline: bool = True          # pushes from a background worker, off the training thread
+    wire_dtype: str = "native"     # native | bf16 (rows and gradients travel as bfloat16: half the bytes)
 
 
 @dataclass

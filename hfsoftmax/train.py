@@ -66,6 +66,56 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------- #
+# Mixed precision.
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+class Precision:
+    """``train.amp``: autocast for the backbone (bf16 or fp16), a GradScaler for fp16.
+
+    Heads compute their logits and softmax in fp32 (as arcface_torch does); the selective head
+    divides its pushed gradient by the loss scale (``grad_scale``) and skips the store update of a
+    step whose scaled gradient overflowed, as the scaler skips the backbone's optimizer step.
+    """
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode not in AMP_MODES:
+            raise ConfigError(f"config key 'train.amp': unknown value '{mode}' (choose {', '.join(AMP_MODES)})")
+        self.mode, self.device = mode, device
+        self.dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def grad_scale(self) -> float | None:
+        """The loss scale the next backward applies (fp16), else None."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------- #
 # Data order: a pure function of (seed, epoch, rank) so resume continues exactly.
 
 class EpochSampler(Sampler[int]):
@@ -365,7 +415,7 @@ def train(cfg: Config) -> dict[str, Any]:
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)
     head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
-                      seed=cfg.train.seed).to(device)
+                      seed=cfg.train.seed, pipeline=cfg.store.pipeline).to(device)
     model = Model(backbone, head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
@@ -453,6 +503,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
     """Steps start_step .. train.steps - 1: forward, backward, update, logs, evals, checkpoints."""
     device, run_dir, total = info.device, cfg.train.out_dir, cfg.train.steps
     backbone = model.backbone
+    precision = Precision(cfg.train.amp, device)
     t_start = t_last = time.time()
     data_time, seen, n_since = 0.0, 0, 0
     loss_sum = torch.zeros((), device=device)
@@ -467,19 +518,21 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         for g in optimizer.param_groups:
             g["lr"] = lr
         if hasattr(head, "begin_step"):
-            head.begin_step(step, lr)
+            head.begin_step(step, lr, grad_scale=precision.grad_scale())
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        loss = ddp_model(images, labels)
+        with precision.autocast():
+            loss = ddp_model(images, labels)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {step} (lr {lr:.4g}); "
                                 f"lower optim.lr or check the data. Last checkpoint: "
                                 f"{find_latest_checkpoint(run_dir) or 'none'}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss)
         if cfg.train.grad_clip > 0:
+            precision.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        precision.step(optimizer)
         if hasattr(head, "end_step"):
             head.end_step(step)
         loss_sum += loss.detach()
@@ -508,6 +561,8 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
         is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
         if is_ckpt:
+            if hasattr(head, "flush"):
+                head.flush()          # the snapshot must hold this step's update
             hdist.barrier()
             if info.is_main:
                 keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0

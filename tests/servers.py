@@ -48,3 +48,30 @@ def launch_server(tmp_path, *args: str, bind: str = "tcp://127.0.0.1:0", name: s
             proc.kill()
         proc.wait(timeout=10)
         log.close()
+
+
+@contextlib.contextmanager
+def thread_server(*args: str) -> Iterator[str]:
+    """A parameter server built exactly as ``paramserver.py *args`` builds it (store, index), served
+    from a thread of this process on a free loopback port (no interpreter start-up); yields its
+    address; always stopped."""
+    import threading
+
+    from paramserver.paramserver import attach_index, build_parser, make_store
+    from paramserver.server import ParamServer
+
+    ns = build_parser().parse_args(["--bind", "tcp://127.0.0.1:0", "--log-every", "0", *args])
+    store = make_store(ns)
+    attach_index(store, ns)
+    server = ParamServer(store, bind=ns.bind, log_every=0)
+    address = server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield address
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+        index = store.index
+        if index is not None and hasattr(index, "close"):
+            index.close()

@@ -105,11 +105,11 @@ def test_server_lost_mid_training_then_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_begin = selective.SelectiveSoftmax.begin_step
     with launch_server(tmp_path, *args, name="a") as (server, addr):
-        def begin_and_maybe_kill(self, step, lr):
+        def begin_and_maybe_kill(self, step, lr, **kw):
             if step == 3:
                 server.kill()
                 server.wait()
-            return real_begin(self, step, lr)
+            return real_begin(self, step, lr, **kw)
         monkeypatch.setattr(selective.SelectiveSoftmax, "begin_step", begin_and_maybe_kill)
         with pytest.raises(TrainingError) as e:
             train(load_config(None, common + [f"store.address={addr}", f"train.out_dir={run}"]))

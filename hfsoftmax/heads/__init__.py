@@ -14,7 +14,7 @@ from .full import FullSoftmax, margin_logits
 
 
 def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.device | str | None = None,
-               store: Any = None, seed: int = 0) -> ClassifierHead:
+               store: Any = None, seed: int = 0, pipeline: bool = False) -> ClassifierHead:
     """Build the head named by ``cfg.name`` (a :class:`hfsoftmax.config.HeadConfig`)."""
     if cfg.name == "full":
         return FullSoftmax(num_classes, feature_dim, margin=cfg.margin, scale=cfg.scale, margin_m=cfg.margin_m,
@@ -23,7 +23,7 @@ def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.devic
         from .selective import SelectiveSoftmax
         if store is None:
             raise ValueError(f"head '{cfg.name}' needs a parameter store (store.kind=local or remote)")
-        return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim, seed=seed)
+        return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim, seed=seed, pipeline=pipeline)
     if cfg.name == "mach":
         from .mach import MachHead
         return MachHead.from_config(cfg, num_classes, feature_dim, device=device, seed=seed)

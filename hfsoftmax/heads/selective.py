@@ -180,6 +180,8 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     """
     d = int(cfg.model.feature_dim)
     kind = cfg.store.kind
+    if cfg.store.wire_dtype not in ("native", "bf16"):
+        raise ConfigError(f"config key 'store.wire_dtype': unknown value '{cfg.store.wire_dtype}' (choose native or bf16)")
     if kind == "local":
         if info.world_size > 1:
             raise ConfigError(f"store.kind=local keeps W inside one process, but this run has world_size="
@@ -205,7 +207,8 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             # The constructor asks every shard for its info and refuses a K, d or class range that
             # differs, naming the server address and both values.
             store = RemoteStore(addresses, num_classes, d, timeout=float(cfg.store.timeout),
-                                token=cfg.store.token or None, client_id=int(info.rank))
+                                token=cfg.store.token or None, client_id=int(info.rank),
+                                wire_dtype=cfg.store.wire_dtype)
         except ValueError as e:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
@@ -387,10 +390,7 @@ class SelectiveSoftmax(ClassifierHead):
     def flush(self) -> None:
         """Wait until every push of this rank reached the store (before a snapshot, at the end)."""
         if self._worker is not None:
-            try:
-                self._worker.wait()
-            except _LOST as e:
-                raise self._lost("push", e) from None
+            self._worker.wait()
 
     @property
     def store_step(self) -> int:
@@ -475,10 +475,7 @@ class SelectiveSoftmax(ClassifierHead):
         step = self.store_step if training else None
         wait = 0.0
         if training and self._worker is not None:
-            try:
-                wait += self._worker.wait()                   # the previous step's push has left
-            except _LOST as e:
-                raise self._lost("push", e) from None
+            wait += self._worker.wait()      # the previous push has left (its error, naming the server, if not)
         lab = labels.detach().to("cpu", torch.int64).numpy()                        # [b]
         if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
