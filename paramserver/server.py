@@ -129,8 +129,9 @@ class ParamServer:
         self._parked: list[_Parked] = []
         self._update_due = False
         self.address: Optional[str] = None
-        # busy_s: time spent handling requests and applying updates (what R ranks cost the server).
-        self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "busy_s": 0.0}
+        # busy_s / cpu_s: wall and CPU time of this thread handling requests and applying updates
+        # (what R ranks cost the server; cpu_s is not inflated by other processes on the cores).
+        self._counts = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "busy_s": 0.0, "cpu_s": 0.0}
         self._peers = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -254,11 +255,12 @@ class ParamServer:
 
     def _handle(self, frames: list) -> None:
         """One request: frames = ROUTER envelope + protocol frames."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             self._handle_request(frames)
         finally:
             self._counts["busy_s"] += time.perf_counter() - t0
+            self._counts["cpu_s"] += time.thread_time() - c0
 
     def _handle_request(self, frames: list) -> None:
         self._counts["requests"] += 1

@@ -208,7 +208,7 @@ def test_adaptive_m_follows_tau_and_grows_for_labels() -> None:
     want = max(2, int(np.flatnonzero(curve >= 0.8)[0]) + 1)
     assert head.num_active == want and head.stats()["num_active"] == want
     assert head.stats()["cpk_exact"] >= 0.8
-    # A batch with more unique labels than the adapted M grows M for that step (adaptive only).
+    # A batch with more unique labels than the adapted M grows M for that step.
     head.m_max = head.m_min = 2
     labels = torch.arange(B)
     head.begin_step(1, 0.0)
@@ -283,8 +283,11 @@ def test_bad_input_errors() -> None:
     store = local_store(50, 8)
     head = head_on(store, 4)
     head.begin_step(0, 0.1)
-    with pytest.raises(ValueError, match=r"M=4 is smaller than the 6 unique labels"):
-        head(torch.randn(6, 8, requires_grad=True), torch.arange(6))
+    # more unique labels than M: M grows for this step (every label active), counted
+    head(torch.randn(6, 8, requires_grad=True), torch.arange(6)).backward()
+    assert len(head.last_active) == 6 and head.num_active == 4 and head.stats()["m_grown_steps"] == 1
+    head.end_step(0)
+    head.begin_step(1, 0.1)
     with pytest.raises(ValueError, match=r"dim=8.*feature_dim=16"):
         SelectiveSoftmax(store, 50, 16, 4)
     with pytest.raises(ValueError, match=r"\[B, 8\].*\(6, 5\)"):

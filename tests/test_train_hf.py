@@ -129,3 +129,25 @@ def test_server_lost_mid_training_then_resume(tmp_path, monkeypatch):
     w_ref = WeightStore.from_snapshot(str(tmp_path / "ref" / ref["store_snapshot"])).pull(np.arange(40))
     w_got = WeightStore.from_snapshot(str(run / got["store_snapshot"])).pull(np.arange(40))
     assert np.array_equal(w_ref, w_got)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, amp):
+    """train.amp: autocast backbone, fp32 head logits, no dtype error in the push; the loss falls
+    and ps_wait_ms (the exposed store wait) is logged."""
+    import json
+    cfg = load_config(None, TINY + ["head.name=hf", "store.kind=local", "train.steps=24", "train.log_every=4", "head.cpk_every=0",
+                                    "optim.lr=0.1", f"train.amp={amp}", f"train.out_dir={tmp_path}"])
+    train(cfg)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r.get("event") == "train"]
+    assert len(losses) == 6 and all(map(lambda x: x == x, losses))
+    assert losses[-1] < losses[0], losses
+    assert all(r["ps_wait_ms"] >= 0 for r in recs if r.get("event") == "train")
+
+
+def test_unknown_amp_mode_is_a_one_line_error(tmp_path):
+    cfg = load_config(None, TINY + ["store.kind=local", "train.steps=2", "train.amp=fp8", f"train.out_dir={tmp_path}"])
+    from hfsoftmax.config import ConfigError
+    with pytest.raises(ConfigError, match="train.amp.*fp8.*off, bf16, fp16"):
+        train(cfg)

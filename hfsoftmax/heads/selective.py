@@ -47,8 +47,9 @@ Adaptive rule (``adaptive=True``), applied at each probe:
 
 - M: with CPK(m) = mean over probe samples of the top-m probability mass (non-decreasing in m),
   ``M = min{m : CPK(m) >= tau_cp}``, clipped to [m_min, min(m_max, K)] (m_max if tau_cp is never
-  reached). A batch with more unique labels than M grows M for that step only (logged); with
-  ``adaptive=False`` that is an error instead.
+  reached).
+- A batch with more unique labels than M (adaptive or not) grows M for that step only, so every
+  label stays active (logged once, counted as ``m_grown_steps``).
 - T (the index rebuild period): let c_start / c_end be the first / last ``cpk_active`` probed
   between two consecutive index builds going live. If ``c_start - c_end > cpk_drop`` (the selection
   went stale within the period), T halves, down to ``t_min``; otherwise (it held), T doubles, up to
@@ -328,6 +329,7 @@ class SelectiveSoftmax(ClassifierHead):
         self._wait_s, self._wait_steps = 0.0, 0  # exposed store wait since the last stats()
         self._staging: Optional[torch.Tensor] = None   # pinned host buffer (CUDA)
         self._staged: Any = None
+        self._grown = 0                          # training steps whose M grew to the unique labels
 
     @classmethod
     def from_config(cls, cfg: Any, store: Any, num_classes: int, feature_dim: int, *, seed: int = 0,
@@ -484,10 +486,6 @@ class SelectiveSoftmax(ClassifierHead):
         need_feats = self._needs_features(probe_step)
         glab = (self.comm.gather_batch(torch.from_numpy(lab)).cpu().numpy() if coll else lab)   # [R*b]
         n_unique = int(np.unique(glab).size)
-        if self.num_active < n_unique and not self.adaptive:
-            raise ConfigError(f"head.num_active M={self.num_active} is smaller than the {n_unique} unique labels "
-                              f"of this {'global ' if coll else ''}batch (batch size {glab.size}); raise "
-                              f"head.num_active to at least {n_unique}")
         feats32 = features.detach().float()
         central = coll and need_feats                        # rank 0 selects, the others receive
         active = None
@@ -498,7 +496,13 @@ class SelectiveSoftmax(ClassifierHead):
                 M = self._probe_cpk(gfeat[: self.cpk_probe], step)                  # adaptive: new M
                 self._probe = gfeat[: self.cpk_probe]
             if M < n_unique:
-                logger.info("step %s: M grows from %d to the batch's %d unique labels", self._train_step, M, n_unique)
+                # Every label must be active (Partial FC keeps its positives too): M grows for this
+                # step only, logged the first time and counted (m_grown_steps in the metrics).
+                if training:
+                    self._grown += 1
+                (logger.info if self._grown <= 1 else logger.debug)(
+                    "step %s: M grows from %d to the batch's %d unique labels for this step (counted in "
+                    "m_grown_steps; raise head.num_active to avoid it)", self._train_step, M, n_unique)
                 M = n_unique
             t0 = time.perf_counter()
             feats_np = gfeat.cpu().numpy() if gfeat is not None else None
@@ -683,6 +687,8 @@ class SelectiveSoftmax(ClassifierHead):
     def stats(self) -> dict[str, Any]:
         """num_active, rebuild_every, the last cpk_exact / cpk_active, and index_* stats if any."""
         out: dict[str, Any] = {"num_active": self.num_active, "rebuild_every": self.rebuild_every, **self._cpk}
+        if self._grown:
+            out["m_grown_steps"] = self._grown
         if self._wait_steps:
             # exposed parameter-server wait of this rank: its blocking query, pull and push calls
             out["ps_wait_ms"] = 1000.0 * self._wait_s / self._wait_steps
