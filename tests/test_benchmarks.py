@@ -83,3 +83,15 @@ def test_identity_task_pairs_balanced():
     task = bench_accuracy.IdentityTask(5, 10, seed=1)
     x, issame = task.verification_pairs(40, seed=1)
     assert x.shape == (80, task.D) and issame.sum() == 20
+
+
+def test_bench_multirank_tiny(capsys):
+    """R = 1 and 2 gloo ranks against a server: the same rows move per step whatever R is."""
+    import bench_multirank  # noqa: E402
+
+    assert bench_multirank.main(["--num-classes", "5000", "--dim", "16", "--batch", "8", "--ranks", "1,2",
+                                 "--actives", "200", "--steps", "2", "--warmup", "1", "--e2e-steps", "0"]) == 0
+    out = capsys.readouterr().out
+    result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
+    assert float(result["rows_r1"]) == float(result["rows_r2"]) == 400.0    # M pulled + M pushed
+    assert float(result["server_ms_r2"]) > 0 and "server_ratio_r2_r1" in result

@@ -455,3 +455,40 @@ def test_pulled_rows_are_the_callers_own(bind: str) -> None:
     finally:
         server.stop()
         t.join(timeout=10)
+
+
+def test_protocol_version_is_a_strict_integer_and_a_mismatch_names_both() -> None:
+    with inthread(WeightStore(10, 2)) as (_, addr):
+        raw = RawClient(addr)
+        for v in (True, 2.0, "2"):
+            r = raw.ask([json.dumps({"v": v, "op": "info"}).encode()])
+            assert r["ok"] is False and "must be the integer 2" in r["error"], v
+        r = raw.ask([json.dumps({"v": 1, "op": "info"}).encode()])
+        assert r["ok"] is False and "speaks version 1" in r["error"] and "version 2" in r["error"]
+        assert raw.ask([json.dumps({"v": 2, "op": "ping"}).encode()])["ok"] is True
+        raw.close()
+
+
+def test_bf16_wire_halves_bytes_and_rounds_like_torch() -> None:
+    """store.wire_dtype=bf16: rows come back rounded to bfloat16 (as torch rounds), gradients are
+    widened on the server; the bytes on the wire are half."""
+    import torch
+
+    from paramserver.protocol import from_bf16, to_bf16
+
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32) * 10
+    x[0, :3] = [np.inf, -np.inf, 3.0e38]
+    want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(from_bf16(to_bf16(x)), want)
+    assert np.isnan(from_bf16(to_bf16(np.array([np.nan], np.float32)))).all()
+    K, d = 32, 16
+    a, b = WeightStore(K, d, seed=1), WeightStore(K, d, seed=1)
+    with inthread(a) as (srv_a, addr_a), inthread(b) as (srv_b, addr_b):
+        with RemoteStore([addr_a], K, d, wire_dtype="bf16") as bf, RemoteStore([addr_b], K, d) as native:
+            rows = bf.pull(np.arange(K))
+            np.testing.assert_array_equal(rows, from_bf16(to_bf16(native.pull(np.arange(K)))))
+            g = np.random.default_rng(1).standard_normal((4, d)).astype(np.float32)
+            bf.push([1, 2, 3, 4], g, 0, 0.5)
+            native.push([1, 2, 3, 4], from_bf16(to_bf16(g)), 0, 0.5)
+            np.testing.assert_array_equal(a.pull(np.arange(K)), b.pull(np.arange(K)))
+            assert srv_a._counts["bytes_out"] < 0.6 * srv_b._counts["bytes_out"]
