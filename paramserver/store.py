@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -44,6 +45,10 @@ import numpy as np
 from paramserver.optim import Scratch, SGDConfig, sgd_update_indexed
 
 logger = logging.getLogger(__name__)
+
+# Largest change an update may make to a row element; far above any trained weight, far below the
+# float32 limit (3.4e38), so an accepted update can never turn a row into inf.
+_MAX_ROW_STEP = 1e30
 
 SUPPORTED_DTYPES = ("float32", "float64")
 INIT_SCHEMES = ("normal", "uniform", "zeros")
@@ -291,7 +296,10 @@ class WeightStore:
         self._cond = threading.Condition()
         self._index: Any = None
         self._t0 = time.monotonic()
-        self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "updates": 0}
+        # refused_updates: steps whose summed gradient would overflow W (applied as empty updates);
+        # index_errors: failed index updates or builds (the store keeps serving with the live index).
+        self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "updates": 0,
+                        "refused_updates": 0, "index_errors": 0}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -408,8 +416,8 @@ class WeightStore:
             lr = float(lr)
         except (TypeError, ValueError):
             raise BadRequestError(f"push: lr must be a number, got {lr!r}") from None
-        if not np.isfinite(lr) or lr < 0:
-            raise BadRequestError(f"push: lr must be finite and >= 0, got {lr!r}")
+        if not np.isfinite(lr) or lr < 0 or not np.isfinite(self._dtype.type(lr)):
+            raise BadRequestError(f"push: lr must be finite and >= 0 (also as {self._dtype}), got {lr!r}")
         step, client_id = int(step), int(client_id)
         with self._cond:
             if step < self._step:
@@ -467,20 +475,46 @@ class WeightStore:
                     uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
                 else:
                     uniq, g = _sum_duplicates(sids, grads, order, first)
-            # Gather, update and scatter back block by block (W and momentum rows stay in cache).
-            sgd_update_indexed(self._W, self._M, uniq, g, lr, self.opt, self._scratch)
+            # Every gradient is finite, but their sum over duplicated ids (or clients) may not be, and
+            # lr * g may overflow: such an update is refused as a whole and W stays bit-identical.
+            # One pass over g; |step| <= lr/(1-m) * max|g| bounds every variant of the SGD rule.
+            bound = self._step_bound(g, lr)
+            if not bound < _MAX_ROW_STEP:
+                self._counts["refused_updates"] += 1
+                logger.error("step %d: update refused, W unchanged (the summed gradient of %d rows times lr %g is "
+                             "%s: over the limit %g; clients %s)", self._step, len(uniq), lr, bound,
+                             _MAX_ROW_STEP, order_clients)
+                uniq = uniq[:0]
+            else:
+                # Gather, update and scatter back block by block (W and momentum rows stay in cache).
+                sgd_update_indexed(self._W, self._M, uniq, g, lr, self.opt, self._scratch)
         else:
             uniq = ids
         self._step += 1
         self._counts["updates"] += 1
-        if self._index is not None and uniq.size:
-            changed = getattr(self._index, "rows_changed", None)
-            if changed is not None:
-                changed(uniq + self._offset, self._W[uniq], self._step)  # a copy of the updated rows
-        if self._index is not None:
-            rebuild = getattr(self._index, "maybe_rebuild", None)
-            if rebuild is not None:
-                rebuild(self, self._step)
+        # The index follows W; a failure there (e.g. a build process killed by the OOM killer) must
+        # not lose the applied step or take the server down: logged, counted, the live index kept.
+        try:
+            if self._index is not None and uniq.size:
+                changed = getattr(self._index, "rows_changed", None)
+                if changed is not None:
+                    changed(uniq + self._offset, self._W[uniq], self._step)  # a copy of the updated rows
+            if self._index is not None:
+                rebuild = getattr(self._index, "maybe_rebuild", None)
+                if rebuild is not None:
+                    rebuild(self, self._step)
+        except Exception as e:
+            self._counts["index_errors"] += 1
+            logger.error("step %d: index update failed (%s: %s); serving on with the live index",
+                         self._step, type(e).__name__, e)
+
+    def _step_bound(self, g: np.ndarray, lr: float) -> float:
+        """Upper bound of |change| of any updated row element: lr/(1-m) * max|g| (nan if g is not finite)."""
+        hi, lo = float(g.max()), float(g.min())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            return float("nan")
+        m = self.opt.momentum
+        return lr / max(1.0 - m, 1e-12) * (1.0 + m) * max(hi, -lo)
 
     def set_rows(self, ids: Any, rows: np.ndarray, matrix: str = "W") -> None:
         """Overwrite rows ``ids`` of ``matrix`` ("W" or "momentum"); ids must be distinct."""

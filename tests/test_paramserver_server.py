@@ -492,3 +492,47 @@ def test_bf16_wire_halves_bytes_and_rounds_like_torch() -> None:
             native.push([1, 2, 3, 4], from_bf16(to_bf16(g)), 0, 0.5)
             np.testing.assert_array_equal(a.pull(np.arange(K)), b.pull(np.arange(K)))
             assert srv_a._counts["bytes_out"] < 0.6 * srv_b._counts["bytes_out"]
+
+
+@pytest.mark.parametrize("index", ["ivf", "graph", "exact"])
+def test_overflowing_pushes_are_refused_and_the_server_lives(tmp_path, index) -> None:
+    """Duplicated ids whose finite gradients sum to inf, and an lr that is inf as float32: W stays
+    bit-identical, the step still completes (nobody waits forever), the server answers on."""
+    K, d = 64, 8
+    args = ["--num-classes", str(K), "--dim", str(d), "--index", index, "--metric", "dot", "--rebuild-every", "1"]
+    if index != "exact":
+        args += ["--nlist", "4"]
+    with launch(tmp_path, *args) as (proc, addr), RemoteStore([addr], K, d, timeout=10) as rs:
+        before = rs.pull(np.arange(K))
+        big = np.full((2, d), 3e38, np.float32)
+        with pytest.raises(BadRequestError, match="lr must be finite"):
+            rs.push([1], np.ones((1, d), np.float32), 0, 1e300)
+        rs.push([7, 7], big, 0, 0.1)                            # sum over the duplicates: inf
+        np.testing.assert_array_equal(rs.pull(np.arange(K), step=1), before)
+        rs.push([7], np.full((1, d), 1e30, np.float32), 1, 1e9)  # finite, but lr * g overflows
+        np.testing.assert_array_equal(rs.pull(np.arange(K), step=2), before)
+        st = rs.stats()["shards"][0]
+        assert st["refused_updates"] == 2 and st["step"] == 2
+        for step in range(2, 6):                                 # index rebuilds keep working
+            rs.push([3, 9], np.ones((2, d), np.float32), step, 0.1)
+        assert rs.query(np.ones((2, d), np.float32), 4)[0].shape == (2, 4)
+        assert np.isfinite(rs.pull(np.arange(K), step=6)).all() and proc.poll() is None
+
+
+def test_a_failing_index_never_kills_the_server() -> None:
+    """A background build that failed (its process killed) re-raises in maybe_rebuild: counted and
+    logged, the update applied, the parked pulls answered, the server alive."""
+    K, d = 16, 4
+
+    class Broken(FakeIndex):
+        def maybe_rebuild(self, store, step):
+            raise RuntimeError("background index build failed: process killed (SIGKILL)")
+
+    store = WeightStore(K, d, seed=1, num_clients=1)
+    store.attach_index(Broken(store))
+    with inthread(store) as (server, addr), RemoteStore([addr], K, d, timeout=5) as rs:
+        for step in range(3):
+            rs.push([1, 2], np.ones((2, d), np.float32), step, 0.1)
+            assert rs.pull([1], step=step + 1).shape == (1, d)
+        st = rs.stats()["shards"][0]
+        assert st["step"] == 3 and st["index_errors"] == 3
