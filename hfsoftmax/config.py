@@ -128,7 +128,8 @@ class TrainConfig:
 class StoreConfig:
     kind: str = "local"            # local (in-process WeightStore) | remote (parameter server)
     address: str = ""              # remote: comma-separated shard addresses tcp://host:port
-    token: str = ""
+    token: str = ""                # prefer $PARAMSERVER_TOKEN or token_file: never saved in run artifacts
+    token_file: str = ""           # a file (mode 0600) holding the token
     timeout: float = 60.0
     pipeline: bool = True          # pushes from a background worker, off the training thread
     wire_dtype: str = "native"     # native | bf16 (rows and gradients travel as bfloat16: half the bytes)
@@ -144,7 +145,12 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dicts for YAML, logs and checkpoints; ``store.token`` is never written out (a
+        secret: pass it as $PARAMSERVER_TOKEN or store.token_file)."""
+        d = asdict(self)
+        if d["store"].get("token"):
+            d["store"]["token"] = ""
+        return d
 
 
 # --------------------------------------------------------------------------------------------- #

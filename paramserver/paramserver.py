@@ -26,7 +26,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
-from paramserver.server import ParamServer, resolve_snapshot  # noqa: E402
+from paramserver.server import ParamServer, read_token_file, resolve_snapshot  # noqa: E402
 from paramserver.store import WeightStore, shard_ranges  # noqa: E402
 
 logger = logging.getLogger("paramserver")
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-every", type=int, default=0, help="snapshot every N applied steps (0: never)")
     p.add_argument("--no-final-snapshot", action="store_true", help="no snapshot on SIGINT/SIGTERM/shutdown")
     p.add_argument("--restore", help="snapshot directory (or a --snapshot-dir: its newest) to start from")
-    p.add_argument("--token", default=os.environ.get("PARAMSERVER_TOKEN"),
-                   help="shared secret required in every request (default: $PARAMSERVER_TOKEN)")
+    p.add_argument("--token", default=None,
+                   help="shared secret required in every request (visible in ps: prefer $PARAMSERVER_TOKEN "
+                        "or --token-file)")
+    p.add_argument("--token-file", default=None, help="file (mode 0600) holding the shared secret")
     p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "graph", "random"],
                    help="class index for HF-softmax's query op (paramserver/index.py), built over this "
                         "shard's rows at start and rebuilt in the background; none: no query op")
@@ -151,9 +153,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = args.token or (read_token_file(args.token_file) if args.token_file else None) \
+            or os.environ.get("PARAMSERVER_TOKEN") or None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     store = make_store(args)
     attach_index(store, args)
-    server = ParamServer(store, bind=args.bind, token=args.token, snapshot_dir=args.snapshot_dir,
+    server = ParamServer(store, bind=args.bind, token=token, snapshot_dir=args.snapshot_dir,
                          snapshot_every=args.snapshot_every, final_snapshot=not args.no_final_snapshot,
                          log_every=args.log_every, shard=args.shard)
 

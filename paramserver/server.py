@@ -49,6 +49,21 @@ def normalize_bind(address: str) -> str:
     return re.sub(r":0$", ":*", address) if address.startswith("tcp://") else address
 
 
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (stripped); refused when the file is readable by group or others."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"token file {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ValueError(f"token file {path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
 def latest_snapshot(snapshot_dir: str) -> Optional[str]:
     """Newest complete ``step-NNNNNNNNN`` snapshot under ``snapshot_dir`` (or None)."""
     pointer = os.path.join(snapshot_dir, "latest")

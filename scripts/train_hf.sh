@@ -87,7 +87,9 @@ done
 ADDRESS=$(cat "$READY")
 echo "store: parameter server started at $ADDRESS (pid $PS_PID, log $LOG)"
 set +e
-run_trainer store.kind=remote "store.address=$ADDRESS" "store.token=$TOKEN" "$@"
+# The token reaches the trainer through the environment, not its command line (ps shows that).
+export PARAMSERVER_TOKEN="$TOKEN"
+run_trainer store.kind=remote "store.address=$ADDRESS" "$@"
 STATUS=$?
 set -e
 exit $STATUS

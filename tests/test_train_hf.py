@@ -54,6 +54,8 @@ def test_train_hf_sh_end_to_end_leaves_no_server(tmp_path):
     assert "heldout" in r.stdout                       # the verification table
     ck = torch.load(tmp_path / "ckpt_last.pt", weights_only=False)
     assert ck["step"] == 4 and ck["store_snapshot"] and (tmp_path / ck["store_snapshot"]).is_dir()
+    # the server's random token reached the trainer through the environment, never a run artifact
+    assert ck["config"]["store"]["token"] == "" and "token: ''" in (tmp_path / "config.yaml").read_text()
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert '"cpk_exact"' in metrics and '"index_builds"' in metrics
 
@@ -151,3 +153,27 @@ def test_unknown_amp_mode_is_a_one_line_error(tmp_path):
     from hfsoftmax.config import ConfigError
     with pytest.raises(ConfigError, match="train.amp.*fp8.*off, bf16, fp16"):
         train(cfg)
+
+
+def test_token_never_reaches_run_artifacts_or_help(tmp_path, monkeypatch):
+    from hfsoftmax.config import Config, save_config
+    from hfsoftmax.heads.selective import resolve_token
+    from paramserver.server import read_token_file
+
+    cfg = Config()
+    cfg.store.token = "s3cret-token"
+    save_config(cfg, str(tmp_path / "c.yaml"))
+    assert "s3cret" not in (tmp_path / "c.yaml").read_text() and "s3cret" not in str(cfg.to_dict())
+    assert resolve_token(cfg.store.token, "") == "s3cret-token"
+    monkeypatch.setenv("PARAMSERVER_TOKEN", "from-env")
+    assert resolve_token("", "") == "from-env"
+    f = tmp_path / "tok"
+    f.write_text("from-file\n")
+    f.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by others.*chmod 600"):
+        read_token_file(str(f))
+    f.chmod(0o600)
+    assert resolve_token("", str(f)) == "from-file"
+    out = subprocess.run([sys.executable, "paramserver/paramserver.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PARAMSERVER_TOKEN="from-env"))
+    assert out.returncode == 0 and "from-env" not in out.stdout

@@ -2,22 +2,39 @@
 for Massive Classification via Dynamic Class Selection") and its random-sampling baseline.
 
 The K x d classifier W lives in a parameter store (``paramserver.store.WeightStore`` in-process, or
-``paramserver.client.RemoteStore`` for a ZeroMQ server; the same methods). One training step of rank
-r of R (``begin_step(step, lr)``, ``loss = head(F, labels)``, ``loss.backward()``, ``end_step``):
+``paramserver.client.RemoteStore`` for a ZeroMQ server; the same methods). One training step s of
+R ranks, each holding b samples of a global batch of R*b (``begin_step(step, lr)``,
+``loss = head(F, labels)``, ``loss.backward()``, ``end_step``), collectives in
+:mod:`hfsoftmax.heads.collective`:
 
-1. F [B, d] -> CPU numpy -> ``store.query(F, candidates, labels)``: per feature the classes whose
-   rows score highest ("dot" metric for plain linear logits, "angular" for CosFace/ArcFace); the
-   graph index searches from each sample's label, the other indexes ignore the labels.
-2. ``select_active``: exactly M unique ids, the batch's labels first, then the strongest candidates,
-   then a random fill; labels are remapped into 0..M-1. The fill uses a numpy Generator seeded from
-   (seed, rank, step), so a run and its resume select the same classes.
-3. ``Wa = store.pull(active, step=s)`` [M, d] -> features' device; logits = ``margin_logits`` (the
-   very function of :class:`FullSoftmax`, so both heads compute identical logits); CE over M.
-4. backward: a hook on Wa pushes ``dL/dWa / R`` with ``store.push(active, g, s, lr, client_id=r)``.
-   The store SUMS the R ranks' pushes of step s and applies one row-sparse SGD update with the lr of
-   the push (synchronous SGD; the classifier follows the backbone's lr schedule). Every rank's loss
-   is the mean over its local batch, so dividing by R makes the update that of one process with the
-   global batch (R*B samples). ``pull(step=s+1)`` then waits until all ranks have pushed step s.
+1. The ranks all-gather their labels, and their features when the selection reads them, back into
+   global batch order. ONE selection for the global batch: rank 0 sends the features and labels
+   to ``store.query(F, candidates, labels, step=s)`` ("dot" metric for plain linear logits,
+   "angular" for CosFace/ArcFace; the graph index searches from each sample's label, the others
+   ignore the labels; ``step`` makes the query wait until update s-1 is in the index), then
+   ``select_active``: every label of every rank first, then the strongest candidates, then a
+   random fill from a Generator seeded by (seed, step), never by rank, to exactly M; it
+   broadcasts the M ids. The random head and M == K need no query: every rank selects the same
+   set itself. Each rank remaps its own labels into 0..M-1.
+2. Rank r pulls a disjoint slice of ceil(M/R) active rows (``store.pull(ids, step=s)``: the
+   server answers once step s-1 is applied) and the ranks all-gather them: Wa [M, d] on every
+   rank, M rows off the server per step whatever R is. logits = ``margin_logits`` (the very
+   function of :class:`FullSoftmax`), in fp32 even under autocast; CE over M, the mean over the
+   rank's b samples (DDP's average makes the backbone's gradient that of the global mean).
+3. backward: a hook on Wa launches an asynchronous reduce-scatter of ``dL/dWa / R`` (and of a
+   finiteness flag) and returns; rank r's slice of the sum is pushed for store step s with the
+   step's lr (``store.push(ids_r, g_r, s, lr, client_id=r)``), from a background worker when
+   ``pipeline`` (``store.pipeline``, the training default) or in ``end_step`` otherwise. The store
+   collects the R disjoint slices of step s and applies one row-sparse SGD update of M rows.
+   With fp16 loss scaling the gradient is divided by the scale (``begin_step(grad_scale=...)``),
+   and a step whose gradient is not finite on any rank pushes empty updates on every rank.
+4. The next step's first store call waits for this rank's worker (so an error in a push stops the
+   run at the next step, naming the server); ``flush()`` waits for it before a snapshot.
+
+So R ranks with batch b train exactly like one process with batch R*b at every M (tested with gloo
+ranks for the random head, HF with the exact and graph indexes, margins, adaptive M, pipelined and
+not), and the server's work per step (one query, M rows pulled, M rows pushed and updated) does not
+grow with R; only its number of requests does (R pulls and R pushes of M/R rows).
 
 Shortcuts (documented, both exact): with M == K every class is active (no query; active =
 0..K-1, labels unchanged); with the random index (head name "random", the Partial-FC-style
@@ -34,7 +51,8 @@ server's on a ``restore`` request) rebuilds its attached index from the restored
 first selection after a resume already reflects the resumed matrix.
 
 CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
-Every P = ``cpk_every`` steps, on a probe of up to ``cpk_probe`` samples of the current batch, the
+Every P = ``cpk_every`` steps, on rank 0, on a probe of up to ``cpk_probe`` samples of the current
+global batch (the M it chooses reaches every rank with the active set), the
 exact class probabilities over all K classes are computed in blocks of rows pulled from the store
 (no B x K tensor; eval logits, i.e. without the margin): a running logsumexp and a running top-k
 of the logits over blocks. Logged:
@@ -63,6 +81,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -164,6 +183,17 @@ def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0,
     return IndexManager(factory, rebuild_every=int(head_cfg.rebuild_every), background=background)
 
 
+def resolve_token(token: str, token_file: str) -> Optional[str]:
+    """The parameter server's shared secret: store.token, else store.token_file, else
+    $PARAMSERVER_TOKEN (what train_hf.sh sets: a command line is visible to every user in ps)."""
+    from paramserver.server import read_token_file
+    if token:
+        return token
+    if token_file:
+        return read_token_file(token_file)
+    return os.environ.get("PARAMSERVER_TOKEN") or None
+
+
 def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     """The parameter store of a selective head, from the full :class:`hfsoftmax.config.Config`.
 
@@ -208,7 +238,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             # The constructor asks every shard for its info and refuses a K, d or class range that
             # differs, naming the server address and both values.
             store = RemoteStore(addresses, num_classes, d, timeout=float(cfg.store.timeout),
-                                token=cfg.store.token or None, client_id=int(info.rank),
+                                token=resolve_token(cfg.store.token, cfg.store.token_file), client_id=int(info.rank),
                                 wire_dtype=cfg.store.wire_dtype)
         except ValueError as e:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
