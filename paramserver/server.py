@@ -25,7 +25,8 @@ import zmq
 
 from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
                                   get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
-from paramserver.store import BadRequestError, StaleStepError, StoreError, WeightStore, read_manifest
+from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore, read_manifest,
+                               recover_snapshot)
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ def latest_snapshot(snapshot_dir: str) -> Optional[str]:
 
 def resolve_snapshot(path: str) -> str:
     """A snapshot directory itself, or a --snapshot-dir holding step-* snapshots (take the newest)."""
-    if os.path.exists(os.path.join(path, "manifest.json")):
+    if os.path.exists(os.path.join(path, "manifest.json")) or recover_snapshot(path):
         return path
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if SNAPSHOT_NAME.match(name.split(".")[0]) and "." in name:
+                recover_snapshot(os.path.join(path, name.split(".")[0]))
     found = latest_snapshot(path) if os.path.isdir(path) else None
     if found is None:
         raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
@@ -495,6 +500,10 @@ class ParamServer:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(name + "\n")
         os.replace(tmp, os.path.join(self.snapshot_dir, "latest"))
+        for n in os.listdir(self.snapshot_dir):   # leftovers of writers killed mid-snapshot
+            base = n.split(".")[0]
+            if "." in n and SNAPSHOT_NAME.match(base):
+                recover_snapshot(os.path.join(self.snapshot_dir, base))
         names = sorted(n for n in os.listdir(self.snapshot_dir) if SNAPSHOT_NAME.match(n))
         for old in names[:-self.keep_snapshots]:
             shutil.rmtree(os.path.join(self.snapshot_dir, old), ignore_errors=True)

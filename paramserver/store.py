@@ -34,7 +34,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import glob
 import os
+import re
 import shutil
 import threading
 import time
@@ -173,6 +175,59 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 def _opt_from_manifest(opt: dict) -> SGDConfig:
     return SGDConfig.from_dict(opt)
+
+
+# Siblings a snapshot write leaves for an instant: <path>.tmp.<pid>.<tid> (being written, complete once
+# its manifest.json exists) and <path>.old.<pid> (the replaced snapshot, between the two renames).
+_PARTIAL = re.compile(r"\.(tmp|old)\.(\d+)(?:\.\d+)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_manifest(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+def _manifest_step(path: str) -> int:
+    try:
+        return int(read_manifest(path)["step"])
+    except (BadRequestError, KeyError, TypeError, ValueError):
+        return -1
+
+
+def recover_snapshot(path: str) -> bool:
+    """Repair ``path`` after a writer died between its renames, then remove dead writers' leftovers.
+
+    If ``path`` holds no complete snapshot, the best complete sibling left by a dead writer (the
+    highest step; at a tie the newer ``.tmp``, whose manifest is written last) is moved back to
+    ``path``; every other ``.tmp``/``.old`` sibling of a dead process is removed (a killed 1M x 128
+    writer used to leave 0.5 GB each time). Returns whether ``path`` now holds a snapshot.
+    """
+    path = os.path.abspath(path)
+    dead = []
+    for p in glob.glob(glob.escape(path) + ".tmp.*") + glob.glob(glob.escape(path) + ".old.*"):
+        m = _PARTIAL.search(p)
+        if m and p[: m.start()] == path and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            dead.append((p, m.group(1)))
+    if not _has_manifest(path) and not os.path.lexists(path):
+        complete = [(_manifest_step(p), kind == "tmp", p) for p, kind in dead if _has_manifest(p)]
+        complete = [c for c in complete if c[0] >= 0]
+        if complete:
+            step, _, best = max(complete)
+            os.replace(best, path)
+            logger.warning("snapshot %s: recovered step %d from %s (its writer died between renames)", path, step, best)
+            dead = [(p, k) for p, k in dead if p != best]
+    for p, _ in dead:
+        shutil.rmtree(p, ignore_errors=True)
+    return _has_manifest(path)
 
 
 def read_manifest(path: str) -> dict:
@@ -596,6 +651,12 @@ class WeightStore:
         path = os.path.abspath(path)
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
+        recover_snapshot(path)
+        if os.path.lexists(path) and not (os.path.isdir(path) and _has_manifest(path)):
+            # Never replace what is not a snapshot: the path may come from any client of a server.
+            what = "directory" if os.path.isdir(path) else "file"
+            raise BadRequestError(f"snapshot: {path} exists and is a {what} that is not a snapshot (no manifest.json); "
+                                  f"refusing to replace it: choose another path")
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -608,7 +669,8 @@ class WeightStore:
                            lambda: _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)])
             _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
             # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
-            # complete snapshot (restore falls back to the .old sibling in the instant between).
+            # complete snapshot; a writer killed between the renames leaves both complete siblings,
+            # and restore / the next snapshot move the newest back (recover_snapshot).
             old = f"{path}.old.{os.getpid()}"
             if os.path.exists(path):
                 shutil.rmtree(old, ignore_errors=True)
@@ -632,6 +694,7 @@ class WeightStore:
         read completely (a bad file leaves the store untouched); ``in_place=True`` reads straight into
         the existing arrays instead (no second copy in memory, for large matrices).
         """
+        recover_snapshot(path)   # a writer killed mid-snapshot: move its complete sibling back, sweep the rest
         man = read_manifest(path)
         want = {"num_classes": self._K, "class_offset": self._offset, "dim": self._d, "dtype": str(self._dtype)}
         for key, val in want.items():

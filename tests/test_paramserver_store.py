@@ -386,3 +386,66 @@ def test_stats() -> None:
     st = store.stats()
     assert st["rows"] == 10 and st["bytes"] == 2 * 10 * 4 * 4 and st["step"] == 1 and st["pushes"] == 1
     assert st["pushes_per_s"] > 0
+
+
+_CRASH_CHILD = r"""
+import os, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from paramserver.store import WeightStore
+path, crash_at, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+st = WeightStore(30, 4, seed=1, momentum=0.9)
+for s in range(steps):
+    st.push([1, 2, 3], np.full((3, 4), 0.1 * (s + 1), np.float32), s, 0.5)
+real, calls = os.replace, [0]
+def dying_replace(a, b):
+    calls[0] += 1
+    if calls[0] == crash_at:
+        os._exit(9)          # killed right before this rename
+    real(a, b)
+os.replace = dying_replace
+st.snapshot(path)
+"""
+
+
+@pytest.mark.parametrize("crash_at,steps", [(1, 3), (2, 3), (3, 3), (2, 4), (3, 4)])
+def test_snapshot_killed_at_each_rename_restores_the_acknowledged_step(tmp_path, crash_at, steps) -> None:
+    """Snapshot step 3 (acknowledged), then re-snapshot the same path at step 3 or 4 and die before
+    rename 1..3 (the manifest, path -> .old, .tmp -> path): restore comes back at step >= 3 with
+    that step's rows, and no .tmp/.old leftovers remain."""
+    import subprocess
+    import sys
+
+    from paramserver.store import WeightStore
+
+    path = str(tmp_path / "snap")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ok = subprocess.run([sys.executable, "-c", _CRASH_CHILD, root, path, "0", "3"], timeout=60)
+    assert ok.returncode == 0
+    died = subprocess.run([sys.executable, "-c", _CRASH_CHILD, root, path, str(crash_at), str(steps)], timeout=60)
+    assert died.returncode == 9
+    st = WeightStore(30, 4, seed=0)
+    man = st.restore(path)
+    ref = WeightStore(30, 4, seed=1, momentum=0.9)
+    for s in range(man["step"]):
+        ref.push([1, 2, 3], np.full((3, 4), 0.1 * (s + 1), np.float32), s, 0.5)
+    assert man["step"] >= 3
+    np.testing.assert_array_equal(st.pull(np.arange(30)), ref.pull(np.arange(30)))
+    assert sorted(os.listdir(tmp_path)) == ["snap"]
+
+
+def test_snapshot_never_replaces_what_is_not_a_snapshot(tmp_path) -> None:
+    from paramserver.store import WeightStore
+
+    st = WeightStore(10, 2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    (tmp_path / "file.txt").write_text("keep me")
+    for p in (tmp_path / "mine", tmp_path / "file.txt"):
+        with pytest.raises(BadRequestError, match="not a snapshot.*refusing to replace"):
+            st.snapshot(str(p))
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    st.snapshot(str(tmp_path / "s"))
+    st.snapshot(str(tmp_path / "s"))                  # a snapshot may replace a snapshot
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "mine", "s"]
