@@ -131,6 +131,7 @@ class StoreConfig:
     token: str = ""                # prefer $PARAMSERVER_TOKEN or token_file: never saved in run artifacts
     token_file: str = ""           # a file (mode 0600) holding the token
     timeout: float = 60.0
+    allow_step_offset: bool = False  # train from step 0 on a server another run already moved
     pipeline: bool = True          # pushes from a background worker, off the training thread
     wire_dtype: str = "native"     # native | bf16 (rows and gradients travel as bfloat16: half the bytes)
 

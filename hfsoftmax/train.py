@@ -439,6 +439,13 @@ def train(cfg: Config) -> dict[str, Any]:
         if info.is_main:
             logger.info("resumed from %s at step %d", resume, start_step)
 
+    if store is not None and start_step == 0 and not cfg.store.allow_step_offset:
+        at = int(store.step)
+        if at != 0:
+            raise TrainingError(f"parameter server {cfg.store.address or 'in-process'} is at step {at}, but this run "
+                                f"starts at step 0 (no checkpoint in {run_dir}): another run already moved its W. "
+                                f"Restart the server (or --restore a snapshot), or pass store.allow_step_offset=true")
+
     ddp_model: nn.Module = model
     if info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(

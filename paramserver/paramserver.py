@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared secret required in every request (visible in ps: prefer $PARAMSERVER_TOKEN "
                         "or --token-file)")
     p.add_argument("--token-file", default=None, help="file (mode 0600) holding the shared secret")
+    p.add_argument("--max-message-mb", type=int, default=2048,
+                   help="largest request accepted and reply sent, in MiB (a bigger pull is refused by name)")
     p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "graph", "random"],
                    help="class index for HF-softmax's query op (paramserver/index.py), built over this "
                         "shard's rows at start and rebuilt in the background; none: no query op")
@@ -162,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     attach_index(store, args)
     server = ParamServer(store, bind=args.bind, token=token, snapshot_dir=args.snapshot_dir,
                          snapshot_every=args.snapshot_every, final_snapshot=not args.no_final_snapshot,
-                         log_every=args.log_every, shard=args.shard)
+                         log_every=args.log_every, shard=args.shard, max_message_bytes=args.max_message_mb << 20)
 
     def on_signal(signum: int, frame: object) -> None:
         logger.info("signal %d: shutting down", signum)

@@ -118,13 +118,17 @@ class ParamServer:
         log_every: seconds between throughput log lines.
         shard: (i, S), for logs and ``info``.
         max_wait: upper bound on how long a parked pull may wait (default: store.sync_timeout).
+        max_message_bytes: the largest request the socket accepts (ZeroMQ drops the connection of a
+            peer sending more) and the largest reply a pull or query may ask for (refused with an
+            error naming the limit, before any work: one huge pull must not stall every client).
         context: ZeroMQ context (default: the global instance).
     """
 
     def __init__(self, store: WeightStore, bind: str = "tcp://127.0.0.1:5570", token: Optional[str] = None,
                  snapshot_dir: Optional[str] = None, snapshot_every: int = 0, final_snapshot: bool = True,
                  keep_snapshots: int = 2, log_every: float = 30.0, shard: tuple[int, int] = (0, 1),
-                 max_wait: Optional[float] = None, context: Optional[zmq.Context] = None) -> None:
+                 max_wait: Optional[float] = None, context: Optional[zmq.Context] = None,
+                 max_message_bytes: int = 2 << 30) -> None:
         if not is_local_address(bind) and not token:
             raise ValueError(f"binding {bind} (not loopback) requires a shared secret token (--token); "
                              "unauthenticated access is only allowed on 127.0.0.1/ipc/inproc")
@@ -142,6 +146,9 @@ class ParamServer:
         self.log_every = float(log_every)
         self.shard = shard
         self.max_wait = float(max_wait) if max_wait is not None else store.sync_timeout
+        if max_message_bytes < 1 << 20:
+            raise ValueError(f"max_message_bytes must be >= 1 MiB, got {max_message_bytes}")
+        self.max_message_bytes = int(max_message_bytes)
         self._ctx = context or zmq.Context.instance()
         self._sock: Optional[zmq.Socket] = None
         self._monitor: Optional[zmq.Socket] = None
@@ -161,6 +168,7 @@ class ParamServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + (1 << 20))   # + the header frame
         sock.bind(self.bind_address)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
@@ -342,7 +350,12 @@ class ParamServer:
         cid = get_field(h, "client_id", int)
         if not 0 <= cid < self.store.num_clients:
             raise BadRequestError(f"register: client_id {cid} not in [0, {self.store.num_clients})")
-        logger.info("client %d registered (peer %s)", cid, env[0].bytes.hex())
+        dropped = self.store.forget_client(cid)
+        if dropped:
+            logger.warning("client %d registered again (peer %s): %d pending push(es) of its previous process "
+                           "dropped", cid, env[0].bytes.hex(), dropped)
+        else:
+            logger.info("client %d registered (peer %s)", cid, env[0].bytes.hex())
         return ok_reply(h.get("id"), **self.info())
 
     def _op_stats(self, env: list, h: dict, arrays: list) -> list:
@@ -357,6 +370,7 @@ class ParamServer:
         if wire not in WIRE_DTYPES:
             raise BadRequestError(f"pull: wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire!r}")
         ids = arrays[0]
+        self._check_reply_size("pull", ids.size * self.store.dim * self.store.dtype.itemsize, f"{ids.size} rows")
         # Validate now so a bad pull fails at once rather than after waiting.
         self.store._check_matrix(matrix)
         self.store._local_ids(ids)
@@ -366,6 +380,12 @@ class ParamServer:
             return ok_reply(h.get("id"), [to_bf16(rows) if wire == "bf16" else rows], step=self.store.step)
 
         return self._park_or_answer(env, h, answer)
+
+    def _check_reply_size(self, op: str, nbytes: int, what: str) -> None:
+        if nbytes > self.max_message_bytes:
+            raise BadRequestError(f"{op}: the reply ({what}, {nbytes / 2**20:.0f} MiB) exceeds this server's limit of "
+                                  f"{self.max_message_bytes / 2**20:.0f} MiB per message (--max-message-mb); ask in "
+                                  f"smaller blocks")
 
     def _park_or_answer(self, env: list, h: dict, answer: Callable[[], list]) -> Optional[list]:
         """Answer now, or park until the store reaches the request's ``step`` (pull and query)."""
@@ -413,6 +433,8 @@ class ParamServer:
                                   f"{list(labels.shape)}")
         if n <= 0:
             raise BadRequestError(f"query: n must be a positive integer, got {n}")
+        self._check_reply_size("query", feats.shape[0] * n * 12 if feats.ndim else 0,
+                               f"{feats.shape[0] if feats.ndim else 0} x {n} candidates")
 
         def answer() -> list:
             # a writable copy (B x d, small): index libraries may not accept read-only frame views

@@ -495,6 +495,19 @@ class WeightStore:
                 return len(self._pending.get(self._step, {})) == self.num_clients
             return self._apply_ready()
 
+    def forget_client(self, client_id: int) -> int:
+        """Drop the pending (not yet applied) pushes of ``client_id``: a client that (re)registers is
+        a new process, and a dead predecessor's gradient must not be applied in its name. Returns
+        how many pushes were dropped."""
+        with self._cond:
+            dropped = 0
+            for step in list(self._pending):
+                if self._pending[step].pop(int(client_id), None) is not None:
+                    dropped += 1
+                if not self._pending[step]:
+                    del self._pending[step]
+            return dropped
+
     def apply_pending(self) -> bool:
         """Apply every step whose R pushes are all in (see ``push(apply=False)``); True if any was."""
         with self._cond:

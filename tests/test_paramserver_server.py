@@ -536,3 +536,18 @@ def test_a_failing_index_never_kills_the_server() -> None:
             assert rs.pull([1], step=step + 1).shape == (1, d)
         st = rs.stats()["shards"][0]
         assert st["step"] == 3 and st["index_errors"] == 3
+
+
+def test_huge_requests_are_refused_by_name_and_others_are_served() -> None:
+    """A pull whose reply would exceed the per-message limit is refused at once (not after
+    gathering gigabytes), naming the limit; the server answers the next request as usual."""
+    K, d = 1000, 256
+    store = WeightStore(K, d, seed=1)
+    with inthread(store, max_message_bytes=1 << 20) as (_, addr), RemoteStore([addr], K, d, timeout=5) as rs:
+        t0 = time.monotonic()
+        with pytest.raises(BadRequestError, match=r"pull: the reply \(2000 rows, 2 MiB\) exceeds.*limit of 1 MiB"):
+            rs.pull(np.zeros(2000, np.int64))
+        assert time.monotonic() - t0 < 2.0
+        with pytest.raises(BadRequestError, match="query: the reply"):
+            rs.query(np.ones((1, d), np.float32), 100000)   # 1.2 MB of candidates
+        assert rs.pull(np.arange(500)).shape == (500, d)          # 0.5 MiB: fine

@@ -177,3 +177,32 @@ def test_token_never_reaches_run_artifacts_or_help(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "paramserver/paramserver.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env=dict(os.environ, PARAMSERVER_TOKEN="from-env"))
     assert out.returncode == 0 and "from-env" not in out.stdout
+
+
+def test_dead_client_state_is_not_reused_and_a_moved_server_is_refused(tmp_path):
+    """A restarted client re-registers and its dead predecessor's pending push is dropped; a run
+    starting at step 0 on a server another run already moved is refused in one line."""
+    import numpy as np
+
+    from paramserver.client import RemoteStore
+    from servers import thread_server
+
+    K, d = 40, 16
+    with thread_server("--num-classes", str(K), "--dim", str(d), "--num-clients", "2") as addr:
+        dead = RemoteStore([addr], K, d, timeout=5, client_id=1)
+        dead.push([3], np.full((1, d), 100.0, np.float32), 0, 0.1)      # then the process dies
+        dead.close()
+        new = RemoteStore([addr], K, d, timeout=5, client_id=1)
+        new.register()
+        new.push([4], np.ones((1, d), np.float32), 0, 0.1)              # accepted: not "already pushed"
+        other = RemoteStore([addr], K, d, timeout=5, client_id=0)
+        before3 = other.pull([3])
+        other.push([5], np.ones((1, d), np.float32), 0, 0.1)
+        np.testing.assert_array_equal(other.pull([3], step=1), before3)  # the dead gradient never landed
+        cfg = load_config(None, TINY + ["head.name=hf", "store.kind=remote", f"store.address={addr}",
+                                        "head.index=exact", "head.num_active=40", "train.steps=2",
+                                        f"train.out_dir={tmp_path}"])
+        with pytest.raises(TrainingError, match=r"is at step 1, but this run starts at step 0.*allow_step_offset"):
+            train(cfg)
+        for c in (new, other):
+            c.close()

@@ -244,6 +244,10 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
+        try:
+            store.register()   # a restarted rank: the server drops its dead predecessor's pending push
+        except _LOST as e:
+            raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
         needs_query = head_index_name(cfg.head, num_classes) != "random" and int(cfg.head.num_active) < num_classes
         if needs_query:
             bare = [a for a, inf in zip(addresses, store.info()) if not inf.get("index")]
