@@ -155,8 +155,13 @@ def batches_from(dataset: Dataset, cfg: Config, info: hdist.DistInfo, start_step
         epoch, offset = divmod(step, per_epoch)
         sampler = EpochSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
                                epoch, start_batch=offset)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(cfg.train.seed, epoch)      # flips: a pure function of (seed, epoch, index)
         loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
                             num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
+                            # its own generator: creating an iterator mid-epoch (resume) must not draw
+                            # from the global RNG the model's dropout uses
+                            generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch * 31 + info.rank),
                             persistent_workers=False)
         for batch in loader:
             yield step, batch
@@ -304,7 +309,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimizer: torch.optim.Optimizer,
-                    num_classes: int, keep: bool) -> str:
+                    num_classes: int, keep: bool, rng: list[dict[str, Any]] | None = None) -> str:
     """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
     store_snapshot = None
     head = model.head
@@ -318,7 +323,7 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
         "model": model.backbone.state_dict(),          # unwrapped: no 'module.' prefixes
         "head": head.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],   # one state per rank
         "store_snapshot": store_snapshot,               # relative to the run dir
         "git_sha": git_sha(),
     }
@@ -433,8 +438,13 @@ def train(cfg: Config) -> dict[str, Any]:
         start_step = int(ckpt["step"])
         if ckpt.get("store_snapshot") and getattr(head, "store", None) is not None and info.is_main:
             head.store.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
-        if ckpt.get("rng") and not info.distributed:
-            set_rng_state(ckpt["rng"])
+        states = ckpt.get("rng")
+        states = [states] if isinstance(states, dict) else states     # older checkpoints: rank 0's only
+        if states and len(states) == info.world_size:
+            set_rng_state(states[info.rank])
+        elif states:
+            logger.warning("checkpoint %s holds the RNG states of %d rank(s), this run has %d: RNG not restored "
+                           "(dropout draws differ from the uninterrupted run)", resume, len(states), info.world_size)
         hdist.barrier()
         if info.is_main:
             logger.info("resumed from %s at step %d", resume, start_step)
@@ -570,10 +580,11 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         if is_ckpt:
             if hasattr(head, "flush"):
                 head.flush()          # the snapshot must hold this step's update
+            rngs = hdist.all_gather_object(rng_state())
             hdist.barrier()
             if info.is_main:
                 keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
-                save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep)
+                save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep, rng=rngs)
             hdist.barrier()
         if done >= total:
             break

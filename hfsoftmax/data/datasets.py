@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from hfsoftmax.data.recordio import (RecordIOReader, RecordIOError, class_of, read_insightface_layout,
                                      read_property, unpack)
-from hfsoftmax.data.transforms import decode_image, random_hflip, to_tensor_normalized
+from hfsoftmax.data.transforms import decode_image, hflip, keyed_coin, random_hflip, to_tensor_normalized
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,19 @@ class _SkippingDataset(Dataset):
 
     skip_bad: bool
     skipped: int
+    # (seed, epoch) of the training run: the flip of item i is then a pure function of
+    # (seed, epoch, i), so a resumed run (or another worker count) flips exactly as an
+    # uninterrupted one; None: the torch RNG of the worker decides.
+    flip_key: Optional[tuple[int, int]] = None
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Key the random flips of the coming epoch (called by the train loop before each epoch)."""
+        self.flip_key = (int(seed), int(epoch))
+
+    def _maybe_flip(self, img: torch.Tensor, index: int) -> torch.Tensor:
+        if self.flip_key is None:
+            return random_hflip(img)
+        return hflip(img) if keyed_coin(self.flip_key[0], self.flip_key[1], index) else img
 
     def __len__(self) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -119,7 +132,7 @@ class RecordDataset(_SkippingDataset):
             raise RecordIOError(f"{where}: label {label} outside 0..{self.num_classes - 1}")
         img = to_tensor_normalized(decode_image(payload, where), self.image_size)
         if self.train:
-            img = random_hflip(img)
+            img = self._maybe_flip(img, index)
         return img, label
 
 
@@ -186,7 +199,7 @@ class ImageListDataset(_SkippingDataset):
             raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
         img = to_tensor_normalized(decode_image(data, where), self.image_size)
         if self.train:
-            img = random_hflip(img)
+            img = self._maybe_flip(img, index)
         return img, int(self.labels[index])
 
 

@@ -51,6 +51,14 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Gene
     return x
 
 
+def keyed_coin(seed: int, epoch: int, index: int) -> bool:
+    """A fair coin that is a pure function of (seed, epoch, index) (splitmix64 of the three)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return bool((z ^ (z >> 31)) & 1)
+
+
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Deterministic left-right flip of a [..., H, W] tensor."""
     return torch.flip(x, dims=[-1])
