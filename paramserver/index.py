@@ -941,11 +941,20 @@ class IndexManager:
             the next one starts no sooner than b / max_duty seconds after it started (1 = back to
             back). On a machine whose cores the trainer needs, the step-rate cost is roughly
             max_duty times the cost of continuous rebuilds.
+        deterministic: make the index a function of the step, not of timing, so a seed reproduces
+            a run: builds start at multiples of T only, read a copy of W taken at that step (under
+            the store's lock: consistent), and go live at the next multiple of T (the store then
+            waits for a late build, logged as ``wait_s``); rows changed meanwhile are replayed onto
+            an incremental index before it goes live. None (default): on when the copy of W is at
+            most ``copy_limit_bytes`` (1 GiB: up to 500K x 512 fp32), else off with a log line (a
+            2 GB+ copy per build and waits on a minutes-long build cost more than reproducibility
+            is worth there). ``min_interval_s`` and ``max_duty`` apply only when off.
     """
 
     def __init__(self, factory: Callable[[], ClassIndex], rebuild_every: int, background: bool = True,
                  min_interval_s: float = 0.0, *, background_threads: Optional[int] = 1,
-                 background_nice: int = 10, max_duty: float = 1.0) -> None:
+                 background_nice: int = 10, max_duty: float = 1.0, deterministic: Optional[bool] = None,
+                 copy_limit_bytes: int = 1 << 30) -> None:
         if not callable(factory):
             raise ValueError(f"factory must be callable, got {factory!r}")
         if rebuild_every < 1:
@@ -978,26 +987,82 @@ class IndexManager:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._name = "?"
+        self.deterministic = deterministic
+        self.copy_limit_bytes = int(copy_limit_bytes)
+        self._gen = 0                      # build generation: a restore retires a running build
+        self._ready: Optional[ClassIndex] = None   # deterministic: built, waiting for its live step
+        self._ready_step = 0               # its build (source) step
+        self._live_at: Optional[int] = None  # deterministic: step at which the running build goes live
+        self._waits: List[float] = []      # deterministic: seconds the store waited for late builds
 
     # -- building ---------------------------------------------------------------------------
+    def _is_deterministic(self, W: np.ndarray) -> bool:
+        if self.deterministic is None:
+            self.deterministic = W.nbytes <= self.copy_limit_bytes
+            if not self.deterministic:
+                logger.info("index builds read the live W (%.1f GB > the %.1f GB copy limit): background builds go "
+                            "live when done, so runs are not bitwise reproducible", W.nbytes / 1e9,
+                            self.copy_limit_bytes / 1e9)
+        return bool(self.deterministic)
+
     def build_now(self, W: np.ndarray, step: Optional[int] = None) -> None:
-        """Synchronous build from W (first build, tests); the result goes live at once."""
+        """Synchronous build from W (first build, restore, tests); the result goes live at once.
+        A background build still running is retired: its result is discarded."""
         step = self._step if step is None else int(step)
+        with self._lock:
+            self._gen += 1
+            self._building = False
+            self._ready, self._live_at = None, None
+            self._step = step
         index = self.factory()
         self._run_build(index, W, step, background=False)
+
+    def _go_live(self, step: int) -> None:
+        """Deterministic mode, at the build's live step: wait for it, replay, swap (store lock held)."""
+        t0 = time.perf_counter()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join()
+        waited = time.perf_counter() - t0
+        if self._error is not None:
+            return                          # raised by maybe_rebuild; the old index stays live
+        with self._lock:
+            index, batch = self._ready, self._pending or []
+            self._ready, self._live_at, self._pending = None, None, None
+        if index is None:
+            return
+        for ids, rows, _ in batch:          # rows changed since the build's last replay
+            index.update(ids, rows)
+        with self._lock:
+            self._index = index
+            self._source_step = step if index.incremental else self._ready_step
+            self._built_step = self._ready_step
+            self._name = index.name
+        self._waits.append(waited)
+        if waited > 0.01:
+            logger.info("index %s went live at step %d after waiting %.2fs for its build (deterministic swap)",
+                        index.name, step, waited)
 
     def maybe_rebuild(self, store: Any, step: int) -> bool:
         """Called by the store after each applied update. Returns True if a build was started."""
         if self._error is not None:
             err, self._error = self._error, None
+            with self._lock:
+                self._ready, self._live_at, self._pending = None, None, None
             raise RuntimeError(f"background index build failed: {err!r}") from err
         step = int(step)
+        if self._live_at is not None and step >= self._live_at:
+            self._go_live(step)
         with self._lock:
             self._step = max(self._step, step)
-            if self._closed or self._building:
+            if self._closed or self._building or self._live_at is not None:
                 return False
             first = self._index is None
-            if not first:
+            W_live = store.weights() if hasattr(store, "weights") else store.rows_view()
+            det = self.background and not first and self._is_deterministic(W_live)
+            if det and step % self.rebuild_every:
+                return False                # deterministic builds start at multiples of T only
+            if not first and not det:
                 if self._last_start_step is not None and step - self._last_start_step < self.rebuild_every:
                     return False
                 wait_s = self.min_interval_s
@@ -1009,9 +1074,12 @@ class IndexManager:
             self._building = True
             self._pending = [] if index.incremental and not first else None
             self._last_start_step, self._last_start_time = step, time.monotonic()
+            if det:
+                self._live_at = step + self.rebuild_every
         # The live [K_shard, d] rows: `weights()` per the agreed interface; WeightStore names it
-        # `rows_view()` (a read-only view), so accept either.
-        W = store.weights() if hasattr(store, "weights") else store.rows_view()
+        # `rows_view()` (a read-only view), so accept either. Deterministic: a copy taken now, while
+        # the store's lock holds every update back.
+        W = np.array(W_live, copy=True) if det else W_live
         if first or not self.background:
             # No index yet: nothing could answer a query, so the first build is synchronous.
             self._run_build(index, W, step, background=False, claimed=True)
@@ -1019,14 +1087,16 @@ class IndexManager:
             if self.background_threads is not None:
                 index.build_threads = self.background_threads
             index.build_nice = self.background_nice
-            self._thread = threading.Thread(target=self._run_build, args=(index, W, step, True, True),
+            self._thread = threading.Thread(target=self._run_build, args=(index, W, step, True, True, det),
                                             name=f"index-build-{index.name}", daemon=True)
             self._thread.start()
         return True
 
     def _run_build(self, index: ClassIndex, W: np.ndarray, step: int, background: bool,
-                   claimed: bool = False) -> None:
-        """Build `index` from W, replay pending incremental updates, swap it in atomically."""
+                   claimed: bool = False, deferred: bool = False) -> None:
+        """Build `index` from W, replay pending incremental updates, swap it in atomically
+        (``deferred``: leave it ready for :meth:`_go_live` at its live step instead)."""
+        gen = self._gen
         if not claimed:
             with self._lock:
                 if self._building:
@@ -1043,7 +1113,17 @@ class IndexManager:
             source_step = step
             while True:  # replay rows changed during the build, then swap with nothing pending
                 with self._lock:
+                    if gen != self._gen:       # retired by a restore: discard
+                        logger.info("index %s build of step %d retired (the store was restored)", index.name, step)
+                        return
                     batch = self._pending or []
+                    if not batch and deferred:
+                        self._ready, self._ready_step = index, step
+                        self._build_times.append(time.perf_counter() - t0)
+                        self._start_steps.append(step)
+                        self._start_times.append(self._last_start_time)
+                        self._pending = [] if index.incremental else None
+                        break
                     if not batch:
                         self._index = index
                         self._pending = None
@@ -1067,8 +1147,10 @@ class IndexManager:
             self._error = err
         finally:
             with self._lock:
-                self._building = False
-                self._pending = None
+                if gen == self._gen:
+                    self._building = False
+                    if self._ready is None:
+                        self._pending = None
 
     # -- per step -----------------------------------------------------------------------------
     def rows_changed(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
@@ -1115,6 +1197,8 @@ class IndexManager:
                 "achieved_period_steps": period,
                 "achieved_period_s": period_s,
                 "building": self._building,
+                "deterministic": bool(self.deterministic),
+                "swap_wait_s": float(np.sum(self._waits)) if self._waits else 0.0,
                 "incremental": bool(self._index is not None and self._index.incremental),
             }
 

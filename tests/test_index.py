@@ -215,7 +215,7 @@ def test_query_during_background_build_uses_old_index_and_builds_never_queue():
     GatedExact.builds = []
     W0 = clustered(500, 16, 5, 0.5, seed=0)
     store = FakeStore(W0.copy())
-    mgr = IndexManager(lambda: GatedExact(16, "dot"), rebuild_every=10)
+    mgr = IndexManager(lambda: GatedExact(16, "dot"), rebuild_every=10, deterministic=False)
     try:
         assert mgr.maybe_rebuild(store, 0) is True        # first build: synchronous
         assert mgr.stats()["builds"] == 1 and not mgr.stats()["building"]
@@ -261,7 +261,7 @@ def test_incremental_updates_during_build_are_replayed():
     GatedIVF.started.clear()
     W = clustered(2000, 16, 20, 0.5, seed=4)
     store = FakeStore(W.copy())
-    mgr = IndexManager(lambda: GatedIVF(16, "angular", seed=0), rebuild_every=1)
+    mgr = IndexManager(lambda: GatedIVF(16, "angular", seed=0), rebuild_every=1, deterministic=False)
     try:
         mgr.maybe_rebuild(store, 0)
         snapshot = store.W.copy()
@@ -298,7 +298,7 @@ class FailingIndex(ExactIndex):
 def test_background_build_failure_surfaces_and_old_index_stays():
     FailingIndex.calls = 0
     W = clustered(100, 8, 3, 0.5, seed=0)
-    mgr = IndexManager(lambda: FailingIndex(8), rebuild_every=1)
+    mgr = IndexManager(lambda: FailingIndex(8), rebuild_every=1, deterministic=False)
     store = FakeStore(W)
     mgr.maybe_rebuild(store, 0)
     assert mgr.maybe_rebuild(store, 1)
@@ -317,7 +317,7 @@ class SleepyExact(ExactIndex):
 def test_max_duty_spaces_builds():
     """max_duty = 0.5: after a 0.2 s build, the next may start only 0.4 s after the last start."""
     W = np.eye(4, dtype=np.float32)
-    mgr = IndexManager(lambda: SleepyExact(4), rebuild_every=1, background=False, max_duty=0.5)
+    mgr = IndexManager(lambda: SleepyExact(4), rebuild_every=1, background=False, max_duty=0.5, deterministic=False)
     store = FakeStore(W)
     t0 = time.monotonic()
     assert mgr.maybe_rebuild(store, 0)           # takes ~0.2 s
@@ -557,3 +557,81 @@ def test_graph_on_degenerate_rows_is_valid():
     graph = g._graph.astype(np.int64)
     assert (graph >= 0).all() and not (graph == np.arange(3000)[:, None]).any()
     assert all(len(set(r)) == 6 for r in graph.tolist())
+
+
+class JitteryExact(ExactIndex):
+    """A non-incremental exact index whose build takes ``delay`` seconds (a slow, timing-dependent build)."""
+
+    incremental = False
+    delay = 0.0
+
+    def build(self, W: np.ndarray) -> None:
+        time.sleep(JitteryExact.delay)
+        super().build(W)
+
+
+def _run_with_build_delay(delay: float, deterministic: bool) -> tuple[list, dict]:
+    JitteryExact.delay = 0.0
+    W0 = clustered(200, 16, 5, 0.5, seed=0)
+    store = FakeStore(W0.copy())
+    F = queries_near(W0, 6, seed=2)
+    mgr = IndexManager(lambda: JitteryExact(16, "dot"), rebuild_every=4, deterministic=deterministic)
+    try:
+        mgr.maybe_rebuild(store, 0)
+        JitteryExact.delay = delay
+        out = []
+        for step in range(1, 21):
+            rows = np.arange(step * 7, step * 7 + 7) % 200
+            store.W[rows] = -store.W[rows] * 1.5              # a store update (under its lock)
+            mgr.maybe_rebuild(store, step)
+            out.append(mgr.query(F, 5)[0])
+            time.sleep(0.005)
+        return out, mgr.stats()
+    finally:
+        mgr.close(timeout=10)
+
+
+def test_deterministic_swap_makes_selection_independent_of_build_timing():
+    """A new index goes live at the next multiple of T after its build started, whatever the build
+    takes (the store waits for a late one): two runs with different build times select the same."""
+    fast, st_fast = _run_with_build_delay(0.0, True)
+    slow, st_slow = _run_with_build_delay(0.05, True)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    assert min(st_fast["builds"], st_slow["builds"]) >= 5 and st_slow["deterministic"]   # live at 0, 8, 12, 16, 20
+    assert st_slow["swap_wait_s"] > 0.0                       # late builds were waited for, and counted
+    # without it the swap step follows the timing
+    free_fast, _ = _run_with_build_delay(0.0, False)
+    free_slow, _ = _run_with_build_delay(0.05, False)
+    assert any((a != b).any() for a, b in zip(free_fast, free_slow))
+
+
+class BackgroundGated(ExactIndex):
+    """Exact index whose background (non-main-thread) builds block on a gate."""
+
+    gate = threading.Event()
+
+    def build(self, W: np.ndarray) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            assert BackgroundGated.gate.wait(20), "test gate never opened"
+        super().build(W)
+
+
+def test_restore_retires_a_running_build():
+    BackgroundGated.gate.clear()
+    W0 = clustered(100, 16, 5, 0.5, seed=0)
+    store = FakeStore(W0.copy())
+    mgr = IndexManager(lambda: BackgroundGated(16, "dot"), rebuild_every=2, deterministic=True)
+    try:
+        mgr.maybe_rebuild(store, 0)
+        assert mgr.maybe_rebuild(store, 2) is True                # background build, blocked
+        mgr.build_now(-W0, step=7)                                 # a restore: built now, live now
+        F = queries_near(W0, 4, seed=1)
+        np.testing.assert_array_equal(mgr.query(F, 3)[0], brute(-W0, F, 3, "dot")[0])
+        BackgroundGated.gate.set()
+        time.sleep(0.2)
+        mgr.maybe_rebuild(store, 8)                                # the retired build never goes live
+        np.testing.assert_array_equal(mgr.query(F, 3)[0], brute(-W0, F, 3, "dot")[0])
+    finally:
+        BackgroundGated.gate.set()
+        mgr.close(timeout=10)

@@ -1,4 +1,5 @@
 """Training loop: DDP (2 gloo ranks) == one process, resume == uninterrupted, schedules, learning."""
+import json
 import os
 import socket
 import subprocess
@@ -159,3 +160,62 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(T.torch, "save", real_save)
     assert (tmp_path / "ckpt_last.pt").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def _rec_folder(folder, K=12, per_class=6, size=16):
+    from hfsoftmax.data.binset import encode_jpeg
+    from hfsoftmax.data.recordio import write_insightface_rec
+
+    rng = np.random.default_rng(0)
+    items = []
+    for c in range(K):
+        base = rng.integers(0, 255, (size, size, 3))
+        for _ in range(per_class):   # asymmetric images: a flip changes the pixels
+            img = np.clip(base + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            items.append((encode_jpeg(img), c))
+    write_insightface_rec(str(folder), items, image_size=size)
+    return folder
+
+
+@pytest.mark.parametrize("head", ["full", "random"])
+def test_resume_on_a_rec_dataset_is_exact(tmp_path, head):
+    """A .rec dataset (random flips), dropout, and for the random head a store at M < K: the run
+    resumed from its mid-run checkpoint ends bitwise equal to the uninterrupted run."""
+    data = _rec_folder(tmp_path / "data")
+    base = [f"data.path={data}", "data.image_size=16", "model.feature_dim=16", "model.dropout=0.3",
+            "train.progress=false", "train.batch_size=8", "train.steps=8", "train.log_every=4",
+            f"head.name={head}", "head.num_active=10", "store.kind=local", "optim.lr=0.05", "data.num_workers=1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(load_config(os.path.join(ROOT, "configs", "faces_full.yaml"), base + [
+        f"train.out_dir={a}", "train.ckpt_every=3", "train.keep_every=3"]))
+    b.mkdir()
+    train(load_config(os.path.join(ROOT, "configs", "faces_full.yaml"), base + [
+        f"train.out_dir={b}", f"train.resume={a / 'ckpt_00000003.pt'}"]))
+    _, pa = params_of(a / "ckpt_last.pt")
+    _, pb = params_of(b / "ckpt_last.pt")
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k], k
+    if head == "random":
+        from paramserver.store import WeightStore
+        wa = WeightStore.from_snapshot(str(a / "store_00000008")).pull(np.arange(12))
+        wb = WeightStore.from_snapshot(str(b / "store_00000008")).pull(np.arange(12))
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_same_seed_hf_runs_are_equal_through_background_rebuilds(tmp_path):
+    """HF with the forest index rebuilt in the background every 2 steps: two runs of the same
+    command end bitwise equal (each new index goes live at a step fixed in advance)."""
+    from paramserver.store import WeightStore
+    base = TINY + ["head.name=hf", "head.index=forest", "head.num_active=12", "head.candidates=6",
+                   "head.rebuild_every=2", "store.kind=local", "train.steps=12", "train.batch_size=8"]
+    for run in ("a", "b"):
+        train(load_config(None, base + [f"train.out_dir={tmp_path / run}"]))
+    _, pa = params_of(tmp_path / "a" / "ckpt_last.pt")
+    _, pb = params_of(tmp_path / "b" / "ckpt_last.pt")
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]) if torch.is_tensor(pa[k]) else pa[k] == pb[k], k
+    wa = WeightStore.from_snapshot(str(tmp_path / "a" / "store_00000012")).pull(np.arange(40))
+    wb = WeightStore.from_snapshot(str(tmp_path / "b" / "store_00000012")).pull(np.arange(40))
+    np.testing.assert_array_equal(wa, wb)
+    builds = [json.loads(x).get("index_builds") for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert max(b for b in builds if b is not None) >= 4
