@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from hfsoftmax.data.binset import encode_jpeg
 from hfsoftmax.data.datasets import ImageListDataset, RecordDataset, dataset_from_path
-from hfsoftmax.data.recordio import IRHeader, RecordIOWriter, pack, write_insightface_rec
+from hfsoftmax.data.recordio import IRHeader, RecordIOError, RecordIOWriter, pack, write_insightface_rec
 
 S = 16
 
@@ -155,3 +155,30 @@ def test_explicit_idx_path_that_does_not_exist_is_an_error(tmp_path):
     make_rec(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"RecordIO index not found: .*other\.idx"):
         RecordDataset(str(tmp_path / "train.rec"), S, idx_path=str(tmp_path / "other.idx"))
+
+
+def _flip_label_bit(folder, key: int) -> None:
+    """Flip bit 22 of record ``key``'s label float (2.0 <-> 3.0), as a bad disk or copy would."""
+    offsets = {int(k): int(v) for k, v in (line.split("\t") for line in open(folder / "train.idx"))}
+    pos = offsets[key] + 8 + 4          # magic, length word; then the IfQQ header's flag, label
+    with open(folder / "train.rec", "r+b") as f:
+        f.seek(pos)
+        label = np.frombuffer(f.read(4), np.float32)[0]
+        f.seek(pos)
+        f.write(np.array(label, np.float32).view(np.uint32).__xor__(np.uint32(1 << 22)).tobytes())
+
+
+def test_a_flipped_label_bit_is_refused_not_read_as_another_class(tmp_path, capsys):
+    """Record 0's identity ranges say which class every record holds: a label that disagrees
+    (2.0 -> 3.0 by one bit) is an error naming the file and record, in RecordDataset and rec2img."""
+    import tools.rec2img as rec2img
+
+    make_rec(tmp_path, labels=(0, 0, 1, 2, 2, 3))
+    _flip_label_bit(tmp_path, 4)                  # the first 2 of the two
+    ds = RecordDataset(str(tmp_path / "train.rec"), image_size=S, train=False)
+    assert ds[0][1] == 0 and ds[2][1] == 1
+    with pytest.raises(RecordIOError, match=r"train.rec: record 4: label 3, but record 0's identity ranges put "
+                                            r"record 4 in class 2"):
+        ds[3]
+    rc = rec2img.main(["--in-folder", str(tmp_path), "--out-folder", str(tmp_path / "out")])
+    assert rc != 0 and "record 4: label 3" in capsys.readouterr().err

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hfsoftmax.data.recordio import (RecordIOReader, class_of, read_insightface_layout,  # noqa: E402
+from hfsoftmax.data.recordio import (RecordIOReader, class_of, read_insightface_layout, read_property,  # noqa: E402
                                      unpack)
 from hfsoftmax.data.transforms import decode_image  # noqa: E402
 
@@ -43,11 +43,13 @@ def iter_images(rec_path: str) -> Iterator[tuple[str, int, bytes]]:
     idx_path = os.path.splitext(rec_path)[0] + ".idx"
     if os.path.isfile(idx_path):
         reader = RecordIOReader(rec_path, idx_path)
-        keys = read_insightface_layout(reader).image_keys
-        for key in tqdm(keys, desc="records", unit="img"):
+        layout = read_insightface_layout(reader)
+        prop = read_property(os.path.dirname(os.path.abspath(rec_path)))
+        num = len(layout.identity_ranges) if layout.identity_ranges is not None else (prop[0] if prop else None)
+        for key in tqdm(layout.image_keys, desc="records", unit="img"):
             where = f"{rec_path}: record {key}"
             header, payload = unpack(reader.read_idx(key), where)
-            yield where, class_of(header.label, where), payload
+            yield where, layout.check_label(key, class_of(header.label, where), where, num), payload
         reader.close()
         return
     logger.info("%s not found: reading %s sequentially", idx_path, rec_path)

@@ -100,6 +100,7 @@ class RecordDataset(_SkippingDataset):
         self.skip_bad = skip_bad
         self.skipped = 0
         layout = read_insightface_layout(self.reader)
+        self.layout = layout
         self.keys: list[int] = layout.image_keys
         self.identity_ranges = layout.identity_ranges
         prop = read_property(os.path.dirname(os.path.abspath(rec_path)))
@@ -127,9 +128,7 @@ class RecordDataset(_SkippingDataset):
         key = self.keys[index]
         where = f"{self.rec_path}: record {key}"
         header, payload = unpack(self.reader.read_idx(key), where)
-        label = class_of(header.label, where)
-        if label >= self.num_classes:
-            raise RecordIOError(f"{where}: label {label} outside 0..{self.num_classes - 1}")
+        label = self.layout.check_label(key, class_of(header.label, where), where, self.num_classes)
         img = to_tensor_normalized(decode_image(payload, where), self.image_size)
         if self.train:
             img = self._maybe_flip(img, index)

@@ -367,6 +367,26 @@ class InsightFaceLayout:
     image_keys: list[int]
     identity_ranges: Optional[list[tuple[int, int]]]
 
+    def check_label(self, key: int, label: int, where: str, num_classes: Optional[int] = None) -> int:
+        """``label`` of image record ``key``, refused when it lies outside [0, num_classes) or
+        contradicts record 0's identity ranges (identity i holds keys [start_i, end_i)): a flipped
+        bit in a label float must never silently become another class."""
+        if num_classes is None and self.identity_ranges is not None:
+            num_classes = len(self.identity_ranges)
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise RecordIOError(f"{where}: label {label} outside 0..{(num_classes or 1) - 1}")
+        if self.identity_ranges:
+            if getattr(self, "_starts", None) is None:
+                self._starts = np.array([s for s, _ in self.identity_ranges], dtype=np.int64)
+                self._ends = np.array([e for _, e in self.identity_ranges], dtype=np.int64)
+            i = int(np.searchsorted(self._starts, key, side="right")) - 1
+            expected = i if i >= 0 and key < self._ends[i] else None
+            if expected != label:
+                told = f"class {expected}" if expected is not None else "no identity"
+                raise RecordIOError(f"{where}: label {label}, but record 0's identity ranges put record {key} in "
+                                    f"{told} (a corrupt label or index)")
+        return label
+
 
 def read_insightface_layout(reader: RecordIOReader) -> InsightFaceLayout:
     """Interpret record 0 of an InsightFace ``train.rec`` (see the module docstring)."""
