@@ -599,8 +599,16 @@ class SelectiveSoftmax(ClassifierHead):
                   store_dtype: np.dtype) -> None:
         """Wait for the reduce-scatter, then push this rank's slice of the summed gradient (or, if any
         rank's gradient was not finite, e.g. an fp16 overflow, an empty update on every rank)."""
+        if slice_sum.is_cuda:   # this worker thread's current device is not the rank's by default
+            with torch.cuda.device(slice_sum.device):
+                self._push_job_on_device(work, slice_sum, flags, ids, step, store_dtype)
+        else:
+            self._push_job_on_device(work, slice_sum, flags, ids, step, store_dtype)
+
+    def _push_job_on_device(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray,
+                            step: int, store_dtype: np.dtype) -> None:
         if work is not None:
-            work.wait()
+            work.wait()                      # orders this thread's stream after the reduce-scatter
         store = self._push_store or self.store
         if float(flags.item()) > 0:
             logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not updated "
