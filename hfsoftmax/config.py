@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
@@ -175,6 +176,14 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 and 5e-4 (no dot) as strings; a float is what the user meant
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and math.isfinite(f):
+                return f
         raise ConfigError(f"config key '{where}' expects a float, got {value!r}")
     if tp is str:
         if isinstance(value, str):

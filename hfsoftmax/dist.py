@@ -38,11 +38,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> cuda:<local_rank> when CUDA is available, else cpu."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    dev = torch.device(name)
+    from .config import ConfigError
+
+    try:
+        dev = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but CUDA is not available")
+        raise ConfigError(f"train.device={name} requested but CUDA is not available to this torch "
+                          f"({torch.__version__}); use train.device=cpu or auto")
     return dev
 
 

@@ -401,6 +401,12 @@ def git_sha() -> str:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final metrics (on every rank)."""
+    if cfg.head.name in ("mach", "rp") and cfg.head.margin != "none":
+        # MACH's bucket softmaxes take no margin, and RP's classifier recovery assumes a plain
+        # softmax: "head.name=mach" on a CosFace config must just work (one config line per head).
+        logger.warning("head.margin=%s does not apply to head.name=%s: training it with a plain softmax "
+                       "(head.margin=none)", cfg.head.margin, cfg.head.name)
+        cfg.head.margin = "none"
     info = hdist.init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)

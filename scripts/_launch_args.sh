@@ -1,8 +1,16 @@
 # Sourced by train.sh and train_hf.sh (POSIX sh): turns their command line into PY, CONFIG, NPROC
 # and the trainer's overrides in "$@". Set CALLER_DIR, SYNTHETIC_CONFIG and DATASET_CONFIG first.
 #   first argument without '=' -> a dataset path (becomes data.path=...); the rest are key=value
-#   CONFIG, NPROC, PYTHON from the environment win over the defaults.
-PY=${PYTHON:-python}
+#   CONFIG, NPROC, PYTHON from the environment win over the defaults. Without PYTHON the project's
+#   own environment (.venv, made by `make setup`) is used when it exists, so the scripts work from
+#   a fresh shell without activating anything.
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  PY=python3
+fi
 DATA=""
 if [ $# -gt 0 ]; then
   case "$1" in

@@ -12,6 +12,8 @@ from .resnet import RESNET_DEPTHS, FaceResNet
 from .tiny import TinyNet
 
 BACKBONES = ("tiny", "hynet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+# arcface_torch's names for the same IR-ResNets
+ALIASES = {f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}
 
 
 def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0,
@@ -25,13 +27,17 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
         dropout: dropout before the embedding FC (face ResNet, Hynet).
         norm: tiny only, ``batch`` or ``group`` (GroupNorm is per-sample, so DDP equals one process).
     """
+    from ..config import ConfigError
+
+    name = ALIASES.get(name, name)
     if name == "tiny":
         return TinyNet(feature_dim=feature_dim, image_size=image_size, norm=norm)
     if name == "hynet":
         return Hynet(feature_dim=feature_dim, image_size=image_size, dropout=dropout)
     if name.startswith("resnet") and name[len("resnet"):].isdigit() and int(name[6:]) in RESNET_DEPTHS:
         return FaceResNet(depth=int(name[6:]), feature_dim=feature_dim, image_size=image_size, dropout=dropout)
-    raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+    raise ConfigError(f"unknown backbone '{name}' (model.backbone: choose from {', '.join(BACKBONES)}, or "
+                      f"{', '.join(ALIASES)})")
 
 
 __all__ = ["get_backbone", "BACKBONES", "FaceResNet", "Hynet", "TinyNet"]

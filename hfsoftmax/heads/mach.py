@@ -50,8 +50,8 @@ def default_num_buckets(num_classes: int, num_hashes: int) -> int:
     cap = (num_classes - 1) // (2 * num_hashes)
     b = min(math.isqrt(num_classes - 1) + 1, cap)
     if b < 2:
-        raise ValueError(f"MACH: K = {num_classes} classes is too few for R = {num_hashes} hashes "
-                         f"(need R * B < K with B >= 2, i.e. K > {4 * num_hashes})")
+        raise ConfigError(f"MACH: K = {num_classes} classes is too few for R = {num_hashes} hashes "
+                         f"(need R * B < K with B >= 2, i.e. K > {4 * num_hashes}; lower head.mach.num_hashes)")
     return b
 
 

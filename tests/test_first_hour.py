@@ -1,0 +1,71 @@
+"""What a new user types in the first hour: floats written as 1e-3, arcface_torch backbone names,
+a head from its one config line, and mistakes that are one-line errors, not tracebacks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hfsoftmax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["data.num_classes=20", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=10",
+         "data.val_pairs=20", "model.feature_dim=16", "train.progress=false", "train.batch_size=8"]
+
+
+def test_floats_without_a_dot_are_floats(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-4"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 5e-4
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-3\n")          # YAML 1.1 reads this as a string
+    assert load_config(str(tmp_path / "c.yaml"), []).optim.lr == 1e-3
+    with pytest.raises(ValueError, match="optim.lr.*expects a float"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("HFSOFTMAX_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "hfsoftmax.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.backbone=r51", "unknown backbone 'r51'"),
+    ("train.device=cuda:0", "CUDA is not available"),
+    ("train.amp=fp8", "train.amp"),
+])
+def test_bad_input_is_one_line(tmp_path, override, message):
+    if override.startswith("train.device") and __import__("torch").cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = _cli(*SMALL, "train.steps=1", f"train.out_dir={tmp_path}", override)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("head", ["mach", "rp"])
+def test_each_head_trains_from_its_one_line_on_the_default_config(tmp_path, head):
+    """configs/synthetic_hf.yaml uses CosFace; MACH and RP take no margin and train plainly."""
+    r = subprocess.run([sys.executable, "-m", "hfsoftmax.train", "--config", "configs/synthetic_hf.yaml", *SMALL,
+                        "train.steps=2", "data.num_classes=100", "head.rp.proj_dim=8", f"head.name={head}", f"train.out_dir={tmp_path}"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "does not apply to head.name=" + head in r.stderr
+    if head == "rp":
+        out = subprocess.run([sys.executable, "tools/rp_recover.py", "--checkpoint", str(tmp_path / "ckpt_last.pt"),
+                              "--out", str(tmp_path / "W.npy")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and (tmp_path / "W.npy").exists(), out.stderr[-2000:]
+
+
+def test_scripts_find_the_project_environment_from_a_fresh_shell():
+    """No activated venv, no PYTHON: scripts/test_distributed.sh still runs (or says FAIL and why)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "NPROC": "2"}
+    r = subprocess.run(["sh", "scripts/test_distributed.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    if os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")):
+        assert r.returncode == 0 and last.startswith("PASS"), r.stdout + r.stderr
+    else:
+        assert last.startswith("FAIL")
