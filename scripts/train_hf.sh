@@ -23,11 +23,12 @@ KIND=$(printf '%s\n' "$RESOLVED" | sed -n 1p)
 ADDRESS=$(printf '%s\n' "$RESOLVED" | sed -n 2p)
 OUT_DIR=$(printf '%s\n' "$RESOLVED" | sed -n 3p)
 
+# exec: the trainer replaces the (sub)shell running this, so its pid is the trainer's own.
 run_trainer() {
   if [ "$NPROC" -gt 1 ]; then
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
   else
-    "$PY" -m hfsoftmax.train --config "$CONFIG" "$@"
+    exec "$PY" -m hfsoftmax.train --config "$CONFIG" "$@"
   fi
 }
 
@@ -89,7 +90,18 @@ echo "store: parameter server started at $ADDRESS (pid $PS_PID, log $LOG)"
 set +e
 # The token reaches the trainer through the environment, not its command line (ps shows that).
 export PARAMSERVER_TOKEN="$TOKEN"
-run_trainer store.kind=remote "store.address=$ADDRESS" "$@"
+# In the background and waited for, so a plain `kill` of this script is handled at once (sh runs
+# traps only between commands): the trainer and then the server are stopped.
+run_trainer store.kind=remote "store.address=$ADDRESS" "$@" &
+TRAINER_PID=$!
+stop_all() {
+  kill -TERM "$TRAINER_PID" 2>/dev/null || true
+  wait "$TRAINER_PID" 2>/dev/null || true
+  cleanup
+}
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+wait "$TRAINER_PID"
 STATUS=$?
 set -e
 exit $STATUS

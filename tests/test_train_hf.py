@@ -60,7 +60,10 @@ def test_train_hf_sh_end_to_end_leaves_no_server(tmp_path):
     assert '"cpk_exact"' in metrics and '"index_builds"' in metrics
 
 
-def test_train_hf_sh_ctrl_c_stops_server(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_train_hf_sh_ctrl_c_or_kill_stops_server(tmp_path, how):
+    """Ctrl-C (SIGINT to the group) or a plain `kill` of the script alone (SIGTERM to its pid):
+    the script exits at once and leaves neither the server nor the trainer running."""
     p = subprocess.Popen(["sh", "scripts/train_hf.sh", *TINY, "train.steps=100000", f"train.out_dir={tmp_path}"],
                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
@@ -71,10 +74,15 @@ def test_train_hf_sh_ctrl_c_stops_server(tmp_path):
             out += p.stdout.readline()
         pid = _server_pid(out)
         time.sleep(3)                                   # let training start
-        os.killpg(p.pid, signal.SIGINT)                 # what Ctrl-C in a terminal does
+        if how == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)             # what Ctrl-C in a terminal does
+        else:
+            os.kill(p.pid, signal.SIGTERM)              # `kill <pid of train_hf.sh>`
         p.wait(timeout=60)
         time.sleep(0.5)
-        assert not _alive(pid), "Ctrl-C left the parameter server running"
+        assert not _alive(pid), f"{how} left the parameter server running"
+        left = subprocess.run(["pgrep", "-f", f"train.out_dir={tmp_path}"], capture_output=True, text=True).stdout
+        assert not left.strip(), f"{how} left the trainer running: {left}"
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
