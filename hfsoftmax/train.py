@@ -368,7 +368,7 @@ def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.devic
         feats = extract_features(backbone, images, batch_size=256, flip=True, device=device, progress=False)
         r = evaluate(feats, np.asarray(issame), nfolds=10)
         results[vs.name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
-                            "val": float(r["val"]), "far": float(r["far"])}
+                            "val": r["val"], "far": r["far"]}   # None when the negatives cannot resolve the FAR
     return results
 
 
@@ -505,7 +505,8 @@ def train(cfg: Config) -> dict[str, Any]:
         from .eval.report import evaluate_bins, format_markdown
         eval_dir = os.path.join(run_dir, "eval")
         final = evaluate_bins(backbone, [vs.path for vs in ver_sets], cfg.data.image_size, eval_dir, device=device,
-                              header=f"{cfg.head.name} head, step {total}")
+                              header=f"{cfg.head.name} head, step {total}",
+                              title=f"{cfg.model.backbone}, {cfg.head.name} head, step {total}")
         result["verification"] = final
         result["report"] = format_markdown(final)
         result["report_dir"] = eval_dir

@@ -37,7 +37,7 @@ def test_hand_computed_ten_folds():
     # which accepts the hard pair -> FAR 1 on that fold, 0.1 on average.
     d = [0.305, 1.505, 0.305, 0.205, 1.505, 0.305, 1.505, 0.305, 1.505, 0.305]
     same = [True, False, True, False, False, True, False, True, False, True]
-    r = evaluate(pairs_at(d, scale=3.0), np.array(same), nfolds=10, far_target=1e-3)
+    r = evaluate(pairs_at(d, scale=3.0), np.array(same), nfolds=10, far_target=1e-3, require_resolvable=False)
     assert r["num_pairs"] == 10
     assert r["accuracy"] == pytest.approx(0.9)
     assert r["accuracy_std"] == pytest.approx(0.3)
@@ -47,6 +47,10 @@ def test_hand_computed_ten_folds():
     assert r["val"] == pytest.approx(0.0)
     assert r["far"] == pytest.approx(0.1)
     assert len(r["tpr"]) == len(r["fpr"]) == 401
+    # by default 4 training negatives cannot resolve FAR = 1e-3: no VAL, and the note says why
+    r = evaluate(pairs_at(d, scale=3.0), np.array(same), nfolds=10, far_target=1e-3)
+    assert r["val"] is None and r["far"] is None and "4 negative pairs, 1000 are needed" in r["val_note"]
+    assert r["accuracy"] == pytest.approx(0.9)
 
 
 def test_separable_set_is_perfect():
@@ -54,7 +58,7 @@ def test_separable_set_is_perfect():
     n = 200
     same = rng.random(n) < 0.5
     d = np.where(same, rng.uniform(0.1, 0.8, n), rng.uniform(1.2, 2.5, n))
-    r = evaluate(pairs_at(list(d)), same)
+    r = evaluate(pairs_at(list(d)), same, require_resolvable=False)
     assert r["accuracy"] == 1.0 and r["accuracy_std"] == 0.0
     # VAL uses the largest threshold with training FAR <= 1e-3 (i.e. 0 here), which sits just
     # below the closest *training* different pair, so a held-out different pair may slip under it
@@ -106,3 +110,21 @@ def test_matches_reference_on_noisy_features():
 def test_bad_shapes_raise(shape, flags, msg):
     with pytest.raises(ValueError, match=msg):
         evaluate(np.ones(shape), np.ones(flags, dtype=bool), nfolds=10)
+
+
+def test_pairs_sorted_by_kind_get_stratified_folds_and_a_whole_roc(caplog):
+    """All positives first, then all negatives (contiguous folds would each hold one kind): the
+    folds are stratified, the ROC covers all pairs (AUC near 1 for a good model, not 0.3), and the
+    accuracy equals that of the same pairs interleaved."""
+    rng = np.random.default_rng(3)
+    n = 600
+    same = np.arange(n) < n // 2
+    d = np.where(same, rng.uniform(0.2, 1.1, n), rng.uniform(0.9, 2.0, n))
+    with caplog.at_level("WARNING"):
+        r = evaluate(pairs_at(list(d)), same)
+    assert "stratified" in caplog.text
+    order = np.argsort(rng.random(n))
+    mixed = evaluate(pairs_at(list(d[order])), same[order])
+    assert r["auc"] > 0.95 and abs(r["auc"] - mixed["auc"]) < 1e-9
+    assert r["tpr"][-1] == 1.0 and abs(r["accuracy"] - mixed["accuracy"]) < 0.03
+    assert r["val"] is None and "hold 270 negative pairs, 1000 are needed" in r["val_note"]

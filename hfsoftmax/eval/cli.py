@@ -55,7 +55,9 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
         raise EvalError(f"{model_path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(ckpt, dict):
         raise EvalError(f"{model_path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    cfg: dict[str, Any] = ckpt.get("config") or {}
+    cfg: dict[str, Any] = dict(ckpt.get("config") or {})
+    if isinstance(ckpt.get("step"), int):
+        cfg["_step"] = ckpt["step"]          # for titles (not a config key)
     state = ckpt["model"] if "model" in ckpt else ckpt
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EvalError(f"{model_path}: no backbone state_dict under 'model'")
@@ -106,7 +108,9 @@ def _verify(args: argparse.Namespace) -> int:
     header = (f"# Verification\n\nmodel: `{args.model}` (backbone {arch}, input {size}x{size}, "
               f"flip {'on' if not args.no_flip else 'off'}); 10-fold protocol, squared L2 thresholds 0..4")
     results = evaluate_bins(model, bins, size, args.out, device=args.device, batch_size=args.batch_size,
-                            flip=not args.no_flip, nfolds=args.nfolds, far_target=args.far, header=header)
+                            flip=not args.no_flip, nfolds=args.nfolds, far_target=args.far, header=header,
+                            title=f"{arch} {os.path.basename(args.model)}"
+                                  + (f" step {cfg['_step']}" if cfg.get("_step") is not None else ""))
     with open(os.path.join(args.out, "results.md"), encoding="utf-8") as f:
         print(f.read())
     return 0 if results else 1

@@ -38,9 +38,11 @@ def format_markdown(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['num_pairs']} | {100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f} "
-            f"| {100 * r['val']:.2f} +- {100 * r['val_std']:.2f} @ {r['far_target']:g} "
-            f"| {100 * r['far']:.3f} | {r['threshold']:.2f} | {r['auc']:.4f} |")
-    return "\n".join(lines) + "\n"
+            + (f"| {100 * r['val']:.2f} +- {100 * r['val_std']:.2f} @ {r['far_target']:g} | {100 * r['far']:.3f} "
+               if r.get("val") is not None else f"| n/a @ {r['far_target']:g} (too few negatives) | - ")
+            + f"| {r['threshold']:.2f} | {r['auc']:.4f} |")
+    notes = [f"- {name}: {r['val_note']}" for name, r in results.items() if r.get("val_note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -59,7 +61,8 @@ def write_results(results: dict[str, dict[str, Any]], out_dir: str, header: str 
 
 def evaluate_bins(model: nn.Module, bin_paths: Sequence[str], image_size: int, out_dir: str,
                   device: Union[str, torch.device] = "cpu", batch_size: int = 64, flip: bool = True,
-                  nfolds: int = 10, far_target: float = 1e-3, header: str = "") -> dict[str, dict[str, Any]]:
+                  nfolds: int = 10, far_target: float = 1e-3, header: str = "",
+                  title: str = "") -> dict[str, dict[str, Any]]:
     """Run 10-fold verification on each ``.bin`` and write the report files into ``out_dir``.
 
     Args:
@@ -71,6 +74,7 @@ def evaluate_bins(model: nn.Module, bin_paths: Sequence[str], image_size: int, o
         device, batch_size, flip: feature extraction settings.
         nfolds, far_target: protocol settings (10 and 1e-3 by default).
         header: text put above the table in results.md.
+        title: model / checkpoint step for the ROC plots' titles (the set's name is added).
     Returns:
         {name: result dict} (see :func:`hfsoftmax.eval.verification.evaluate`).
     """
@@ -87,9 +91,9 @@ def evaluate_bins(model: nn.Module, bin_paths: Sequence[str], image_size: int, o
         r["path"] = os.path.abspath(path)
         r["flip"] = flip
         save_roc_png(os.path.join(out_dir, f"roc_{name}.png"), r["fpr"], r["tpr"],
-                     f"{name}: acc {100 * r['accuracy']:.2f}%  AUC {r['auc']:.4f}")
-        logger.info("%s: accuracy %.2f%% +- %.2f, VAL %.2f%% @ FAR %g", name, 100 * r["accuracy"],
-                    100 * r["accuracy_std"], 100 * r["val"], far_target)
+                     f"{title + ' | ' if title else ''}{name}: acc {100 * r['accuracy']:.2f}%  AUC {r['auc']:.4f}")
+        logger.info("%s: accuracy %.2f%% +- %.2f, VAL %s @ FAR %g", name, 100 * r["accuracy"],
+                    100 * r["accuracy_std"], f"{100 * r['val']:.2f}%" if r["val"] is not None else "n/a", far_target)
         results[name] = r
     write_results(results, out_dir, header)
     return results

@@ -9,13 +9,19 @@ Protocol (as used for LFW, CFP-FP, AgeDB-30 and the other InsightFace ``.bin`` s
 * a pair is predicted "same" when its distance is strictly below a threshold; the candidate
   thresholds are ``0, 0.01, ..., 4.00`` (401 values);
 * the pairs are split into ``nfolds`` contiguous folds (no shuffling, so results are reproducible
-  and comparable with published numbers); for each fold the threshold with the best accuracy on the
-  other ``nfolds - 1`` folds is applied to the held-out fold. Accuracy is the mean (and std) of the
-  held-out accuracies;
+  and comparable with published numbers: the standard sets hold both kinds of pairs in every
+  fold). When a contiguous fold would hold only one kind (a file sorted positives-then-negatives),
+  the folds are stratified instead (positives and negatives each dealt round-robin), with a
+  warning: a single-class fold makes its threshold choice and accuracy meaningless. For each fold
+  the threshold with the best accuracy on the other ``nfolds - 1`` folds is applied to the
+  held-out fold. Accuracy is the mean (and std) of the held-out accuracies;
 * VAL at FAR: on the training folds, take the largest threshold whose false-accept rate is
   ``<= far_target``; report the validation rate (true-accept rate) and the FAR it gives on the
-  held-out fold, mean and std over folds;
-* the ROC curve: per threshold, the TPR and FPR on each held-out fold, averaged over the folds.
+  held-out fold, mean and std over folds. Only when the training folds hold at least
+  ``1 / far_target`` negative pairs (600 negatives cannot resolve a FAR of 1e-3): otherwise ``val``
+  and ``far`` are None and ``val_note`` says how many negatives were there and needed;
+* the ROC curve and its AUC: TPR and FPR per threshold over all pairs (a threshold sweep needs
+  no folds; per-fold curves averaged break when a fold holds one kind of pair).
 """
 from __future__ import annotations
 
@@ -47,9 +53,21 @@ def pair_distances(embeddings: np.ndarray) -> np.ndarray:
     return np.sum(diff * diff, axis=1)
 
 
-def fold_indices(num_pairs: int, nfolds: int) -> list[np.ndarray]:
-    """Contiguous, unshuffled folds; sizes differ by at most one (the first folds are larger)."""
-    return np.array_split(np.arange(num_pairs), nfolds)
+def fold_indices(num_pairs: int, nfolds: int, issame: np.ndarray | None = None) -> list[np.ndarray]:
+    """Contiguous, unshuffled folds (sizes differ by at most one, the first folds are larger); with
+    ``issame``, stratified folds instead when a contiguous fold would hold a single kind of pair."""
+    folds = np.array_split(np.arange(num_pairs), nfolds)
+    if issame is None or all(0 < issame[f].sum() < len(f) for f in folds):
+        return folds
+    pos, neg = np.flatnonzero(issame), np.flatnonzero(~issame)
+    strat = [np.sort(np.concatenate([pos[k::nfolds], neg[k::nfolds]])) for k in range(nfolds)]
+    if all(0 < issame[f].sum() < len(f) for f in strat):
+        logger.warning("verification: a contiguous fold holds a single kind of pair (pairs sorted by kind?): "
+                       "using %d stratified folds", nfolds)
+        return strat
+    logger.warning("verification: %d positive and %d negative pairs cannot give every one of %d folds both "
+                   "kinds; per-fold accuracy is less meaningful", len(pos), len(neg), nfolds)
+    return folds
 
 
 def _rates(predict: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,7 +91,7 @@ def _rates(predict: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def evaluate(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-             far_target: float = 1e-3) -> dict[str, Any]:
+             far_target: float = 1e-3, require_resolvable: bool = True) -> dict[str, Any]:
     """Run the 10-fold verification protocol described in the module docstring.
 
     Args:
@@ -81,6 +99,7 @@ def evaluate(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10,
         issame: bool [N], True when pair i shows one identity.
         nfolds: number of folds (10 in the standard protocol).
         far_target: the false-accept rate at which VAL is reported.
+        require_resolvable: report VAL only when the training folds hold >= 1/far_target negatives.
     Returns:
         dict with ``accuracy``, ``accuracy_std`` (fractions), ``val``, ``val_std``, ``far``,
         ``far_std``, ``threshold`` (mean best threshold), ``best_thresholds`` and
@@ -105,7 +124,9 @@ def evaluate(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10,
     dist = pair_distances(embeddings)  # [N]
     # predict[t, i]: pair i called "same" at threshold t  -> [T, N]
     predict = dist[None, :] < THRESHOLDS[:, None]
-    folds = fold_indices(num_pairs, nfolds)
+    folds = fold_indices(num_pairs, nfolds, issame)
+    n_neg_train = min(int((~issame).sum() - (~issame[f]).sum()) for f in folds)
+    val_ok = n_neg_train * far_target >= 1.0 or not require_resolvable
 
     fold_acc, best_thr = [], []
     vals, fars = [], []
@@ -134,22 +155,27 @@ def evaluate(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10,
         logger.debug("fold %d: thr=%.2f acc=%.4f val=%.4f far=%.5f", k, THRESHOLDS[t_best],
                      acc_test[t_best], tpr_test[t_val], fpr_test[t_val])
 
-    tpr_mean = np.mean(np.stack(tprs), axis=0)
-    fpr_mean = np.mean(np.stack(fprs), axis=0)
-    # area under the mean ROC (trapezoids over FPR, which rises with the threshold)
-    auc = float(np.sum(np.diff(fpr_mean) * (tpr_mean[1:] + tpr_mean[:-1]) / 2.0))
+    # ROC over all pairs; AUC by trapezoids over FPR (it rises with the threshold), closed at (1, 1)
+    tpr_all, fpr_all, _ = _rates(predict, issame)
+    f, t = np.concatenate([[0.0], fpr_all, [1.0]]), np.concatenate([[0.0], tpr_all, [1.0]])
+    auc = float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2.0))
+    note = None
+    if not val_ok:
+        note = (f"VAL@FAR={far_target:g} not reported: the training folds hold {n_neg_train} negative pairs, "
+                f"{int(np.ceil(1.0 / far_target))} are needed to resolve that FAR")
     return {
         "accuracy": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),
-        "val": float(np.mean(vals)),
-        "val_std": float(np.std(vals)),
-        "far": float(np.mean(fars)),
-        "far_std": float(np.std(fars)),
+        "val": float(np.mean(vals)) if val_ok else None,
+        "val_std": float(np.std(vals)) if val_ok else None,
+        "far": float(np.mean(fars)) if val_ok else None,
+        "far_std": float(np.std(fars)) if val_ok else None,
+        "val_note": note,
         "threshold": float(np.mean(best_thr)),
         "best_thresholds": best_thr,
         "fold_accuracies": fold_acc,
-        "tpr": tpr_mean.tolist(),
-        "fpr": fpr_mean.tolist(),
+        "tpr": tpr_all.tolist(),
+        "fpr": fpr_all.tolist(),
         "thresholds": THRESHOLDS.tolist(),
         "auc": auc,
         "num_pairs": int(num_pairs),
