@@ -16,12 +16,13 @@ $(STAMP): setup.py requirements.txt
 	touch $(STAMP)
 
 # The main job: HF-softmax on the built-in synthetic identities, ending with a held-out verification table.
+# Rerunning it starts afresh (train.overwrite=true); ARGS="[dataset_path] key=value ..." adds to it.
 train: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train_hf.sh $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train_hf.sh $(ARGS) train.overwrite=true
 
 # Full-softmax baseline on the same data.
 train-full: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train.sh $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train.sh $(ARGS) train.overwrite=true
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests

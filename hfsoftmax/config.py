@@ -123,6 +123,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     progress: bool = True
     amp: str = "off"               # off | bf16 | fp16 (autocast for the backbone; head logits in fp32)
+    overwrite: bool = False        # start afresh in an out_dir that already holds a run (its files are removed)
+    allow_batch_change: bool = False  # resume with another global batch (batch_size x ranks) than the checkpoint's
 
 
 @dataclass
@@ -133,6 +135,7 @@ class StoreConfig:
     token_file: str = ""           # a file (mode 0600) holding the token
     timeout: float = 60.0
     allow_step_offset: bool = False  # train from step 0 on a server another run already moved
+    allow_optimizer_mismatch: bool = False  # use a server whose SGD (momentum, wd, ...) differs from optim.*
     pipeline: bool = True          # pushes from a background worker, off the training thread
     wire_dtype: str = "native"     # native | bf16 (rows and gradients travel as bfloat16: half the bytes)
 

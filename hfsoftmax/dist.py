@@ -78,6 +78,10 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order ([obj] in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

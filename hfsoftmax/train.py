@@ -270,8 +270,30 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, cfg: Config, num_classes: int) -> dict[str, Any]:
-    """Load and check a checkpoint against the run: same K, d and head, or a clear refusal."""
+def check_run_dir(cfg: Config) -> None:
+    """A run directory holds one run: starting afresh (no train.resume) where a run already wrote its
+    checkpoint or metrics is refused, unless train.overwrite=true, which removes that run's files."""
+    run_dir = cfg.train.out_dir
+    if cfg.train.resume or not os.path.isdir(run_dir):
+        return
+    ours = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) + glob.glob(os.path.join(run_dir, "store_*"))
+            + [os.path.join(run_dir, "metrics.jsonl")] if os.path.exists(p)]
+    if not ours:
+        return
+    if not cfg.train.overwrite:
+        raise TrainingError(f"train.out_dir={run_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in ours)[:3])}"
+                            f"{', ...' if len(ours) > 3 else ''}): continue it with train.resume=auto, start afresh "
+                            f"with train.overwrite=true (its files are removed), or choose another train.out_dir")
+    import shutil
+    for p in ours:
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    logger.warning("train.overwrite=true: removed %d files of the previous run in %s", len(ours), run_dir)
+
+
+def load_checkpoint(path: str, cfg: Config, num_classes: int, world_size: int = 1,
+                    auto: bool = False) -> dict[str, Any]:
+    """Load and check a checkpoint against the run: same K, d and head (and, for ``resume=auto``,
+    the same dataset), the same global batch unless allowed, or a one-line refusal naming both."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -290,6 +312,24 @@ def load_checkpoint(path: str, cfg: Config, num_classes: int) -> dict[str, Any]:
     if h_ck != cfg.head.name:
         raise CheckpointError(f"checkpoint {path} was trained with head.name={h_ck}, "
                               f"but this run has head.name={cfg.head.name}")
+    data_ck = ckpt["config"].get("data", {}).get("path", "")
+    same_data = (os.path.abspath(data_ck) == os.path.abspath(cfg.data.path)) if (data_ck and cfg.data.path) \
+        else data_ck == cfg.data.path
+    if auto and not same_data:
+        raise CheckpointError(f"train.resume=auto: the run in {os.path.dirname(path)} was trained on data.path="
+                              f"{data_ck or '(synthetic)'}, this run has data.path={cfg.data.path or '(synthetic)'}; "
+                              f"choose another train.out_dir, or name the checkpoint (train.resume={path}) to start "
+                              f"from it on purpose")
+    gb_ck = ckpt.get("global_batch")
+    gb = cfg.train.batch_size * world_size
+    if gb_ck is not None and gb_ck != gb:
+        if not cfg.train.allow_batch_change:
+            raise CheckpointError(f"checkpoint {path} was trained with a global batch of {gb_ck} "
+                                  f"({ckpt.get('world_size', '?')} ranks), this run has {gb} "
+                                  f"({cfg.train.batch_size} x {world_size} ranks): pass train.allow_batch_change=true "
+                                  f"to resume anyway (the lr is not rescaled), or use the checkpoint's layout")
+        logger.warning("resuming a global batch of %d with %d (train.allow_batch_change=true): optim.lr=%g is kept; "
+                       "the linear scaling rule would use %g", gb_ck, gb, cfg.optim.lr, cfg.optim.lr * gb / gb_ck)
     return ckpt
 
 
@@ -325,6 +365,8 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
         "optimizer": optimizer.state_dict(),
         "rng": rng if rng is not None else [rng_state()],   # one state per rank
         "store_snapshot": store_snapshot,               # relative to the run dir
+        "global_batch": cfg.train.batch_size * hdist.world_size(),
+        "world_size": hdist.world_size(),
         "git_sha": git_sha(),
     }
     path = checkpoint_path(run_dir)
@@ -408,6 +450,9 @@ def train(cfg: Config) -> dict[str, Any]:
                        "(head.margin=none)", cfg.head.margin, cfg.head.name)
         cfg.head.margin = "none"
     info = hdist.init_distributed(cfg.train.device)
+    if info.is_main:
+        check_run_dir(cfg)
+    hdist.barrier()
     torch.manual_seed(cfg.train.seed + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     random.seed(cfg.train.seed + info.rank)
@@ -437,8 +482,13 @@ def train(cfg: Config) -> dict[str, Any]:
     if resume == "auto":
         resume = find_latest_checkpoint(run_dir) or ""
     if resume:
-        ckpt = load_checkpoint(resume, cfg, num_classes)
-        model.backbone.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(resume, cfg, num_classes, info.world_size, auto=cfg.train.resume == "auto")
+        try:
+            model.backbone.load_state_dict(ckpt["model"])
+        except RuntimeError as e:   # other layers (e.g. model.norm, model.backbone) than this run's
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"checkpoint {resume} does not fit this run's backbone ({cfg.model.backbone}, "
+                                  f"norm {cfg.model.norm}): {' '.join(first[:2])[:300]}") from None
         model.head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = int(ckpt["step"])
@@ -636,9 +686,28 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HFSOFTMAX_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        _note_error(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); continue from the last checkpoint with train.resume=auto", file=sys.stderr)
+        return 130
     finally:
         hdist.cleanup()
+
+
+def _note_error(line: str) -> None:
+    """Under torchrun a rank's one-line error drowns in the launcher's traceback: the first rank to
+    fail also writes it to $HFSOFTMAX_ERROR_FILE, which the launch scripts print last."""
+    path = os.environ.get("HFSOFTMAX_ERROR_FILE")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # the first writer wins
+    except OSError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        rank = os.environ.get("RANK")
+        f.write((f"[rank {rank}] " if rank is not None else "") + line.splitlines()[0] + "\n")
 
 
 if __name__ == "__main__":

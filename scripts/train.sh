@@ -16,6 +16,13 @@ DATASET_CONFIG=configs/faces_full.yaml
 . scripts/_launch_args.sh
 if [ "$NPROC" -gt 1 ]; then
   echo "launching torchrun with $NPROC processes ($CONFIG)"
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
+  HFSOFTMAX_ERROR_FILE=$(mktemp -u "${TMPDIR:-/tmp}/hfsoftmax-error.XXXXXX")
+  export HFSOFTMAX_ERROR_FILE
+  set +e
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
+  STATUS=$?
+  if [ -s "$HFSOFTMAX_ERROR_FILE" ]; then cat "$HFSOFTMAX_ERROR_FILE" >&2; fi   # the rank's one line, last
+  rm -f "$HFSOFTMAX_ERROR_FILE"
+  exit $STATUS
 fi
 exec "$PY" -m hfsoftmax.train --config "$CONFIG" "$@"

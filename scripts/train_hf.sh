@@ -90,6 +90,8 @@ echo "store: parameter server started at $ADDRESS (pid $PS_PID, log $LOG)"
 set +e
 # The token reaches the trainer through the environment, not its command line (ps shows that).
 export PARAMSERVER_TOKEN="$TOKEN"
+HFSOFTMAX_ERROR_FILE=$(mktemp -u "${TMPDIR:-/tmp}/hfsoftmax-error.XXXXXX")
+export HFSOFTMAX_ERROR_FILE
 # In the background and waited for, so a plain `kill` of this script is handled at once (sh runs
 # traps only between commands): the trainer and then the server are stopped.
 run_trainer store.kind=remote "store.address=$ADDRESS" "$@" &
@@ -104,4 +106,6 @@ trap 'stop_all; exit 143' TERM
 wait "$TRAINER_PID"
 STATUS=$?
 set -e
+if [ "$NPROC" -gt 1 ] && [ -s "$HFSOFTMAX_ERROR_FILE" ]; then cat "$HFSOFTMAX_ERROR_FILE" >&2; fi   # a rank's one-line error, last
+rm -f "$HFSOFTMAX_ERROR_FILE"
 exit $STATUS

@@ -69,3 +69,52 @@ def test_scripts_find_the_project_environment_from_a_fresh_shell():
         assert r.returncode == 0 and last.startswith("PASS"), r.stdout + r.stderr
     else:
         assert last.startswith("FAIL")
+
+
+def test_a_rank_error_under_torchrun_is_the_last_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable, NPROC="2")
+    r = subprocess.run(["sh", "scripts/train.sh", *SMALL, "train.steps=1", "model.backbone=r51",
+                        f"train.out_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error: unknown backbone 'r51'" in last and last.startswith("[rank "), r.stderr[-1500:]
+
+
+def test_run_directory_rules(tmp_path):
+    """A finished run's out_dir is not silently reused; resume=auto refuses another dataset; a
+    resume with another global batch needs train.allow_batch_change."""
+    from hfsoftmax.train import CheckpointError, TrainingError, train
+
+    base = SMALL + ["train.steps=2", f"train.out_dir={tmp_path}"]
+    train(load_config(None, base))
+    with pytest.raises(TrainingError, match=r"already holds a run.*train.resume=auto.*train.overwrite=true"):
+        train(load_config(None, base))
+    train(load_config(None, base + ["train.overwrite=true"]))          # allowed, starts afresh
+    other = tmp_path / "other.txt"
+    other.write_text("images/0/0.jpg 0\n")
+    with pytest.raises(CheckpointError, match=r"data.path=\(synthetic\), this run has data.path=.*other.txt"):
+        from hfsoftmax.train import load_checkpoint
+        cfg = load_config(None, base + ["train.resume=auto", f"data.path={other}"])
+        load_checkpoint(str(tmp_path / "ckpt_last.pt"), cfg, 20, auto=True)
+    with pytest.raises(CheckpointError, match=r"global batch of 8 .*this run has 16 \(16 x 1 ranks\).*allow_batch_change"):
+        train(load_config(None, SMALL + ["train.steps=4", "train.batch_size=16", f"train.out_dir={tmp_path}",
+                                         "train.resume=auto"]))
+    r = train(load_config(None, SMALL + ["train.steps=4", "train.batch_size=16", f"train.out_dir={tmp_path}",
+                                         "train.resume=auto", "train.allow_batch_change=true"]))
+    assert r["start_step"] == 2
+
+
+def test_a_server_with_another_sgd_is_refused():
+    import torch
+
+    from hfsoftmax.config import ConfigError
+    from hfsoftmax.dist import DistInfo
+    from hfsoftmax.heads.selective import make_store
+    from servers import thread_server
+
+    with thread_server("--num-classes", "20", "--dim", "16", "--momentum", "0.5") as addr:
+        cfg = load_config(None, SMALL + ["head.name=random", "store.kind=remote", f"store.address={addr}"])
+        with pytest.raises(ConfigError, match=r"runs SGD with momentum=0.5.*optim.momentum=0.9.*allow_optimizer_mismatch"):
+            make_store(cfg, 20, DistInfo(0, 1, 0, torch.device("cpu")))
+        cfg.store.allow_optimizer_mismatch = True
+        make_store(cfg, 20, DistInfo(0, 1, 0, torch.device("cpu"))).close()

@@ -244,6 +244,19 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
+        want = {"momentum": float(cfg.optim.momentum), "weight_decay": float(cfg.optim.weight_decay),
+                "nesterov": bool(cfg.optim.nesterov), "sparse_momentum": cfg.optim.sparse_momentum}
+        for a, inf in zip(addresses, store.info()):
+            have = inf.get("optimizer") or {}
+            differ = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
+            if differ and not cfg.store.allow_optimizer_mismatch:
+                store.close()
+                raise ConfigError(f"parameter server {a} runs SGD with "
+                                  f"{', '.join(f'{k}={h!r}' for k, (h, _) in differ.items())}, this run's config has "
+                                  f"{', '.join(f'optim.{k}={v!r}' for k, (_, v) in differ.items())}: restart the "
+                                  f"server with the config's values, or pass store.allow_optimizer_mismatch=true")
+            if differ:
+                logger.warning("parameter server %s: SGD differs from the config (server, config): %s", a, differ)
         try:
             store.register()   # a restarted rank: the server drops its dead predecessor's pending push
         except _LOST as e:
