@@ -70,9 +70,12 @@ class RPConfig:
 @dataclass
 class HeadConfig:
     name: str = "full"             # full | hf | random | mach | rp
-    margin: str = "none"           # none | cosface | arcface
-    scale: float = 64.0            # s, for cosface/arcface
+    margin: str = "none"           # none | cosface | arcface | combined
+    scale: float = 64.0            # s, for the margin heads
     margin_m: float = 0.35         # m: 0.35 cosface, 0.5 arcface are the usual values
+    m1: float = 1.0                # combined: cos(m1 * theta + m2) - m3 (InsightFace's combined margin)
+    m2: float = 0.3
+    m3: float = 0.2
     # Selective softmax (hf, random): see heads/selective.py.
     num_active: int = 1000         # M
     index: str = "auto"            # auto (forest below 100K classes, graph above) | forest | ivf | graph | hnsw | exact | random

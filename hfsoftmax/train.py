@@ -355,7 +355,8 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
     head = model.head
     if getattr(head, "store", None) is not None:
         store_snapshot = f"store_{step:08d}"
-        head.store.snapshot(os.path.join(run_dir, store_snapshot))
+        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd
+        head.store.snapshot(os.path.abspath(os.path.join(run_dir, store_snapshot)))
     state = {
         "step": step,
         "num_classes": num_classes,
@@ -412,6 +413,27 @@ def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.devic
         results[vs.name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
                             "val": r["val"], "far": r["far"]}   # None when the negatives cannot resolve the FAR
     return results
+
+
+class LineProgress:
+    """tqdm's update / set_postfix / close for a stdout that is not a terminal: set_postfix (called
+    every log_every steps) prints one line with the step, the figures and the ETA."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.n, self.n0, self.t0 = int(total), int(initial), int(initial), time.time()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def set_postfix(self, **fields: Any) -> None:
+        done = self.n + 1
+        rate = (done - self.n0) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        print(f"train step {done}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items())
+              + f" eta {eta:.0f}s", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLogger:
@@ -521,8 +543,11 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics = MetricsLogger(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
     bar = None
     if info.is_main and cfg.train.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+        else:   # a log file: one plain line per log_every steps, not a carriage-return record per step
+            bar = LineProgress(total, start_step)
     n_params = sum(p.numel() for p in backbone.parameters())
     if info.is_main:
         logger.info("K=%d d=%d backbone=%s (%.2fM params) head=%s world=%d device=%s global_batch=%d",

@@ -118,3 +118,10 @@ def test_a_server_with_another_sgd_is_refused():
             make_store(cfg, 20, DistInfo(0, 1, 0, torch.device("cpu")))
         cfg.store.allow_optimizer_mismatch = True
         make_store(cfg, 20, DistInfo(0, 1, 0, torch.device("cpu"))).close()
+
+
+def test_progress_in_a_log_file_is_one_line_per_log_every(tmp_path):
+    r = _cli(*SMALL, "train.progress=true", "train.steps=6", "train.log_every=2", f"train.out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("train step ")]
+    assert [ln.split()[2] for ln in lines] == ["2/6", "4/6", "6/6"] and "\r" not in r.stdout

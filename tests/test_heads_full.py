@@ -64,3 +64,42 @@ def test_feature_dim_mismatch():
     head = FullSoftmax(10, 8)
     with pytest.raises(ValueError, match=r"\[B, 8\]"):
         head(torch.randn(2, 9), torch.tensor([0, 1]))
+
+
+def test_combined_margin_equals_the_direct_formula_and_its_special_cases():
+    """cos(m1 * theta + m2) - m3 on the target logit, on the full and the selective head; (1, 0, m)
+    is CosFace and (1, m, 0) ArcFace wherever theta + m <= pi."""
+    import math
+
+    import numpy as np
+
+    from hfsoftmax.config import HeadConfig
+    from hfsoftmax.heads import build_head
+    from hfsoftmax.heads.full import margin_logits
+    from hfsoftmax.heads.selective import SelectiveSoftmax
+    from paramserver.store import WeightStore
+
+    g = torch.Generator().manual_seed(0)
+    F_, W = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(10, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 3, 9, 1, 2])
+    got = margin_logits(F_, W, y, "combined", 16.0, (1.2, 0.25, 0.1))
+    cos = torch.nn.functional.normalize(F_, dim=1) @ torch.nn.functional.normalize(W, dim=1).t()
+    want = cos.clone()
+    for i, c in enumerate(y.tolist()):
+        want[i, c] = math.cos(1.2 * math.acos(float(cos[i, c])) + 0.25) - 0.1
+    torch.testing.assert_close(got, 16.0 * want)
+    torch.testing.assert_close(margin_logits(F_, W, y, "combined", 8.0, (1.0, 0.0, 0.35)),
+                               margin_logits(F_, W, y, "cosface", 8.0, 0.35))
+    torch.testing.assert_close(margin_logits(F_, W, y, "combined", 8.0, (1.0, 0.5, 0.0)),
+                               margin_logits(F_, W, y, "arcface", 8.0, 0.5))   # theta + 0.5 < pi here
+    cfg = HeadConfig(name="full", margin="combined", scale=16.0, m1=1.2, m2=0.25, m3=0.1)
+    full = build_head(cfg, 10, 8)
+    with torch.no_grad():
+        full.weight.copy_(W.float())
+    store = WeightStore(10, 8)
+    store.set_rows(np.arange(10), W.float().numpy())
+    cfg_sel = HeadConfig(name="hf", margin="combined", scale=16.0, m1=1.2, m2=0.25, m3=0.1, num_active=10)
+    sel = SelectiveSoftmax.from_config(cfg_sel, store, 10, 8)
+    sel.begin_step(0, 0.0)
+    loss_sel = sel(F_.float().clone().requires_grad_(), y)
+    torch.testing.assert_close(loss_sel, full(F_.float(), y))

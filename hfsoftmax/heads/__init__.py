@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from .base import ClassifierHead
-from .full import FullSoftmax, margin_logits
+from .full import FullSoftmax, margin_logits, margin_param
 
 
 def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.device | str | None = None,
                store: Any = None, seed: int = 0, pipeline: bool = False) -> ClassifierHead:
     """Build the head named by ``cfg.name`` (a :class:`hfsoftmax.config.HeadConfig`)."""
     if cfg.name == "full":
-        return FullSoftmax(num_classes, feature_dim, margin=cfg.margin, scale=cfg.scale, margin_m=cfg.margin_m,
+        return FullSoftmax(num_classes, feature_dim, margin=cfg.margin, scale=cfg.scale, margin_m=margin_param(cfg),
                            device=device)
     if cfg.name in ("hf", "random"):
         from .selective import SelectiveSoftmax

@@ -1,6 +1,9 @@
 """Full softmax over all K classes, with plain-linear, CosFace or ArcFace logits.
 
 - CosFace / LMCL (Wang et al., CVPR 2018): target logit s * (cos(theta) - m).
+- Combined (InsightFace): target logit s * (cos(m1 * theta + m2) - m3), with ``m = (m1, m2, m3)``;
+  ArcFace is (1, m, 0) (up to its continuation past pi), CosFace (1, 0, m), SphereFace-style
+  multiplicative margins m1 > 1. As in InsightFace, no continuation: keep m1 * theta + m2 <= pi.
 - ArcFace (Deng et al., CVPR 2019): target logit s * cos(theta + m); where theta + m > pi the
   function would stop decreasing, so past that point the target logit is s * (cos(theta) - m sin(m)),
   the usual monotone continuation.
@@ -17,16 +20,23 @@ from torch import nn
 
 from .base import ClassifierHead
 
-MARGINS = ("none", "cosface", "arcface")
+MARGINS = ("none", "cosface", "arcface", "combined")
+
+
+def margin_param(cfg: object) -> float | tuple[float, float, float]:
+    """The ``m`` of :func:`margin_logits` from a HeadConfig: margin_m, or (m1, m2, m3) for combined."""
+    if getattr(cfg, "margin", None) == "combined":
+        return (float(cfg.m1), float(cfg.m2), float(cfg.m3))
+    return float(cfg.margin_m)
 
 
 def margin_logits(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor | None,
-                  margin: str, scale: float, m: float) -> torch.Tensor:
+                  margin: str, scale: float, m: float | tuple[float, float, float]) -> torch.Tensor:
     """Logits [B, C] of features [B, d] against class rows weight [C, d].
 
     Args:
         target: [B] column index of each sample's true class in ``weight`` (None: no margin, eval).
-        margin: none | cosface | arcface.
+        margin: none | cosface | arcface | combined (then ``m`` is (m1, m2, m3)).
     """
     if margin == "none":
         return features @ weight.t()
@@ -36,7 +46,11 @@ def margin_logits(features: torch.Tensor, weight: torch.Tensor, target: torch.Te
     if target is None:
         return scale * cos
     cos_t = cos.gather(1, target[:, None]).clamp(-1.0, 1.0)                    # [B, 1]
-    if margin == "cosface":
+    if margin == "combined":
+        m1, m2, m3 = m
+        theta = torch.acos(cos_t.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+        new_t = torch.cos(m1 * theta + m2) - m3
+    elif margin == "cosface":
         new_t = cos_t - m
     else:
         sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(1e-12))

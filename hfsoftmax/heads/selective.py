@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from .base import ClassifierHead
 from .collective import HeadComm
-from .full import MARGINS, margin_logits
+from .full import MARGINS, margin_logits, margin_param
 from .pusher import Pusher
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,8 @@ class SelectiveSoftmax(ClassifierHead):
                               else (torch.distributed.get_world_size() if dist_on else 1))
         self.store = store
         self.num_active = int(num_active)
-        self.margin, self.scale, self.margin_m = margin, float(scale), float(margin_m)
+        self.margin, self.scale = margin, float(scale)
+        self.margin_m = tuple(float(v) for v in margin_m) if isinstance(margin_m, (tuple, list)) else float(margin_m)
         self.index_name = index
         self.metric = index_metric(margin)
         self.candidates = int(candidates)
@@ -387,7 +388,7 @@ class SelectiveSoftmax(ClassifierHead):
             logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
                            cfg.num_active, num_classes)
         return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
-                   scale=cfg.scale, margin_m=cfg.margin_m, index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
+                   scale=cfg.scale, margin_m=margin_param(cfg), index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
                    cpk_every=cfg.cpk_every, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
                    m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size,
                    pipeline=pipeline)
