@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: setup train train-full test bench clean
 
@@ -24,7 +25,11 @@ train: setup
 train-full: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train.sh $(ARGS) train.overwrite=true
 
-test: setup
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+test: setup $(TEST_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 clean:
