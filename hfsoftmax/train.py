@@ -485,10 +485,11 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.info("git %s | config %s", git_sha(), json.dumps(cfg.to_dict()))
     hdist.barrier()
 
-    train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
     device = info.device
+    # the backbone first: a bad name or image size fails before the data is prepared
     backbone = get_backbone(cfg.model.backbone, cfg.model.feature_dim, cfg.data.image_size,
                             dropout=cfg.model.dropout, norm=cfg.model.norm).to(device)
+    train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)

@@ -35,11 +35,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ("model.backbone=r51", "unknown backbone 'r51'"),
     ("train.device=cuda:0", "CUDA is not available"),
     ("train.amp=fp8", "train.amp"),
+    ("model.backbone=r18 data.image_size=100", "image_size divisible by 16"),
 ])
 def test_bad_input_is_one_line(tmp_path, override, message):
     if override.startswith("train.device") and __import__("torch").cuda.is_available():
         pytest.skip("CUDA is available here")
-    r = _cli(*SMALL, "train.steps=1", f"train.out_dir={tmp_path}", override)
+    r = _cli(*SMALL, "train.steps=1", f"train.out_dir={tmp_path}", *override.split())
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
@@ -125,3 +126,11 @@ def test_progress_in_a_log_file_is_one_line_per_log_every(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("train step ")]
     assert [ln.split()[2] for ln in lines] == ["2/6", "4/6", "6/6"] and "\r" not in r.stdout
+
+
+def test_a_checkpoint_of_another_backbone_layout_is_one_line(tmp_path):
+    r = _cli(*SMALL, "train.steps=2", f"train.out_dir={tmp_path}", "model.norm=group")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(*SMALL, "train.steps=4", f"train.out_dir={tmp_path}", "model.norm=batch", "train.resume=auto")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit this run's backbone" in last, last

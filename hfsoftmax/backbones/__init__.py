@@ -30,6 +30,17 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
     from ..config import ConfigError
 
     name = ALIASES.get(name, name)
+    try:
+        return _build(name, feature_dim, image_size, dropout, norm)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model.backbone={name} with data.image_size={image_size}: {e}") from None
+
+
+def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: str) -> nn.Module:
+    from ..config import ConfigError
+
     if name == "tiny":
         return TinyNet(feature_dim=feature_dim, image_size=image_size, norm=norm)
     if name == "hynet":
