@@ -68,3 +68,17 @@ def test_shipped_configs_load():
     assert names
     for n in names:
         load_config(os.path.join(root, n))
+
+
+def test_every_shipped_config_loads():
+    import glob
+    import os
+
+    from hfsoftmax.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+    assert len(paths) >= 10
+    for p in paths:
+        cfg = load_config(p, [])
+        assert cfg.train.steps > 0 and cfg.model.feature_dim > 0, p
