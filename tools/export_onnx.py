@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:   # an operator the exporter cannot express: say which, in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"error: ONNX export of {a.checkpoint} failed ({type(e).__name__}): {first}", file=sys.stderr)
+        return 2
     print(f"wrote {a.out}: images [B, 3, {size}, {size}] in [-1, 1] -> embeddings [B, {dim}], opset {a.opset}, "
           f"dynamic batch")
     try:
