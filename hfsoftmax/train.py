@@ -715,8 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         _note_error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C); continue from the last checkpoint with train.resume=auto", file=sys.stderr)
-        return 130
+        print("interrupted (Ctrl-C); continue from the last checkpoint with train.resume=auto", file=sys.stderr,
+              flush=True)
+        # no interpreter teardown: a socket a worker thread still holds would make ZeroMQ's context
+        # wait for it at exit (checkpoints are atomic, nothing is lost)
+        os._exit(130)
     finally:
         hdist.cleanup()
 

@@ -96,9 +96,11 @@ export HFSOFTMAX_ERROR_FILE
 # traps only between commands): the trainer and then the server are stopped.
 run_trainer store.kind=remote "store.address=$ADDRESS" "$@" &
 TRAINER_PID=$!
-stop_all() {
+stop_all() {   # bounded: TERM, up to 5 s, then KILL; then the server
   kill -TERM "$TRAINER_PID" 2>/dev/null || true
-  wait "$TRAINER_PID" 2>/dev/null || true
+  j=0
+  while kill -0 "$TRAINER_PID" 2>/dev/null && [ $j -lt 50 ]; do sleep 0.1; j=$((j + 1)); done
+  kill -KILL "$TRAINER_PID" 2>/dev/null || true
   cleanup
 }
 trap 'stop_all; exit 130' INT

@@ -73,6 +73,8 @@ def test_train_hf_sh_ctrl_c_or_kill_stops_server(tmp_path, how):
         while "parameter server started" not in out and time.time() < deadline:
             out += p.stdout.readline()
         pid = _server_pid(out)
+        import threading   # keep draining the pipe: a full pipe would block the trainer's writes
+        threading.Thread(target=p.stdout.read, daemon=True).start()
         time.sleep(3)                                   # let training start
         if how == "ctrl-c":
             os.killpg(p.pid, signal.SIGINT)             # what Ctrl-C in a terminal does
