@@ -147,6 +147,29 @@ def _megaface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ijb(args: argparse.Namespace) -> int:
+    from hfsoftmax.eval import ijb
+    from hfsoftmax.eval.plots import save_roc_png
+    from hfsoftmax.eval.report import _atomic_write_text
+    model, size, cfg = load_model(args.model, args.arch)
+    meta = ijb.load_meta(args.data, args.prefix)
+    feats = ijb.embed_images(model, args.data, meta, size, batch_size=args.batch_size, device=args.device,
+                             flip=not args.no_flip)
+    r = ijb.evaluate_ijb(feats, meta, norm_score=not args.no_norm_score, detector_score=not args.no_detector_score)
+    os.makedirs(args.out, exist_ok=True)
+    name = meta["prefix"].upper()
+    md = ijb.format_markdown(name, r)
+    _atomic_write_text(os.path.join(args.out, f"{meta['prefix']}.md"), md)
+    keep = {k: v for k, v in r.items() if k not in ("fpr", "tpr")}
+    keep["tar_at_far"] = {f"{k:g}": v for k, v in r["tar_at_far"].items()}
+    _atomic_write_text(os.path.join(args.out, f"{meta['prefix']}.json"), json.dumps(keep, indent=1) + "\n")
+    step = f" step {cfg['_step']}" if cfg.get("_step") is not None else ""
+    save_roc_png(os.path.join(args.out, f"roc_{meta['prefix']}.png"), r["fpr"], r["tpr"],
+                 f"{cfg.get('model', {}).get('backbone', args.arch)} {os.path.basename(args.model)}{step} | {name} 1:1")
+    print(md)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hfsoftmax.eval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -169,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-distractors", type=int, default=None, help="use the first N distractors")
     m.add_argument("--far", type=float, default=1e-6)
     m.add_argument("--out", required=True, help="output folder")
+    j = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 template verification (TAR at FAR 1e-6 .. 1e-1)")
+    j.add_argument("--model", required=True, help="checkpoint written by training")
+    j.add_argument("--data", required=True, help="IJB root: loose_crop/ and meta/ (ijbc_* or ijbb_* files)")
+    j.add_argument("--out", required=True, help="output folder")
+    j.add_argument("--prefix", default=None, choices=["ijbc", "ijbb"], help="meta file prefix (default: found)")
+    j.add_argument("--arch", default="auto")
+    j.add_argument("--batch-size", type=int, default=64)
+    j.add_argument("--device", default="cpu")
+    j.add_argument("--no-flip", action="store_true")
+    j.add_argument("--no-norm-score", action="store_true", help="L2-normalise image features before pooling")
+    j.add_argument("--no-detector-score", action="store_true", help="do not weight images by detector score")
     return p
 
 
@@ -176,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return _verify(args) if args.cmd == "verify" else _megaface(args)
+        return {"verify": _verify, "megaface": _megaface, "ijb": _ijb}[args.cmd](args)
     except (EvalError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
