@@ -134,3 +134,24 @@ def test_a_checkpoint_of_another_backbone_layout_is_one_line(tmp_path):
     r = _cli(*SMALL, "train.steps=4", f"train.out_dir={tmp_path}", "model.norm=batch", "train.resume=auto")
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit this run's backbone" in last, last
+
+
+def test_plot_metrics_draws_what_the_run_logged(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    sys.path.insert(0, ROOT)
+    from tools import plot_metrics
+
+    recs = [{"event": "eval", "step": 0, "heldout_acc": 0.5}]
+    recs += [{"event": "train", "step": s, "loss": 5.0 / s, "lr": 0.1, "samples_per_s": 400 + s, "ps_wait_ms": 2.0,
+              "cpk_exact": 0.5, "cpk_active": 0.4} for s in range(10, 60, 10)]
+    recs += [{"event": "eval", "step": 50, "heldout_acc": 0.9}, {"event": "done", "steps": 50}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert plot_metrics.main([str(tmp_path)]) == 0
+    names = sorted(os.path.basename(p) for p in capsys.readouterr().out.split())
+    assert names == ["cpk.png", "loss.png", "lr.png", "ps_wait_ms.png", "samples_per_s.png", "verification.png"]
+    assert Image.open(tmp_path / "plots" / "loss.png").size == (560, 360)
+    (tmp_path / "metrics.jsonl").write_text("{bad\n")
+    assert plot_metrics.main([str(tmp_path)]) == 2 and "line 1 is not JSON" in capsys.readouterr().err
