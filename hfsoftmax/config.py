@@ -53,6 +53,8 @@ class ModelConfig:
     dropout: float = 0.0
     norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)
     sync_bn: bool = False           # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    pretrained: str = ""            # start from these backbone weights (a checkpoint of ours, or an
+                                    # arcface_torch IResNet backbone.pth) unless resuming
 
 
 @dataclass

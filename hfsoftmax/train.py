@@ -270,6 +270,28 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
     return None
 
 
+def load_pretrained(backbone: nn.Module, path: str) -> None:
+    """Backbone weights for fine-tuning: an hfsoftmax checkpoint ('model') or a bare state dict,
+    arcface_torch IResNet names mapped (hfsoftmax.backbones.convert); a mismatch is one line."""
+    from .backbones.convert import from_arcface_torch, is_arcface_torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"model.pretrained={path}: cannot read it ({type(e).__name__}: {e})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.pretrained={path}: not a state dict or checkpoint")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        if is_arcface_torch(state):
+            state = from_arcface_torch(state)
+        backbone.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"model.pretrained={path} does not fit model.backbone: "
+                              f"{str(e).strip().splitlines()[0][:300]}") from None
+    logger.info("backbone initialised from %s", path)
+
+
 def check_run_dir(cfg: Config) -> None:
     """A run directory holds one run: starting afresh (no train.resume) where a run already wrote its
     checkpoint or metrics is refused, unless train.overwrite=true, which removes that run's files."""
@@ -490,6 +512,8 @@ def train(cfg: Config) -> dict[str, Any]:
     backbone = get_backbone(cfg.model.backbone, cfg.model.feature_dim, cfg.data.image_size,
                             dropout=cfg.model.dropout, norm=cfg.model.norm).to(device)
     train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
+    if cfg.model.pretrained and not cfg.train.resume:
+        load_pretrained(backbone, cfg.model.pretrained)
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)

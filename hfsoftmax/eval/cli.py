@@ -61,6 +61,15 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     state = ckpt["model"] if "model" in ckpt else ckpt
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EvalError(f"{model_path}: no backbone state_dict under 'model'")
+    from hfsoftmax.backbones.convert import arcface_torch_depth, from_arcface_torch, is_arcface_torch
+    if is_arcface_torch(state):   # an arcface_torch backbone.pth: its IResNet is our FaceResNet renamed
+        try:
+            depth = arcface_torch_depth(state)
+            state = from_arcface_torch(state)
+        except ValueError as exc:
+            raise EvalError(f"{model_path}: {exc}") from None
+        cfg = {"model": {"backbone": f"resnet{depth}", "feature_dim": int(state["head.3.weight"].shape[0])},
+               "data": {"image_size": 112}}
     model_cfg = cfg.get("model", {}) if isinstance(cfg, dict) else {}
     data_cfg = cfg.get("data", {}) if isinstance(cfg, dict) else {}
     name = model_cfg.get("backbone") if arch == "auto" else arch
