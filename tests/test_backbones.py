@@ -50,3 +50,18 @@ def test_test_distributed_script_passes_with_two_gloo_ranks():
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS: all_reduce over 2 ranks (gloo" in r.stdout
+
+
+def test_mobilefacenet_shapes_and_size():
+    """MobileFaceNet (arcface_torch name mbf): ~1M parameters, 112 -> d, trains (gradients flow)."""
+    from hfsoftmax.backbones import get_backbone
+
+    m = get_backbone("mbf", 128, 112)
+    n = sum(p.numel() for p in m.parameters())
+    assert 0.9e6 < n < 1.1e6, n
+    x = torch.randn(2, 3, 112, 112)
+    y = m(x)
+    assert y.shape == (2, 128)
+    (y[0] * torch.arange(128.0)).sum().backward()     # not y.sum(): the BN1d output sums to a constant
+    assert m.body[0][0].weight.grad.abs().sum() > 0
+    assert get_backbone("mobilefacenet", 64, 64).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 64)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from torch import nn
 
 from .hynet import Hynet
+from .mobilefacenet import MobileFaceNet
 from .resnet import RESNET_DEPTHS, FaceResNet
 from .tiny import TinyNet
 
-BACKBONES = ("tiny", "hynet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
-# arcface_torch's names for the same IR-ResNets
-ALIASES = {f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}
+BACKBONES = ("tiny", "hynet", "mobilefacenet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+# arcface_torch's names for the same IR-ResNets, and its MobileFaceNet
+ALIASES = {**{f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}, "mbf": "mobilefacenet"}
 
 
 def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0,
@@ -43,6 +44,8 @@ def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: s
 
     if name == "tiny":
         return TinyNet(feature_dim=feature_dim, image_size=image_size, norm=norm)
+    if name == "mobilefacenet":
+        return MobileFaceNet(feature_dim=feature_dim, image_size=image_size)
     if name == "hynet":
         return Hynet(feature_dim=feature_dim, image_size=image_size, dropout=dropout)
     if name.startswith("resnet") and name[len("resnet"):].isdigit() and int(name[6:]) in RESNET_DEPTHS:
@@ -51,4 +54,4 @@ def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: s
                       f"{', '.join(ALIASES)})")
 
 
-__all__ = ["get_backbone", "BACKBONES", "FaceResNet", "Hynet", "TinyNet"]
+__all__ = ["get_backbone", "BACKBONES", "FaceResNet", "Hynet", "MobileFaceNet", "TinyNet"]
