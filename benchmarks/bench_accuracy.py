@@ -264,6 +264,41 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
 METHODS = ("full", "hf-forest", "hf-ivf", "hf-graph", "random", "mach", "rp")
 
 
+def sweep_m(args: Any, spec: dict[str, Any], K: int, fractions: list[float], t_start: float) -> int:
+    """Top-1 and verification against M/K for HF and random sampling, full softmax as the ceiling."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from plot_metrics import line_plot
+
+    full = run_worker(SCRIPT, dict(spec, method="full"), timeout=7200, threads=args.threads)
+    curves: dict[str, list[tuple[float, float, float]]] = {"hf-graph": [], "random": []}
+    for frac in fractions:
+        M = max(int(round(frac * K)), spec["batch"])          # every label of a batch must fit
+        for method in curves:
+            r = run_worker(SCRIPT, dict(spec, method=method, m=M), timeout=7200, threads=args.threads)
+            if "error" in r:
+                logger.error("%s at M=%d failed: %s", method, M, r["error"])
+                continue
+            curves[method].append((M / K, r["top1"], r["verif"]))
+            logger.info("M/K=%.4f %s: top1 %.4f verif %.4f", M / K, method, r["top1"], r["verif"])
+    kv = [f"K={K}", f"steps={args.steps}"]
+    series = {0: [], 1: []}
+    for method, pts in curves.items():
+        for i in (0, 1):
+            series[i].append((method, [100 * p[0] for p in pts], [100 * p[1 + i] for p in pts]))
+        kv += [f"{method.replace('-', '_')}_top1_at_{100 * p[0]:g}pct={p[1]:.4f}" for p in pts]
+    if "error" not in full:
+        xs = [100 * min(fractions), 100 * max(fractions)]
+        series[0].append(("full softmax", xs, [100 * full["top1"]] * 2))
+        series[1].append(("full softmax", xs, [100 * full["verif"]] * 2))
+        kv += [f"full_top1={full['top1']:.4f}", f"full_verif={full['verif']:.4f}"]
+    stem, ext = os.path.splitext(args.sweep_out)
+    line_plot(f"{stem}_top1{ext or '.png'}", f"top-1 (%) vs M/K (%), K={K}", series[0])
+    line_plot(f"{stem}_verif{ext or '.png'}", f"verification (%) vs M/K (%), K={K}", series[1])
+    print(f"wrote {stem}_top1{ext or '.png'} and {stem}_verif{ext or '.png'} (x: M/K in %)")
+    print_result(kv, t_start)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="accuracy: full softmax vs HF-softmax vs random sampling vs MACH vs RP")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -288,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads per worker")
     ap.add_argument("--quick", action="store_true", help="K = 5K (50 x 100), 150 steps")
+    ap.add_argument("--sweep-m", default="", metavar="FRACTIONS",
+                    help="e.g. 0.005,0.01,0.02,0.05: HF (graph) and random sampling at each M = fraction x K, "
+                         "full softmax once; writes --sweep-out (the paper's accuracy-vs-M figure)")
+    ap.add_argument("--sweep-out", default="accuracy_vs_m.png", help="the PNG of --sweep-m (top-1 and verification)")
     args = ap.parse_args(argv)
     if args.worker:
         logging.basicConfig(level=logging.WARNING)
@@ -304,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             "scale": args.scale, "margin_m": args.margin_m,
             "rp_m": args.rp_m, "eval_samples": args.eval_samples, "pairs": args.pairs, "seed": args.seed}
     t_start = time.perf_counter()
+    if args.sweep_m:
+        return sweep_m(args, spec, K, [float(x) for x in args.sweep_m.split(",") if x], t_start)
     rows: dict[str, dict[str, Any]] = {}
     for method in [m for m in args.methods.split(",") if m]:
         logger.info("%s ...", method)

@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"          # tiny | hynet | resnet18 | resnet34 | resnet50 | resnet100
+    backbone: str = "tiny"          # tiny | hynet | mobilefacenet | resnet18 | resnet34 | resnet50 | resnet100 (or r18.., mbf)
     feature_dim: int = 128
     dropout: float = 0.0
     norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)

@@ -95,3 +95,13 @@ def test_bench_multirank_tiny(capsys):
     result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
     assert float(result["rows_r1"]) == float(result["rows_r2"]) == 400.0    # M pulled + M pushed
     assert float(result["server_ms_r2"]) > 0 and "server_ratio_r2_r1" in result
+
+
+def test_bench_accuracy_sweep_m_writes_the_figures(tmp_path, capsys):
+    out = tmp_path / "acc.png"
+    assert bench_accuracy.main(["--families", "10", "--family-size", "20", "--d", "16", "--batch", "32", "--steps", "3",
+                                "--eval-samples", "100", "--pairs", "100", "--sweep-m", "0.2,0.5",
+                                "--sweep-out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and "hf_graph_top1_at_20pct=" in last and "random_top1_at_50pct=" in last
+    assert (tmp_path / "acc_top1.png").stat().st_size > 1000 and (tmp_path / "acc_verif.png").exists()

@@ -22,7 +22,7 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
     """Build a backbone by name.
 
     Args:
-        name: one of ``tiny``, ``hynet``, ``resnet18``, ``resnet34``, ``resnet50``, ``resnet100``.
+        name: one of ``tiny``, ``hynet``, ``mobilefacenet``, ``resnet18`` .. ``resnet100`` (or an alias: r18, mbf, ...).
         feature_dim: embedding size d.
         image_size: input side in pixels (112 for the face nets; tiny accepts any multiple of 4).
         dropout: dropout before the embedding FC (face ResNet, Hynet).
