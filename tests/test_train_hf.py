@@ -64,9 +64,11 @@ def test_train_hf_sh_end_to_end_leaves_no_server(tmp_path):
 def test_train_hf_sh_ctrl_c_or_kill_stops_server(tmp_path, how):
     """Ctrl-C (SIGINT to the group) or a plain `kill` of the script alone (SIGTERM to its pid):
     the script exits at once and leaves neither the server nor the trainer running."""
+    # A terminal's shell starts with SIGINT at its default; a test run from a background job inherits
+    # it ignored, and a shell started with SIGINT ignored may not trap it: restore the default.
     p = subprocess.Popen(["sh", "scripts/train_hf.sh", *TINY, "train.steps=100000", f"train.out_dir={tmp_path}"],
                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         out = ""
         deadline = time.time() + 120
