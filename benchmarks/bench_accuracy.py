@@ -292,8 +292,10 @@ def sweep_m(args: Any, spec: dict[str, Any], K: int, fractions: list[float], t_s
         series[1].append(("full softmax", xs, [100 * full["verif"]] * 2))
         kv += [f"full_top1={full['top1']:.4f}", f"full_verif={full['verif']:.4f}"]
     stem, ext = os.path.splitext(args.sweep_out)
-    line_plot(f"{stem}_top1{ext or '.png'}", f"top-1 (%) vs M/K (%), K={K}", series[0])
-    line_plot(f"{stem}_verif{ext or '.png'}", f"verification (%) vs M/K (%), K={K}", series[1])
+    line_plot(f"{stem}_top1{ext or '.png'}", f"top-1 (%) vs M/K, K={K}, {args.steps} steps", series[0],
+              xlabel="M / K (%)")
+    line_plot(f"{stem}_verif{ext or '.png'}", f"10-fold verification (%) vs M/K, K={K}, {args.steps} steps", series[1],
+              xlabel="M / K (%)")
     print(f"wrote {stem}_top1{ext or '.png'} and {stem}_verif{ext or '.png'} (x: M/K in %)")
     print_result(kv, t_start)
     return 0

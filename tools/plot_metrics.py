@@ -41,7 +41,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def line_plot(path: str, title: str, series: Sequence[tuple[str, list[float], list[float]]],
-              size: tuple[int, int] = (560, 360)) -> None:
+              size: tuple[int, int] = (560, 360), xlabel: str = "step") -> None:
     """Draw (legend, xs, ys) series on shared linear axes; atomic write."""
     from PIL import Image, ImageDraw
 
@@ -67,7 +67,7 @@ def line_plot(path: str, title: str, series: Sequence[tuple[str, list[float], li
         d.line([xy(fx, y0), xy(fx, y1)], fill=(230, 230, 230))
         d.line([xy(x0, fy), xy(x1, fy)], fill=(230, 230, 230))
         px, py = xy(fx, y0)
-        d.text((px - 12, py + 4), f"{fx:.0f}", fill="black")
+        d.text((px - 12, py + 4), f"{fx:.4g}", fill="black")
         px, py = xy(x0, fy)
         d.text((px - 64, py - 6), f"{fy:.4g}", fill="black")
     d.rectangle([xy(x0, y1), xy(x1, y0)], outline="black")
@@ -78,9 +78,9 @@ def line_plot(path: str, title: str, series: Sequence[tuple[str, list[float], li
             d.line(pts, fill=c, width=2)
         elif pts:
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=c)
-        d.text((left + 8 + 140 * i, top + 4), name, fill=c)
+        d.text((left + 8 + 140 * i, top + ph - 16), name, fill=c)   # legend along the bottom
     d.text((left, 10), title, fill="black")
-    d.text((left + pw // 2 - 10, h - 18), "step", fill="black")
+    d.text((left + pw // 2 - 3 * len(xlabel), h - 18), xlabel, fill="black")
     tmp = f"{path}.tmp.{os.getpid()}.png"
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
