@@ -50,6 +50,25 @@ def launch_server(tmp_path, *args: str, bind: str = "tcp://127.0.0.1:0", name: s
         log.close()
 
 
+def train_steps(net, head, opt, rank: int, world: int, batch_of, lrs) -> list:
+    """The synchronous steps hfsoftmax.train runs (lr set, begin_step, forward of this rank's share
+    r, r+R, ... of the global batch ``batch_of(step)``, backward, SGD, end_step); returns each
+    step's active ids."""
+    actives = []
+    for step, lr in enumerate(lrs):
+        images, labels = batch_of(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        head.begin_step(step, lr)
+        loss = net(images[rank::world], labels[rank::world])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        head.end_step(step)
+        actives.append(head.last_active.copy())
+    return actives
+
+
 @contextlib.contextmanager
 def thread_server(*args: str) -> Iterator[str]:
     """A parameter server built exactly as ``paramserver.py *args`` builds it (store, index), served

@@ -25,7 +25,7 @@ from hfsoftmax.heads.selective import ParamServerLostError, SelectiveSoftmax, ma
 from hfsoftmax.train import Model
 from paramserver.store import init_rows
 
-from servers import free_port, launch_server
+from servers import free_port, launch_server, train_steps
 
 K, D, IMG, GLOBAL_B, STEPS = 24, 16, 16, 8, 3
 LRS = [0.2, 0.1, 0.05]          # a schedule: the server must apply each push's lr
@@ -62,16 +62,7 @@ def train(address: str, rank: int, world: int) -> Model:
     model = Model(backbone, head)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
-    for step in range(STEPS):
-        images, labels = global_batch(step)
-        for g in opt.param_groups:
-            g["lr"] = LRS[step]
-        head.begin_step(step, LRS[step])
-        loss = net(images[rank::world], labels[rank::world])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        head.end_step(step)
+    train_steps(net, head, opt, rank, world, global_batch, LRS[:STEPS])
     return model
 
 

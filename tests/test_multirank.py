@@ -24,7 +24,7 @@ from hfsoftmax.heads.selective import ParamServerLostError, SelectiveSoftmax, ma
 from hfsoftmax.train import Model, Precision
 from paramserver.store import init_rows
 
-from servers import free_port, thread_server
+from servers import free_port, thread_server, train_steps
 
 K, D, IMG, GLOBAL_B, STEPS, M = 64, 16, 16, 8, 3, 12
 LRS = [0.2, 0.1, 0.05]
@@ -89,18 +89,7 @@ def train(v: Variant, address: str, rank: int, world: int) -> tuple[dict, np.nda
     model = Model(backbone, head)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
-    actives = []
-    for step in range(STEPS):
-        images, labels = global_batch(step)
-        for g in opt.param_groups:
-            g["lr"] = LRS[step]
-        head.begin_step(step, LRS[step])
-        loss = net(images[rank::world], labels[rank::world])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        head.end_step(step)
-        actives.append(head.last_active.copy())
+    actives = train_steps(net, head, opt, rank, world, global_batch, LRS[:STEPS])
     head.flush()
     W = store.pull(np.arange(K), step=STEPS)
     state = {k: t.clone() for k, t in backbone.state_dict().items()}
