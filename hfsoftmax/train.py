@@ -273,19 +273,13 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
 def load_pretrained(backbone: nn.Module, path: str) -> None:
     """Backbone weights for fine-tuning: an hfsoftmax checkpoint ('model') or a bare state dict,
     arcface_torch IResNet names mapped (hfsoftmax.backbones.convert); a mismatch is one line."""
-    from .backbones.convert import from_arcface_torch, is_arcface_torch
+    from .backbones.convert import backbone_state
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"model.pretrained={path}: cannot read it ({type(e).__name__}: {e})") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"model.pretrained={path}: not a state dict or checkpoint")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     try:
-        if is_arcface_torch(state):
-            state = from_arcface_torch(state)
-        backbone.load_state_dict(state)
+        backbone.load_state_dict(backbone_state(obj)[0])
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"model.pretrained={path} does not fit model.backbone: "
                               f"{str(e).strip().splitlines()[0][:300]}") from None

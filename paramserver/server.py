@@ -78,14 +78,21 @@ def latest_snapshot(snapshot_dir: str) -> Optional[str]:
     return os.path.join(snapshot_dir, names[-1]) if names else None
 
 
+def recover_snapshot_dir(snapshot_dir: str) -> None:
+    """recover_snapshot for every step-* snapshot of a --snapshot-dir that a killed writer left
+    ``.tmp``/``.old`` siblings of."""
+    for name in os.listdir(snapshot_dir):
+        base = name.split(".")[0]
+        if "." in name and SNAPSHOT_NAME.match(base):
+            recover_snapshot(os.path.join(snapshot_dir, base))
+
+
 def resolve_snapshot(path: str) -> str:
     """A snapshot directory itself, or a --snapshot-dir holding step-* snapshots (take the newest)."""
     if os.path.exists(os.path.join(path, "manifest.json")) or recover_snapshot(path):
         return path
     if os.path.isdir(path):
-        for name in os.listdir(path):
-            if SNAPSHOT_NAME.match(name.split(".")[0]) and "." in name:
-                recover_snapshot(os.path.join(path, name.split(".")[0]))
+        recover_snapshot_dir(path)
     found = latest_snapshot(path) if os.path.isdir(path) else None
     if found is None:
         raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
@@ -96,10 +103,11 @@ class _Parked:
     """A pull or query waiting for its step: ``answer()`` builds the reply frames once the step is
     reached; it is sent later through the ROUTER envelope."""
 
-    __slots__ = ("envelope", "req_id", "answer", "step", "deadline", "waited")
+    __slots__ = ("envelope", "req_id", "answer", "step", "deadline", "waited", "op")
 
-    def __init__(self, envelope: list, req_id: Any, answer: Callable[[], list], step: int, wait: float) -> None:
-        self.envelope, self.req_id, self.answer, self.step = envelope, req_id, answer, step
+    def __init__(self, envelope: list, req_id: Any, answer: Callable[[], list], step: int, wait: float,
+                 op: str) -> None:
+        self.envelope, self.req_id, self.answer, self.step, self.op = envelope, req_id, answer, step, op
         self.deadline = time.monotonic() + wait
         self.waited = wait
 
@@ -395,7 +403,7 @@ class ParamServer:
         if step is not None and self.store.step < step:
             wait = get_field(h, "timeout", float, default=self.max_wait)
             wait = min(max(wait, 0.0), self.max_wait)
-            self._parked.append(_Parked(env, h.get("id"), answer, step, wait))
+            self._parked.append(_Parked(env, h.get("id"), answer, step, wait, str(h.get("op"))))
             return None
         return answer()
 
@@ -504,7 +512,7 @@ class ParamServer:
         still = []
         for p in self._parked:
             if now >= p.deadline:
-                msg = self.store.timeout_message(p.step, p.waited)
+                msg = self.store.timeout_message(p.step, p.waited, p.op)
                 self._counts["errors"] += 1
                 self._send(p.envelope, error_reply(p.req_id, msg, "sync_timeout"))
             else:
@@ -522,10 +530,7 @@ class ParamServer:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(name + "\n")
         os.replace(tmp, os.path.join(self.snapshot_dir, "latest"))
-        for n in os.listdir(self.snapshot_dir):   # leftovers of writers killed mid-snapshot
-            base = n.split(".")[0]
-            if "." in n and SNAPSHOT_NAME.match(base):
-                recover_snapshot(os.path.join(self.snapshot_dir, base))
+        recover_snapshot_dir(self.snapshot_dir)   # leftovers of writers killed mid-snapshot
         names = sorted(n for n in os.listdir(self.snapshot_dir) if SNAPSHOT_NAME.match(n))
         for old in names[:-self.keep_snapshots]:
             shutil.rmtree(os.path.join(self.snapshot_dir, old), ignore_errors=True)

@@ -433,21 +433,28 @@ class WeightStore:
         """Rows ``ids`` (global) as a new array [n, d]; with ``step``, first wait for store.step >= step."""
         self._check_matrix(matrix)
         loc = self._local_ids(ids)
-        if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
-            raise BadRequestError(f"pull: step must be a non-negative integer, got {step!r}")
         with self._cond:
-            if step is not None and self._step < step:
-                limit = self.sync_timeout if timeout is None else float(timeout)
-                if not self._cond.wait_for(lambda: self._step >= step, timeout=limit):
-                    raise SyncTimeoutError(self.timeout_message(step, limit))
+            self._wait_for_step(step, timeout, "pull")
             src = self._W if matrix == "W" else self._M
             out = src[loc]
             self._counts["pulls"] += 1
             self._counts["rows_pulled"] += len(loc)
         return out
 
-    def timeout_message(self, step: int, waited: float) -> str:
-        return (f"pull for step {step} timed out after {waited:.1f}s: store is at step {self._step}, "
+    def _wait_for_step(self, step: Optional[int], timeout: Optional[float], op: str) -> None:
+        """With ``step``: wait (lock held) until store.step >= step, or SyncTimeoutError naming the
+        clients that have not pushed (pull and query)."""
+        if step is None:
+            return
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise BadRequestError(f"{op}: step must be a non-negative integer, got {step!r}")
+        if self._step < step:
+            limit = self.sync_timeout if timeout is None else float(timeout)
+            if not self._cond.wait_for(lambda: self._step >= step, timeout=limit):
+                raise SyncTimeoutError(self.timeout_message(step, limit, op))
+
+    def timeout_message(self, step: int, waited: float, op: str = "pull") -> str:
+        return (f"{op} for step {step} timed out after {waited:.1f}s: store is at step {self._step}, "
                 f"client ids {self.missing_clients()} of {self.num_clients} have not pushed step {self._step}")
 
     def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0, copy: bool = True,
@@ -624,14 +631,8 @@ class WeightStore:
         ``labels`` [B]: the batch's global class ids (the graph index enters at each sample's label;
         the other indexes ignore them). ``step``: first wait (as :meth:`pull`) until store.step >= step,
         so the index already holds that step's updated rows."""
-        if step is not None:
-            if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-                raise BadRequestError(f"query: step must be a non-negative integer, got {step!r}")
-            with self._cond:
-                if self._step < step:
-                    limit = self.sync_timeout if timeout is None else float(timeout)
-                    if not self._cond.wait_for(lambda: self._step >= step, timeout=limit):
-                        raise SyncTimeoutError(self.timeout_message(step, limit).replace("pull", "query", 1))
+        with self._cond:
+            self._wait_for_step(step, timeout, "query")
         if self._index is None:
             raise BadRequestError("query: no class index is attached to this store (attach_index first)")
         feats = np.asarray(features)

@@ -13,7 +13,7 @@ parameter names differ::
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -41,6 +41,19 @@ def arcface_torch_depth(state: Mapping[str, torch.Tensor]) -> int:
             return depth
     raise ValueError(f"arcface_torch state dict with {counts} units per layer matches no IResNet depth "
                      f"({ {d: u for d, u in RESNET_DEPTHS.items()} })")
+
+
+def backbone_state(obj: object) -> tuple[dict[str, torch.Tensor], Optional[int]]:
+    """Our backbone state dict from a loaded file: an hfsoftmax checkpoint (``model``), a bare state
+    dict, DDP ``module.`` prefixes stripped, arcface_torch IResNet names mapped. Returns (state, the
+    IResNet depth when it was an arcface_torch file, else None); ValueError when it is none of these."""
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("no backbone state_dict (a checkpoint's 'model' or a bare state dict)")
+    state = {_strip(k): v for k, v in state.items()}
+    if is_arcface_torch(state):
+        return from_arcface_torch(state), arcface_torch_depth(state)
+    return state, None
 
 
 def from_arcface_torch(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

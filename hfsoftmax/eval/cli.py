@@ -30,11 +30,6 @@ class EvalError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def strip_prefix(state: dict[str, Any], prefix: str = "module.") -> dict[str, Any]:
-    """Remove a DataParallel / DDP ``module.`` prefix from every key that has it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-
-
 def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] = None,
                image_size: Optional[int] = None) -> tuple[nn.Module, int, dict[str, Any]]:
     """Rebuild the backbone a training checkpoint holds.
@@ -58,16 +53,12 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     cfg: dict[str, Any] = dict(ckpt.get("config") or {})
     if isinstance(ckpt.get("step"), int):
         cfg["_step"] = ckpt["step"]          # for titles (not a config key)
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EvalError(f"{model_path}: no backbone state_dict under 'model'")
-    from hfsoftmax.backbones.convert import arcface_torch_depth, from_arcface_torch, is_arcface_torch
-    if is_arcface_torch(state):   # an arcface_torch backbone.pth: its IResNet is our FaceResNet renamed
-        try:
-            depth = arcface_torch_depth(state)
-            state = from_arcface_torch(state)
-        except ValueError as exc:
-            raise EvalError(f"{model_path}: {exc}") from None
+    from hfsoftmax.backbones.convert import backbone_state
+    try:
+        state, depth = backbone_state(ckpt)
+    except ValueError as exc:
+        raise EvalError(f"{model_path}: {exc}") from None
+    if depth is not None:   # an arcface_torch backbone.pth: its IResNet is our FaceResNet renamed
         cfg = {"model": {"backbone": f"resnet{depth}", "feature_dim": int(state["head.3.weight"].shape[0])},
                "data": {"image_size": 112}}
     model_cfg = cfg.get("model", {}) if isinstance(cfg, dict) else {}
@@ -88,7 +79,7 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     except ValueError as exc:
         raise EvalError(f"{model_path}: {exc}") from None
     try:
-        model.load_state_dict(strip_prefix(state))
+        model.load_state_dict(state)   # prefixes stripped by backbone_state
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise EvalError(f"{model_path}: weights do not fit backbone {name} (d={dim}): {first}") from None

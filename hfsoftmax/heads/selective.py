@@ -78,6 +78,7 @@ Probing costs one pass over all K rows (K*d floats from the store), so P should 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -211,8 +212,10 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     """
     d = int(cfg.model.feature_dim)
     kind = cfg.store.kind
-    if cfg.store.wire_dtype not in ("native", "bf16"):
-        raise ConfigError(f"config key 'store.wire_dtype': unknown value '{cfg.store.wire_dtype}' (choose native or bf16)")
+    from paramserver.protocol import WIRE_DTYPES
+    if cfg.store.wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(f"config key 'store.wire_dtype': unknown value '{cfg.store.wire_dtype}' "
+                          f"(choose {' or '.join(WIRE_DTYPES)})")
     if kind == "local":
         if info.world_size > 1:
             raise ConfigError(f"store.kind=local keeps W inside one process, but this run has world_size="
@@ -244,9 +247,10 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ConfigError(f"{e} (this run: num_classes={num_classes}, model.feature_dim={d})") from None
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
+        infos = store.info()
         want = {"momentum": float(cfg.optim.momentum), "weight_decay": float(cfg.optim.weight_decay),
                 "nesterov": bool(cfg.optim.nesterov), "sparse_momentum": cfg.optim.sparse_momentum}
-        for a, inf in zip(addresses, store.info()):
+        for a, inf in zip(addresses, infos):
             have = inf.get("optimizer") or {}
             differ = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
             if differ and not cfg.store.allow_optimizer_mismatch:
@@ -263,7 +267,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
         needs_query = head_index_name(cfg.head, num_classes) != "random" and int(cfg.head.num_active) < num_classes
         if needs_query:
-            bare = [a for a, inf in zip(addresses, store.info()) if not inf.get("index")]
+            bare = [a for a, inf in zip(addresses, infos) if not inf.get("index")]
             if bare:
                 store.close()
                 raise ConfigError(f"parameter server {', '.join(bare)} has no class index, but head {cfg.head.name} "
@@ -536,7 +540,7 @@ class SelectiveSoftmax(ClassifierHead):
         n_unique = int(np.unique(glab).size)
         feats32 = features.detach().float()
         central = coll and need_feats                        # rank 0 selects, the others receive
-        active = None
+        active = remap_g = None
         if not central or self.comm.rank == 0:
             gfeat = (self.comm.gather_batch(feats32) if central else feats32) if need_feats else None
             M = self.num_active
@@ -554,15 +558,20 @@ class SelectiveSoftmax(ClassifierHead):
                 M = n_unique
             t0 = time.perf_counter()
             feats_np = gfeat.cpu().numpy() if gfeat is not None else None
-            active, _ = self.select(feats_np, glab, M, step)                          # [M]
+            active, remap_g = self.select(feats_np, glab, M, step)                    # [M], [R*b]
             wait += time.perf_counter() - t0
         elif need_feats:
             self.comm.gather_batch(feats32)                   # rank 0's gather needs every rank
         if central:
             active, self.num_active = self.comm.broadcast_ids(active, self.num_active)
-        # This rank's labels in 0..M-1 (active holds every label of the global batch).
-        order = np.argsort(active, kind="stable")
-        remapped = order[np.searchsorted(active, lab, sorter=order)].astype(np.int64)   # [b]
+        # This rank's labels in 0..M-1: its positions r, r+R, ... of the global remapping, or (a rank
+        # that received the set) searched in it (active holds every label of the global batch).
+        if remap_g is not None:
+            remapped = remap_g[self.comm.rank::self.comm.world_size] if coll else remap_g      # [b]
+        else:
+            order = np.argsort(active, kind="stable")
+            remapped = order[np.searchsorted(active, lab, sorter=order)].astype(np.int64)
+        remapped = np.ascontiguousarray(remapped, dtype=np.int64)
         M = len(active)
         part = self.comm.my_slice(M) if coll else slice(0, M)
         t0 = time.perf_counter()
@@ -594,7 +603,9 @@ class SelectiveSoftmax(ClassifierHead):
                 if lr_scale is not None:
                     g = g / lr_scale
                 g = g / self.world_size if self.world_size > 1 else g
-                work, slice_sum, flags = self.comm.reduce_scatter_rows(g.to(self.comm.device), flag)
+                # one process: g stays where it is (a CUDA -> host copy here would sync the backward)
+                work, slice_sum, flags = self.comm.reduce_scatter_rows(
+                    g.to(self.comm.device) if self.comm.distributed else g, flag)
                 self._pushed = True
                 job = functools.partial(self._push_job, work, slice_sum, flags, my_ids, step, store_dtype)
                 if self._worker is not None:
@@ -613,23 +624,18 @@ class SelectiveSoftmax(ClassifierHead):
                   store_dtype: np.dtype) -> None:
         """Wait for the reduce-scatter, then push this rank's slice of the summed gradient (or, if any
         rank's gradient was not finite, e.g. an fp16 overflow, an empty update on every rank)."""
-        if slice_sum.is_cuda:   # this worker thread's current device is not the rank's by default
-            with torch.cuda.device(slice_sum.device):
-                self._push_job_on_device(work, slice_sum, flags, ids, step, store_dtype)
-        else:
-            self._push_job_on_device(work, slice_sum, flags, ids, step, store_dtype)
-
-    def _push_job_on_device(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray,
-                            step: int, store_dtype: np.dtype) -> None:
-        if work is not None:
-            work.wait()                      # orders this thread's stream after the reduce-scatter
+        # the worker thread's current CUDA device is not the rank's by default
+        with torch.cuda.device(slice_sum.device) if slice_sum.is_cuda else contextlib.nullcontext():
+            if work is not None:
+                work.wait()                  # orders this thread's stream after the reduce-scatter
+            finite = float(flags.item()) == 0
+            g = np.ascontiguousarray(slice_sum.to("cpu").numpy().astype(store_dtype, copy=False)) if finite else None
         store = self._push_store or self.store
-        if float(flags.item()) > 0:
+        if not finite:
             logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not updated "
                            "this step", step)
             self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store)
             return
-        g = np.ascontiguousarray(slice_sum.to("cpu").numpy().astype(store_dtype, copy=False))
         self._push(ids, g, step, store)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int, step: Optional[int] = None) -> torch.Tensor:
