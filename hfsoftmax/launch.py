@@ -36,12 +36,8 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
             "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every)]
     if cfg.optim.nesterov:
         args.append("--nesterov")
-    if index == "forest":
-        args += ["--ntrees", str(h.ntrees), "--search-k", str(h.search_k)]
-    if index == "ivf":
-        args += ["--nlist", str(h.nlist), "--nprobe", str(h.nprobe)]
-    if index == "graph":
-        args += ["--nlist", str(h.nlist), "--degree", str(h.degree), "--nprobe", str(h.nprobe)]
+    from paramserver.index import index_cli_args
+    args += index_cli_args(index, h)
     return args
 
 

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=2048,
                    help="largest request accepted and reply sent, in MiB (a bigger pull is refused by name)")
     p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "graph", "random"],
-                   help="class index for HF-softmax's query op (paramserver/index.py), built over this "
+                   help="class index for HF-softmax's query op (paramserver/index/), built over this "
                         "shard's rows at start and rebuilt in the background; none: no query op")
     p.add_argument("--metric", default="angular", choices=["angular", "dot"],
                    help="index metric: angular for CosFace/ArcFace heads, dot for a plain linear head")
@@ -127,15 +127,9 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
     """Attach an IndexManager for ``--index`` to the shard's store and build it once, synchronously."""
     if args.index == "none":
         return
-    from paramserver.index import IndexManager, make_index
+    from paramserver.index import IndexManager, index_options, make_index
 
-    opts: dict = {}
-    if args.index == "forest":
-        opts = {"ntrees": args.ntrees, "search_k": args.search_k}
-    elif args.index == "ivf":
-        opts = {"nlist": args.nlist or None, "nprobe": args.nprobe}
-    elif args.index == "graph":
-        opts = {"degree": args.degree, "nlist": args.nlist or None, "cold_nprobe": args.nprobe}
+    opts = index_options(args.index, args)
     lo, _ = store.class_range
 
     def factory():  # type: ignore[no-untyped-def]

@@ -40,7 +40,7 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 

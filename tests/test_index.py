@@ -1,4 +1,4 @@
-"""Tests for paramserver/index.py: class indexes (parity/recall against brute force), the
+"""Tests for paramserver/index/: class indexes (parity/recall against brute force), the
 background IndexManager (old index answers during a build, builds never queue, incremental updates
 replayed), and select_active against a plain-Python reference implementation."""
 from __future__ import annotations
@@ -635,3 +635,22 @@ def test_restore_retires_a_running_build():
     finally:
         BackgroundGated.gate.set()
         mgr.close(timeout=10)
+
+
+def test_one_mapping_from_head_config_to_index_options():
+    """The head (embedded store), the server's flags and the launcher's server arguments give the
+    same index options: all go through paramserver.index.index_options / index_cli_args."""
+    from paramserver.index import index_cli_args, index_options
+    from paramserver.paramserver import build_parser
+
+    from hfsoftmax.config import load_config
+
+    cfg = load_config(None, ["head.nlist=7", "head.nprobe=3", "head.degree=5", "head.ntrees=9", "head.search_k=44"])
+    for name in ("forest", "ivf", "graph", "exact", "random"):
+        from_head = index_options(name, cfg.head)
+        args = build_parser().parse_args(["--num-classes", "10", "--dim", "4", "--index", name,
+                                          *index_cli_args(name, cfg.head)])
+        assert index_options(name, args) == from_head, name
+        make_index(name, 4, **from_head)  # every option is one the index takes
+    assert index_options("graph", cfg.head) == {"degree": 5, "nlist": 7, "cold_nprobe": 3}
+    assert index_options("ivf", {"nlist": 0, "nprobe": 2}) == {"nlist": None, "nprobe": 2}

@@ -142,20 +142,6 @@ def next_rebuild_period(period: int, cpk_start: float, cpk_end: float, cpk_drop:
 # --------------------------------------------------------------------------------------------- #
 # The store.
 
-def _index_options(head_cfg: Any, name: str, num_classes: int) -> dict[str, Any]:
-    """make_index options from the head config: forest -> ntrees/search_k, ivf -> nlist/nprobe,
-    graph -> degree/nlist and nprobe for its cold samples' IVF."""
-    if name == "forest":
-        return {"ntrees": int(head_cfg.ntrees), "search_k": int(head_cfg.search_k)}
-    if name == "ivf":
-        # nlist 0 -> None: IVFIndex then takes about sqrt(K) lists.
-        return {"nlist": int(head_cfg.nlist) or None, "nprobe": int(head_cfg.nprobe)}
-    if name == "graph":
-        return {"degree": int(head_cfg.degree), "nlist": int(head_cfg.nlist) or None,
-                "cold_nprobe": int(head_cfg.nprobe)}
-    return {}
-
-
 def head_index_name(head_cfg: Any, num_classes: int) -> str:
     """The index a selective head uses: "random" for the random head, else ``head.index``, where
     "auto" means the hashing forest below 100K classes and the class-neighbour graph from there on
@@ -171,11 +157,11 @@ def head_index_name(head_cfg: Any, num_classes: int) -> str:
 
 def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
     """An IndexManager over a K x d store for this head config (built by the caller)."""
-    from paramserver.index import IndexManager, make_index
+    from paramserver.index import IndexManager, index_options, make_index
 
     name = head_index_name(head_cfg, num_classes)
     metric = index_metric(head_cfg.margin)
-    opts = _index_options(head_cfg, name, num_classes)
+    opts = index_options(name, head_cfg)
 
     def factory() -> Any:
         return make_index(name, dim, metric, class_offset=0, seed=seed, **opts)

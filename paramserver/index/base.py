@@ -1,0 +1,144 @@
+"""The interface every class index implements, and the helpers they share."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+METRICS = ("angular", "dot")
+_EPS = 1e-12
+
+
+def _normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Return a new float32 array with unit-L2 rows (zero rows stay zero)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return (X / np.maximum(norms, _EPS)).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: Optional[int]) -> Iterator[None]:
+    """Limit faiss' OpenMP threads for the calling thread (OpenMP's setting is per thread), so a
+    background build leaves the other core to the trainer; restores the previous value."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    prev = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
+def _sort_desc(ids: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sort each row of (ids [B, n], scores [B, n]) by descending score; -1 ids go last."""
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the interface
+# ----------------------------------------------------------------------------------------------
+class ClassIndex:
+    """Nearest-class index over the rows of one shard's W ([K, d], row i = class offset + i).
+
+    Scores are "higher = better": the cosine for metric "angular" (normalized / margin heads) and
+    the inner product for metric "dot" (plain linear head).
+
+    Args:
+        dim: feature dimension d.
+        metric: "angular" or "dot".
+        class_offset: global class id of row 0 (shards split class ids by range).
+        seed: seed for any randomness in build or query.
+    """
+
+    name: str = "base"
+    incremental: bool = False
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0) -> None:
+        if not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if class_offset < 0:
+            raise ValueError(f"class_offset must be >= 0, got {class_offset}")
+        self.dim = int(dim)
+        self.metric = metric
+        self.class_offset = int(class_offset)
+        self.seed = int(seed)
+        self.num_classes = 0  # K of the last build
+        # Threads the heavy build may use (None = library default). IndexManager sets 1 for
+        # background builds so the trainer keeps the other core.
+        self.build_threads: Optional[int] = None
+        # Nice increment for a build subprocess (HashingForest); IndexManager sets it for background
+        # builds so that the build only takes CPU the trainer leaves idle.
+        self.build_nice = 0
+
+    # -- validation shared by subclasses ------------------------------------------------------
+    def _check_W(self, W: np.ndarray) -> np.ndarray:
+        W = np.asarray(W)
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D [K, d], got shape {W.shape}")
+        if W.shape[1] != self.dim:
+            raise ValueError(f"W row dim {W.shape[1]} does not match index dim {self.dim}")
+        if W.shape[0] == 0:
+            raise ValueError("W has no rows (K = 0)")
+        return np.ascontiguousarray(W, dtype=np.float32)
+
+    def _check_query(self, F: np.ndarray, n: int) -> np.ndarray:
+        if self.num_classes == 0:
+            raise RuntimeError(f"{type(self).__name__}.query called before build()")
+        F = np.asarray(F)
+        if F.ndim != 2:
+            raise ValueError(f"features F must be 2-D [B, d], got shape {F.shape}")
+        if F.shape[1] != self.dim:
+            raise ValueError(f"feature dim {F.shape[1]} does not match index dim {self.dim}")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (candidates per feature) must be an int >= 1, got {n!r}")
+        return np.ascontiguousarray(F, dtype=np.float32)
+
+    def _check_update(self, ids: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Validate an update (global ids [m], rows [m, d]); returns (local row indices int64, rows)."""
+        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != local.size:
+            raise ValueError(f"rows must be [len(ids)={local.size}, d], got shape {rows.shape}")
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows dim {rows.shape[1]} does not match index dim {self.dim}")
+        if local.size and (local.min() < 0 or local.max() >= self.num_classes):
+            raise ValueError(f"ids must lie in [{self.class_offset}, {self.class_offset + self.num_classes}), "
+                             f"got range [{local.min() + self.class_offset}, {local.max() + self.class_offset}]")
+        return local, rows
+
+    # -- API ------------------------------------------------------------------------------------
+    def build(self, W: np.ndarray) -> None:
+        """Build from W [K, d] float32. The index copies what it keeps, so W may change after."""
+        raise NotImplementedError
+
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """F [B, d] -> (ids int64 [B, n] global class ids, -1 where fewer found;
+        scores float32 [B, n], sorted descending per row). `labels` [B] (the batch's global class
+        ids) is a hint only the label-driven GraphIndex uses; the others ignore it."""
+        raise NotImplementedError
+
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows of W changed (incremental indexes only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not incremental; rebuild it instead")
+
+    def _pad(self, ids: np.ndarray, scores: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Pad [B, m] results to [B, n] with id -1 / score -inf (when K < n)."""
+        B, m = ids.shape
+        if m >= n:
+            return ids[:, :n], scores[:, :n]
+        out_i = np.full((B, n), -1, dtype=np.int64)
+        out_s = np.full((B, n), -np.inf, dtype=np.float32)
+        out_i[:, :m] = ids
+        out_s[:, :m] = scores
+        return out_i, out_s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, K={self.num_classes})"

@@ -1,0 +1,324 @@
+"""GraphIndex: each class's nearest classes, scored against the feature of a sample of that label."""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import threading
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .base import _EPS, ClassIndex, _faiss_threads, _normalize_rows, _sort_desc
+from .ivf import IVFIndex
+
+
+def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: int, tppc: int, seed: int,
+                     threads: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GraphIndex's build over unit rows X [K, d]: (graph int32 [K, degree], unit centroids
+    [nlist, d], list representatives int64 [nlist]). See the GraphIndex docstring."""
+    import faiss
+
+    K = X.shape[0]
+    with _faiss_threads(threads):
+        rng = np.random.default_rng(seed)
+        n_train = min(K, nlist * tppc)
+        sample = X if n_train == K else X[np.sort(rng.choice(K, n_train, replace=False))]
+        km = faiss.Kmeans(X.shape[1], nlist, niter=niter, seed=seed, spherical=True,
+                          max_points_per_centroid=tppc, verbose=False)
+        km.train(sample)
+        C = _normalize_rows(np.ascontiguousarray(km.centroids, dtype=np.float32))
+        flat = faiss.IndexFlatIP(X.shape[1])
+        flat.add(C)
+        p = min(probe, nlist)
+        sims, top = flat.search(X, p)                   # each row's p nearest lists, best first
+    assign = top[:, 0]
+    order = np.argsort(assign, kind="stable")          # rows grouped by their own list
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(assign, minlength=nlist))))
+    # (row, slot) pairs grouped by probed list: list j is searched by every row that has it
+    # among its p nearest lists, in one matmul of those rows against j's members.
+    probed = top.reshape(-1)
+    by_list = np.argsort(probed, kind="stable")
+    qbounds = np.concatenate(([0], np.cumsum(np.bincount(probed, minlength=nlist))))
+    deg = min(degree, K - 1)
+    part_i = np.full((K, p, deg), -1, dtype=np.int32)  # per (row, probed list) top-deg
+    part_s = np.full((K, p, deg), -np.inf, dtype=np.float32)
+    reps = np.zeros(nlist, dtype=np.int64)
+    block = 4096  # query rows per matmul: bounds the [block, members] score matrix
+    # A list far larger than the average (degenerate rows: all-zero or identical rows all fall into
+    # one list) would make the build K x K; its candidates are a seeded sample of `cap` members
+    # (such rows are near-ties anyway), which bounds the build at ~4x its normal cost.
+    cap = max(4 * -(-K // nlist), 4 * degree, 256)
+    sub_rng = np.random.default_rng([seed, 11])
+    for lst in range(nlist):
+        mem = order[bounds[lst]:bounds[lst + 1]]
+        if mem.size == 0:
+            continue
+        reps[lst] = mem[np.argmax(sims[mem, 0])]
+        pairs = by_list[qbounds[lst]:qbounds[lst + 1]]
+        rows_q, slot = pairs // p, pairs % p
+        cm = mem if mem.size <= cap else np.sort(sub_rng.choice(mem, cap, replace=False))
+        Xm = X[cm]
+        for lo in range(0, rows_q.size, block):
+            rq, sl = rows_q[lo:lo + block], slot[lo:lo + block]
+            S = X[rq] @ Xm.T                                  # [q, candidate members]
+            own = np.flatnonzero(assign[rq] == lst)
+            if own.size:                                      # not its own neighbour
+                r, c = np.nonzero(rq[own][:, None] == cm[None, :])
+                S[own[r], c] = -np.inf
+            k = min(deg, cm.size)
+            t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < cm.size else \
+                np.broadcast_to(np.arange(cm.size), S.shape)
+            part_i[rq, sl, :k] = cm[t]
+            part_s[rq, sl, :k] = np.take_along_axis(S, t, axis=1)
+    part_i, part_s = part_i.reshape(K, -1), part_s.reshape(K, -1)
+    best = np.argpartition(-part_s, deg - 1, axis=1)[:, :deg] if deg < part_s.shape[1] else \
+        np.broadcast_to(np.arange(part_s.shape[1]), part_s.shape)
+    bs = np.take_along_axis(part_s, best, axis=1)
+    best = np.take_along_axis(best, np.argsort(-bs, axis=1, kind="stable"), axis=1)
+    graph = np.full((K, degree), -1, dtype=np.int32)
+    graph[:, :deg] = np.take_along_axis(part_i, best, axis=1)
+    graph[:, :deg][~np.isfinite(np.take_along_axis(part_s, best, axis=1))] = -1
+    return graph, C, reps
+
+
+_BUILD_DIRS: set = set()  # temp dirs of graph builds in flight (a build thread is a daemon)
+
+
+@atexit.register
+def _remove_build_dirs() -> None:
+    for path in list(_BUILD_DIRS):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _graph_build_worker(x_path: str, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
+                        seed: int, threads: Optional[int], nice: int) -> None:
+    """Subprocess body of GraphIndex.build: unit rows from an .npy file -> graph arrays in an .npz."""
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+    graph, C, reps = _neighbour_graph(np.load(x_path, mmap_mode="r"), nlist, probe, degree, niter, tppc, seed, threads)
+    np.savez(out_path, graph=graph, C=C, reps=reps)
+
+
+class GraphIndex(ClassIndex):
+    """Class-neighbour graph: each class's `degree` nearest classes (cosine of their rows), built in
+    the background; a query scores the neighbours of each sample's LABEL against the feature.
+
+    Why: at B = 256 a per-feature probe of an IVF or a forest touches most of W every step (256
+    queries x nprobe lists), which costs 5-9x the M-row softmax step itself. The hard negatives of a
+    sample are the classes its feature scores highest, and once training is under way the feature
+    lies near its label's row, so they are the label's nearest classes (the "doppelganger" lists of
+    face recognition). The graph holds those lists; a step gathers B x (degree + 1) rows and scores
+    them with the features -- per-step cost independent of K. The scores are exact and fresh (the
+    index keeps a copy of the rows, updated every step like IVF); only the neighbour SETS age, and
+    they are recomputed at each rebuild.
+
+    Query, per sample b with feature f_b and label y_b:
+    - warm (the label is a class of this shard and cos(f_b, row y_b) >= `cold_cos`): candidates =
+      {y_b} + graph[y_b], scored f_b . row (cosine for "angular") on the fresh rows;
+    - cold (the label row does not agree with the feature yet -- an untrained row, whose neighbour
+      list was computed from noise; or no label / a label of another shard): an IVF kept beside the
+      graph (`cold_nprobe` lists per feature) proposes candidates, re-scored on the fresh rows. Its
+      rows are re-assigned only when they moved (cosine to the held row < 1 - `cold_drift`: a
+      label's row after its step, not the many slightly pushed negatives). `cold_nprobe = 0`: a
+      greedy walk instead (from the member nearest to f_b's nearest centroid, `hops` moves).
+    Early in training most samples are cold and the step costs about IVF's; once the rows are
+    trained almost all are warm. Measured (benchmarks/bench_accuracy.py, K = 100K, 600 steps): the
+    cold path lifts top-1 from 22 % (label lists only) to 33 % (IVF alone: 35 %); 28 % of the
+    samples were still cold at the end. `queries` / `cold_queries` count samples since the build.
+    With S shards each shard proposes only its own classes; a label's neighbours in other shards
+    come from the cold path.
+
+    Build: spherical k-means (faiss) on a sample; every row is assigned to its nearest centroid and
+    searches its `probe` nearest lists (an IVF kNN search of W against itself). The work is grouped
+    by list -- one BLAS matmul of all rows probing list j against j's members -- so it runs at
+    matmul speed, not at a per-query scan's. Cost ~ K * probe * (K / nlist) * d multiply-adds
+    (4 s at 100K x 512, 93 s at 1M on one core). From `SUBPROCESS_MIN_ROWS` rows (or
+    `subprocess=True`) it runs in a spawned process (its per-list loop holds the GIL between numpy
+    calls, which stalled the trainer's thread: background rebuild cost 6.6 % -> 2.4 % at 100K),
+    while the calling thread builds the cold-path IVF.
+
+    Args (besides the base ones):
+        degree: neighbours kept per class (graph out-degree).
+        nlist: k-means lists (None: round(sqrt(K)), at most K // 8, at least 1).
+        probe: lists searched for each list's neighbours (itself included).
+        hops: greedy steps of the walk (only with cold_nprobe = 0).
+        cold_cos: a label row whose cosine with the feature is below this makes the sample cold
+            (-1: never).
+        cold_nprobe: lists the cold-path IVF probes per feature (0: no IVF, walk instead).
+        cold_drift: rows whose direction moved by more than this (1 - cosine) are re-assigned.
+        niter, train_points_per_centroid: k-means iterations and sample size per centroid.
+        subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows).
+    """
+
+    name = "graph"
+    incremental = True
+    SUBPROCESS_MIN_ROWS = 50_000
+
+    def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
+                 degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3,
+                 cold_cos: float = 0.3, cold_nprobe: int = 8, cold_drift: float = 0.01, niter: int = 10,
+                 train_points_per_centroid: int = 64, subprocess: Optional[bool] = None) -> None:
+        super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        for key, val in (("degree", degree), ("probe", probe), ("niter", niter),
+                         ("train_points_per_centroid", train_points_per_centroid)):
+            if not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {val!r}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if not isinstance(hops, (int, np.integer)) or hops < 0:
+            raise ValueError(f"hops must be an int >= 0, got {hops!r}")
+        if not isinstance(cold_nprobe, (int, np.integer)) or cold_nprobe < 0:
+            raise ValueError(f"cold_nprobe must be an int >= 0, got {cold_nprobe!r}")
+        self.degree, self.nlist_opt, self.probe, self.hops = int(degree), nlist, int(probe), int(hops)
+        self.cold_cos, self.cold_nprobe, self.cold_drift = float(cold_cos), int(cold_nprobe), float(cold_drift)
+        self._ivf: Optional[IVFIndex] = None         # feature search for cold samples (cold_nprobe > 0)
+        self.subprocess = subprocess
+        self.queries = self.cold_queries = 0         # samples answered, and of those by the cold path
+        self.niter, self.train_points_per_centroid = int(niter), int(train_points_per_centroid)
+        self.nlist = 0
+        self._rows: Optional[np.ndarray] = None       # [K, d] what queries score (unit rows for angular)
+        self._graph: Optional[np.ndarray] = None      # [K, degree] int32 local ids, -1 = none
+        self._centroids: Optional[np.ndarray] = None  # [nlist, d] unit
+        self._reps: Optional[np.ndarray] = None       # [nlist] member nearest each centroid
+        self._lock = threading.Lock()
+
+    def build(self, W: np.ndarray) -> None:
+        W = self._check_W(W)
+        K = W.shape[0]
+        X = _normalize_rows(W)  # neighbours are by cosine for both metrics
+        rows = X if self.metric == "angular" else W.copy()
+        nlist = min(self.nlist_opt or max(1, min(int(round(math.sqrt(K))), K // 8)), K)
+        args = (nlist, self.probe, self.degree, self.niter, self.train_points_per_centroid, self.seed,
+                self.build_threads)
+        use_subprocess = self.subprocess if self.subprocess is not None else K >= self.SUBPROCESS_MIN_ROWS
+        proc = tmp = None
+        if use_subprocess:
+            # The per-list loop holds the GIL between its numpy calls; in a background thread that
+            # stalls the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so
+            # large graphs are built in a spawned process while this thread builds the IVF.
+            import multiprocessing
+            import tempfile
+
+            tmp = tempfile.mkdtemp(prefix="hf_graph_")
+            _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
+            np.save(os.path.join(tmp, "X.npy"), X)
+            # daemon: a build still running when the trainer or server exits is terminated, not awaited
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_graph_build_worker, name="hf-graph-build", daemon=True,
+                args=(os.path.join(tmp, "X.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice))
+            proc.start()
+        try:
+            ivf = None
+            if self.cold_nprobe:
+                ivf = IVFIndex(self.dim, self.metric, class_offset=self.class_offset, seed=self.seed, nlist=nlist,
+                               nprobe=self.cold_nprobe, niter=self.niter,
+                               train_points_per_centroid=self.train_points_per_centroid)
+                ivf.build_threads = self.build_threads
+                ivf.build(W)
+            if proc is not None:
+                proc.join()  # releases the GIL
+                if proc.exitcode != 0:
+                    raise RuntimeError(f"graph build subprocess failed with exit code {proc.exitcode}")
+                with np.load(os.path.join(tmp, "graph.npz")) as z:
+                    graph, C, reps = z["graph"], z["C"], z["reps"]
+            else:
+                graph, C, reps = _neighbour_graph(X, *args)
+        finally:
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                _BUILD_DIRS.discard(tmp)
+        with self._lock:
+            self._rows, self._graph, self._centroids, self._reps = rows, graph, C, reps
+            self._ivf = ivf
+            self.nlist, self.num_classes = nlist, K
+
+    def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite the changed rows (global ids [m], rows [m, d]); the neighbour sets wait for a rebuild."""
+        if self._rows is None:
+            raise RuntimeError("GraphIndex.update called before build()")
+        local, rows = self._check_update(ids, rows)
+        with self._lock:
+            self._rows[local] = _normalize_rows(rows) if self.metric == "angular" else rows
+            ivf = self._ivf
+        if ivf is not None and local.size:
+            # Re-assign in the IVF only the rows that moved (cosine to the held row below
+            # 1 - cold_drift): a label's row after its step, not the many slightly pushed negatives.
+            # Its scores are never used (cold candidates are re-scored on the fresh rows), so the
+            # IVF only has to keep each row in about the right list.
+            gids = local + self.class_offset
+            held, new = _normalize_rows(ivf.reconstruct(gids)), _normalize_rows(rows)
+            moved = np.einsum("md,md->m", held, new) < 1.0 - self.cold_drift
+            if moved.any():
+                ivf.update(gids[moved], rows[moved])
+
+    def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        F = self._check_query(F, n)
+        Q = _normalize_rows(F) if self.metric == "angular" else F
+        B, K = F.shape[0], self.num_classes
+        with self._lock:
+            rows, graph, C, reps = self._rows, self._graph, self._centroids, self._reps
+            assert rows is not None and graph is not None and C is not None and reps is not None
+            entry = np.full(B, -1, dtype=np.int64)
+            if labels is not None:
+                lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+                if lab.shape[0] != B:
+                    raise ValueError(f"labels must be [B={B}], got {lab.shape[0]} entries")
+                local = lab - self.class_offset
+                mine = np.flatnonzero((local >= 0) & (local < K))
+                entry[mine] = local[mine]
+                if mine.size and self.cold_cos > -1.0:
+                    # A label row that does not agree with its feature yet (untrained: its graph
+                    # neighbours were computed from noise) is no entry: search from the feature.
+                    r = rows[entry[mine]]
+                    cos = np.einsum("bd,bd->b", r, F[mine]) / np.maximum(
+                        np.linalg.norm(r, axis=1) * np.linalg.norm(F[mine], axis=1), _EPS)
+                    entry[mine[cos < self.cold_cos]] = -1
+            lost = np.flatnonzero(entry < 0)
+            ivf = self._ivf
+            if lost.size and ivf is None:  # enter at the cluster nearest the feature and walk
+                # greedily to the best-scoring row (a few hops of B x degree scores each)
+                entry[lost] = reps[np.argmax(_normalize_rows(F[lost]) @ C.T, axis=1)]
+                for _ in range(self.hops):
+                    c, s = self._score(rows, graph, entry[lost], Q[lost])
+                    entry[lost] = c[np.arange(lost.size), np.argmax(s, axis=1)]
+            self.queries += B
+            self.cold_queries += int(lost.size)
+            if ivf is None:
+                lost = lost[:0]
+            warm = np.flatnonzero(entry >= 0)
+            cand, S = self._score(rows, graph, entry[warm], Q[warm])   # [b, 1 + degree] fresh scores
+            if lost.size:  # the IVF proposes, the fresh rows score
+                assert ivf is not None
+                ci, _ = ivf.query(F[lost], n)
+                ci = ci - self.class_offset
+                ok = ci >= 0
+                cs = np.matmul(rows[np.where(ok, ci, 0)], Q[lost][:, :, None])[:, :, 0]
+                cs[~ok] = -np.inf
+                width = max(cand.shape[1], ci.shape[1])
+                c_all = np.full((B, width), -1, dtype=np.int64)
+                s_all = np.full((B, width), -np.inf, dtype=S.dtype)
+                c_all[warm, :cand.shape[1]], s_all[warm, :S.shape[1]] = cand, S
+                c_all[lost, :ci.shape[1]], s_all[lost, :cs.shape[1]] = ci, cs
+                cand, S = c_all, s_all
+        k = min(n, S.shape[1])
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else \
+            np.broadcast_to(np.arange(S.shape[1]), S.shape)
+        ids = np.take_along_axis(cand, top, axis=1)
+        scores = np.take_along_axis(S, top, axis=1).astype(np.float32)
+        ids = np.where(np.isfinite(scores), ids + self.class_offset, -1)
+        ids, scores = _sort_desc(ids, scores)
+        return self._pad(ids, scores, n)
+
+    @staticmethod
+    def _score(rows: np.ndarray, graph: np.ndarray, entry: np.ndarray, Q: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Candidates {e} + graph[e] per query and their scores q . row (-inf where none)."""
+        cand = np.concatenate([entry[:, None], graph[entry]], axis=1).astype(np.int64)
+        ok = cand >= 0
+        S = np.matmul(rows[np.where(ok, cand, 0)], Q[:, :, None])[:, :, 0]
+        S[~ok] = -np.inf
+        return cand, S
