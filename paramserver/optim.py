@@ -84,6 +84,12 @@ class SGDConfig:
         if self.sparse_momentum == "unrolled" and self.momentum >= 1.0:
             raise ValueError(f"SGDConfig: sparse_momentum='unrolled' needs momentum < 1, got {self.momentum!r}")
 
+    @property
+    def has_buffer(self) -> bool:
+        """Whether the rule keeps a momentum buffer ("lazy" with momentum > 0); "unrolled" and
+        momentum 0 keep none, so a store allocates, gathers and snapshots no second K x d matrix."""
+        return self.sparse_momentum == "lazy" and self.momentum != 0.0
+
     def to_dict(self) -> dict:
         return {"momentum": float(self.momentum), "weight_decay": float(self.weight_decay),
                 "nesterov": bool(self.nesterov), "exact_rounding": bool(self.exact_rounding),
@@ -201,7 +207,7 @@ def sgd_update_rows(w: np.ndarray, buf: np.ndarray, grad: np.ndarray, lr: float,
         blk.step(w[s:e], buf[s:e], grad[s:e])
 
 
-def sgd_update_indexed(W: np.ndarray, M: np.ndarray, idx: np.ndarray, grad: np.ndarray, lr: float,
+def sgd_update_indexed(W: np.ndarray, M: Optional[np.ndarray], idx: np.ndarray, grad: np.ndarray, lr: float,
                        cfg: SGDConfig, scratch: Optional[Scratch] = None, block_rows: Optional[int] = None) -> None:
     """One SGD step on rows ``idx`` of ``W`` and of their momentum ``M``, in place.
 
@@ -210,7 +216,8 @@ def sgd_update_indexed(W: np.ndarray, M: np.ndarray, idx: np.ndarray, grad: np.n
     arithmetic, in the same order, as :func:`sgd_update_rows` on the whole gathered set.
 
     Args:
-        W, M: [K, d] the class matrix and its momentum (C-contiguous).
+        W, M: [K, d] the class matrix and its momentum (C-contiguous); M is None for a rule
+            without a buffer (``cfg.has_buffer`` False): then only W's rows are gathered.
         idx: [n] distinct local row indices, all valid (validated by the caller).
         grad: [n, d] the summed gradient of row ``idx[i]`` in ``grad[i]``; only read.
         lr, cfg, scratch: as :func:`sgd_update_rows`.
@@ -219,13 +226,19 @@ def sgd_update_indexed(W: np.ndarray, M: np.ndarray, idx: np.ndarray, grad: np.n
     n, d = grad.shape
     sc = scratch or Scratch(max_bytes=0)
     blk = _Block(d, W.dtype, lr, cfg, sc, block_rows)
+    if M is None and blk.mom is not None:
+        raise ValueError("sgd_update_indexed: this rule needs a momentum buffer (M is None)")
     wb = sc.get("blk_w", (blk.rows, d), W.dtype)
-    bb = sc.get("blk_buf", (blk.rows, d), W.dtype)
+    bb = sc.get("blk_buf", (blk.rows, d), W.dtype) if M is not None else None
     for s in range(0, n, blk.rows):
         i = idx[s:s + blk.rows]
         k = len(i)
         # mode="clip": ids are validated; "raise" would make take() buffer its output.
         w = np.take(W, i, axis=0, out=wb[:k], mode="clip")
+        if M is None:
+            blk.step(w, w, grad[s:s + k])   # no buffer: the rule never reads it
+            W[i] = w
+            continue
         b = np.take(M, i, axis=0, out=bb[:k], mode="clip")
         blk.step(w, b, grad[s:s + k])
         W[i] = w

@@ -21,11 +21,13 @@ Every bad input raises :class:`BadRequestError` before anything is modified, so 
 set_rows leaves the matrix bit-identical.
 
 Snapshot format (a directory, written atomically: a temporary sibling directory is filled and then
-renamed over ``path``): ``W.npy`` and ``momentum.npy`` (numpy .npy, [num_classes, dim] rows of
-this store) and ``manifest.json`` with ``format``, ``version``, ``num_classes``, ``class_offset``,
+renamed over ``path``): ``W.npy`` and, when the optimizer keeps a momentum buffer ("lazy" with
+momentum > 0), ``momentum.npy`` (numpy .npy, [num_classes, dim] rows of this store) and ``manifest.json`` with ``format``, ``version``, ``num_classes``, ``class_offset``,
 ``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer`` ({momentum, weight_decay, nesterov,
 exact_rounding, sparse_momentum}),
-``files``. Pushes still being collected are not part of a snapshot. ``restore(path)`` is an
+``files`` (``momentum`` only when written). A store whose rule keeps no buffer ("unrolled", or
+momentum 0: the default of training) holds, updates and writes no momentum matrix; restoring an
+older snapshot that has one (all-zero under "unrolled") still works. Pushes still being collected are not part of a snapshot. ``restore(path)`` is an
 instance method that loads a snapshot in place (same rows, dim and dtype required);
 :meth:`WeightStore.from_snapshot` builds a new store from one.
 """
@@ -250,16 +252,17 @@ def read_manifest(path: str) -> dict:
     if man.get("dtype") not in SUPPORTED_DTYPES:
         raise BadRequestError(f"snapshot manifest {mpath}: field 'dtype' must be one of {SUPPORTED_DTYPES}")
     files = man.get("files")
-    if (not isinstance(files, dict) or any(not isinstance(files.get(k), str) or not files[k]
-                                           or os.path.basename(files[k]) != files[k] for k in MATRICES)):
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'files' must map W and momentum to file names")
     opt = man.get("optimizer")
     if not isinstance(opt, dict):
         raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' missing")
     try:
-        _opt_from_manifest(opt)
+        cfg = _opt_from_manifest(opt)
     except (KeyError, TypeError, ValueError) as e:
         raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' invalid ({e})") from None
+    need = MATRICES if cfg.has_buffer else ("W",)
+    if (not isinstance(files, dict) or any(not isinstance(files.get(k), str) or not files[k]
+                                           or os.path.basename(files[k]) != files[k] for k in need)):
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'files' must map {' and '.join(need)} to file names")
     return man
 
 
@@ -342,12 +345,14 @@ class WeightStore:
         else:
             self._W = init_rows(self._offset, self._offset + self._K, self._d, str(self._dtype), init,
                                 float(init_std), int(seed))
-        # momentum buffers; zero == "never touched" (see optim.py). np.zeros maps pages lazily.
-        self._M = np.zeros(self._W.shape, dtype=self._dtype)
+        # momentum buffers; zero == "never touched" (see optim.py). np.zeros maps pages lazily. None
+        # when the rule keeps no buffer (the default "unrolled"): no second K x d matrix at all.
+        self._M: Optional[np.ndarray] = np.zeros(self._W.shape, dtype=self._dtype) if self.opt.has_buffer else None
         self._scratch = Scratch()
         self._step = 0
         # step -> client_id -> (local ids int64 [n], grads [n, d] owned copy, lr)
-        self._pending: dict[int, dict[int, tuple[np.ndarray, np.ndarray, float]]] = {}
+        # step -> client_id -> (local ids int64 [n], grads [n, d], lr, Frobenius norm of grads)
+        self._pending: dict[int, dict[int, tuple[np.ndarray, np.ndarray, float, float]]] = {}
         self._cond = threading.Condition()
         self._index: Any = None
         self._t0 = time.monotonic()
@@ -404,16 +409,25 @@ class WeightStore:
                 raise BadRequestError(f"{what}: row id {int(arr[i])} at position {i} is out of range [{lo}, {hi})")
         return loc
 
-    def _check_rows(self, rows: Any, n: int, what: str) -> np.ndarray:
+    def _check_rows(self, rows: Any, n: int, what: str) -> float:
+        """Validate rows [n, d] of the store's dtype, all finite; returns their Frobenius norm (an upper
+        bound of every |element|), from one BLAS pass that also detects NaN / Inf."""
         if not isinstance(rows, np.ndarray):
             raise BadRequestError(f"{what}: expected a numpy array, got {type(rows).__name__}")
         if rows.shape != (n, self._d):
             raise BadRequestError(f"{what}: shape {list(rows.shape)} does not match [{n}, {self._d}] (len(ids), dim)")
         if rows.dtype != self._dtype:
             raise BadRequestError(f"{what}: dtype {rows.dtype} does not match the store's {self._dtype}")
-        if not np.isfinite(rows).all():
-            raise BadRequestError(f"{what}: contains NaN or Inf")
-        return rows
+        if not rows.size:
+            return 0.0
+        flat = rows.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = float(np.dot(flat, flat))   # NaN / Inf anywhere -> not finite; so does an overflow of the square
+        if not math.isfinite(sq):
+            if not np.isfinite(rows).all():
+                raise BadRequestError(f"{what}: contains NaN or Inf")
+            return math.inf              # finite but huge (|x| > ~1e19): the update's own bound decides
+        return math.sqrt(sq)
 
     @staticmethod
     def _check_matrix(matrix: str) -> str:
@@ -429,14 +443,24 @@ class WeightStore:
         return [c for c in range(self.num_clients) if c not in got]
 
     def pull(self, ids: Any, step: Optional[int] = None, timeout: Optional[float] = None,
-             matrix: str = "W") -> np.ndarray:
-        """Rows ``ids`` (global) as a new array [n, d]; with ``step``, first wait for store.step >= step."""
+             matrix: str = "W", out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``ids`` (global) as a new array [n, d] (or written into ``out``, a reused C-contiguous
+        [n, d] buffer of the store's dtype, and returned); with ``step``, first wait for store.step >= step."""
         self._check_matrix(matrix)
         loc = self._local_ids(ids)
+        if out is not None and (not isinstance(out, np.ndarray) or out.shape != (len(loc), self._d)
+                                or out.dtype != self._dtype or not out.flags.c_contiguous or not out.flags.writeable):
+            raise BadRequestError(f"pull: out must be a writable C-contiguous {self._dtype} array of shape "
+                                  f"[{len(loc)}, {self._d}]")
         with self._cond:
             self._wait_for_step(step, timeout, "pull")
-            src = self._W if matrix == "W" else self._M
-            out = src[loc]
+            if matrix == "W" or self._M is not None:
+                # mode="clip": ids are validated; "raise" would make take() buffer its output
+                out = np.take(self._W if matrix == "W" else self._M, loc, axis=0, out=out, mode="clip")
+            elif out is None:   # no buffer kept: the momentum of this rule is zero everywhere
+                out = np.zeros((len(loc), self._d), dtype=self._dtype)
+            else:
+                out.fill(0)
             self._counts["pulls"] += 1
             self._counts["rows_pulled"] += len(loc)
         return out
@@ -469,7 +493,7 @@ class WeightStore:
         then says whether the step is complete.
         """
         loc = self._local_ids(ids)
-        self._check_rows(grads, len(loc), "push grads")
+        norm = self._check_rows(grads, len(loc), "push grads")
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise BadRequestError(f"push: step must be a non-negative integer, got {step!r}")
         if not isinstance(client_id, (int, np.integer)) or not 0 <= client_id < self.num_clients:
@@ -490,12 +514,12 @@ class WeightStore:
             got = self._pending.get(step, {})
             if client_id in got:
                 raise BadRequestError(f"push: client {client_id} already pushed step {step}")
-            for other, (_, _, olr) in got.items():
+            for other, (_, _, olr, _) in got.items():
                 if olr != lr:
                     raise BadRequestError(f"push: lr {lr!r} for step {step} differs from client {other}'s {olr!r}")
             completes = step == self._step and len(got) + 1 == self.num_clients
             keep = grads if (completes or not copy) else np.array(grads, copy=True)  # only read, never written
-            self._pending.setdefault(step, {})[client_id] = (loc, keep, lr)
+            self._pending.setdefault(step, {})[client_id] = (loc, keep, lr, norm)
             self._counts["pushes"] += 1
             self._counts["rows_pushed"] += len(loc)
             if not apply:
@@ -529,12 +553,15 @@ class WeightStore:
             self._cond.notify_all()
         return applied
 
-    def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float]]) -> None:
+    def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float, float]]) -> None:
         """Sum the R clients' gradients of the current step and apply one SGD update (lock held)."""
         order_clients = sorted(entries)
         lr = entries[order_clients[0]][2]
+        # With no duplicate id, every element of the applied gradient is one client's element, so
+        # the largest client norm bounds it (no pass over g); duplicates are summed and g measured.
+        norm_bound = max(entries[c][3] for c in order_clients)
         if len(order_clients) == 1:
-            ids, grads, _ = entries[order_clients[0]]
+            ids, grads, _, _ = entries[order_clients[0]]
         else:
             ids = np.concatenate([entries[c][0] for c in order_clients])
             grads = np.concatenate([entries[c][1] for c in order_clients])
@@ -550,10 +577,11 @@ class WeightStore:
                     uniq, g = ids, grads  # no duplicates: keep the caller's order (grads are only read)
                 else:
                     uniq, g = _sum_duplicates(sids, grads, order, first)
+                    norm_bound = math.nan  # measure the sum itself
             # Every gradient is finite, but their sum over duplicated ids (or clients) may not be, and
             # lr * g may overflow: such an update is refused as a whole and W stays bit-identical.
-            # One pass over g; |step| <= lr/(1-m) * max|g| bounds every variant of the SGD rule.
-            bound = self._step_bound(g, lr)
+            # |step| <= lr/(1-m) * (1+m) * max|g| bounds every variant of the SGD rule.
+            bound = self._step_bound(g, lr, norm_bound)
             if not bound < _MAX_ROW_STEP:
                 self._counts["refused_updates"] += 1
                 logger.error("step %d: update refused, W unchanged (the summed gradient of %d rows times lr %g is "
@@ -583,13 +611,18 @@ class WeightStore:
             logger.error("step %d: index update failed (%s: %s); serving on with the live index",
                          self._step, type(e).__name__, e)
 
-    def _step_bound(self, g: np.ndarray, lr: float) -> float:
-        """Upper bound of |change| of any updated row element: lr/(1-m) * max|g| (nan if g is not finite)."""
+    def _step_bound(self, g: np.ndarray, lr: float, gmax: float = math.nan) -> float:
+        """Upper bound of |change| of any updated row element: lr/(1-m) * (1+m) * max|g| (nan if g is
+        not finite). ``gmax``: a known bound of max|g| (a client's norm); measured from g when not
+        finite or when it alone would refuse the update."""
+        m = self.opt.momentum
+        scale = lr / max(1.0 - m, 1e-12) * (1.0 + m)
+        if math.isfinite(gmax) and scale * gmax < _MAX_ROW_STEP:
+            return scale * gmax
         hi, lo = float(g.max()), float(g.min())
         if not (math.isfinite(hi) and math.isfinite(lo)):
             return float("nan")
-        m = self.opt.momentum
-        return lr / max(1.0 - m, 1e-12) * (1.0 + m) * max(hi, -lo)
+        return scale * max(hi, -lo)
 
     def set_rows(self, ids: Any, rows: np.ndarray, matrix: str = "W") -> None:
         """Overwrite rows ``ids`` of ``matrix`` ("W" or "momentum"); ids must be distinct."""
@@ -598,6 +631,9 @@ class WeightStore:
         self._check_rows(rows, len(loc), "set_rows rows")
         if len(np.unique(loc)) != len(loc):
             raise BadRequestError("set_rows: ids must be distinct")
+        if matrix == "momentum" and self._M is None:
+            raise BadRequestError(f"set_rows: this store keeps no momentum buffer (sparse_momentum="
+                                  f"{self.opt.sparse_momentum!r}, momentum={self.opt.momentum}): nothing to set")
         with self._cond:
             (self._W if matrix == "W" else self._M)[loc] = rows
             if matrix == "W" and self._index is not None and len(loc):
@@ -654,7 +690,8 @@ class WeightStore:
         return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "num_classes": self._K,
                 "class_offset": self._offset, "total_classes": self._total, "dim": self._d,
                 "dtype": str(self._dtype), "step": self._step, "optimizer": self.opt.to_dict(),
-                "init": self.init_desc, "files": {"W": "W.npy", "momentum": "momentum.npy"},
+                "init": self.init_desc,
+                "files": {"W": "W.npy", **({"momentum": "momentum.npy"} if self._M is not None else {})},
                 "created_unix": time.time()}
 
     def snapshot(self, path: str, fsync: bool = False) -> dict:
@@ -679,8 +716,9 @@ class WeightStore:
                 man = self.manifest()
                 # Both files at once: file writes release the GIL, and one writer alone is bound by
                 # the memcpy into the page cache on one core.
-                _parallel([lambda: _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync),
-                           lambda: _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)])
+                _parallel([lambda: _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync)]
+                          + ([lambda: _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)]
+                             if self._M is not None else []))
             _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
             # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
             # complete snapshot; a writer killed between the renames leaves both complete siblings,
@@ -697,8 +735,11 @@ class WeightStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         logger.info("snapshot of step %d written to %s (%.1f MB)", man["step"], path,
-                    (self._W.nbytes + self._M.nbytes) / 1e6)
+                    self._nbytes() / 1e6)
         return man
+
+    def _nbytes(self) -> int:
+        return int(self._W.nbytes + (self._M.nbytes if self._M is not None else 0))
 
     def restore(self, path: str, in_place: bool = False) -> dict:
         """Load snapshot ``path`` into this store (same rows, dim, dtype required); returns its manifest.
@@ -715,17 +756,19 @@ class WeightStore:
             if man[key] != val:
                 raise BadRequestError(f"snapshot {path}: manifest {key}={man[key]!r} does not match this store's {val!r}")
         shape = (self._K, self._d)
+        restored = _opt_from_manifest(man["optimizer"])
         with self._cond:
-            W, M = _parallel([
+            # The momentum file only when the snapshot's rule uses a buffer (an older "unrolled"
+            # snapshot holds an all-zero one: not read, not kept).
+            W, M = (_parallel([
                 lambda: _read_npy_into(os.path.join(path, man["files"]["W"]), self._W if in_place else None,
-                                       shape, self._dtype),
-                lambda: _read_npy_into(os.path.join(path, man["files"]["momentum"]), self._M if in_place else None,
-                                       shape, self._dtype)])
+                                       shape, self._dtype)]
+                + ([lambda: _read_npy_into(os.path.join(path, man["files"]["momentum"]),
+                                           self._M if in_place else None, shape, self._dtype)]
+                   if restored.has_buffer else [])) + [None])[:2]
             self._W, self._M = W, M
             self._step = int(man["step"])
             self._pending.clear()
-            o = man["optimizer"]
-            restored = _opt_from_manifest(o)
             if restored != self.opt:  # the snapshot's optimizer wins, as its momentum matches it
                 logger.warning("restore %s: optimizer %s from the snapshot replaces this store's %s",
                                path, restored.to_dict(), self.opt.to_dict())
@@ -759,7 +802,8 @@ class WeightStore:
                     nesterov=bool(o["nesterov"]), exact_rounding=bool(o.get("exact_rounding", False)),
                     sparse_momentum=str(o.get("sparse_momentum", "lazy")), num_clients=num_clients, sync_timeout=sync_timeout,
                     class_offset=man["class_offset"], total_classes=man["total_classes"], _rows=W)
-        _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
+        if store._M is not None:
+            _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
         store._step = int(man["step"])
         if isinstance(man.get("init"), dict):
             store.init_desc = man["init"]
@@ -772,7 +816,7 @@ class WeightStore:
         el = max(time.monotonic() - self._t0, 1e-9)
         lo, hi = self.class_range
         return {"rows": self._K, "dim": self._d, "dtype": str(self._dtype), "class_range": [lo, hi],
-                "bytes": int(self._W.nbytes + self._M.nbytes), "step": self._step,
+                "bytes": self._nbytes(), "momentum_buffer": self._M is not None, "step": self._step,
                 "num_clients": self.num_clients, "pending_clients": len(self._pending.get(self._step, {})),
                 **self._counts, "pushes_per_s": self._counts["pushes"] / el,
                 "updates_per_s": self._counts["updates"] / el, "uptime_s": el,

@@ -449,3 +449,79 @@ def test_snapshot_never_replaces_what_is_not_a_snapshot(tmp_path) -> None:
     st.snapshot(str(tmp_path / "s"))
     st.snapshot(str(tmp_path / "s"))                  # a snapshot may replace a snapshot
     assert sorted(os.listdir(tmp_path)) == ["file.txt", "mine", "s"]
+
+
+def test_lean_store_keeps_no_momentum_matrix(tmp_path) -> None:
+    """Under "unrolled" (and momentum 0) no momentum buffer exists: none allocated, counted, written
+    or restored; a "lazy" store keeps one. Old snapshots with a momentum file still restore."""
+    K, d = 40, 8
+    lean = WeightStore(K, d, sparse_momentum="unrolled", weight_decay=0.01)
+    assert lean._M is None and lean.stats()["bytes"] == K * d * 4 and not lean.stats()["momentum_buffer"]
+    assert WeightStore(K, d, momentum=0.0)._M is None
+    lazy = WeightStore(K, d)
+    assert lazy.stats()["bytes"] == 2 * K * d * 4 and lazy.stats()["momentum_buffer"]
+    g = np.random.default_rng(0).standard_normal((3, d)).astype(np.float32)
+    lean.push([1, 5, 9], g, 0, 0.1)
+    assert not lean.pull(np.arange(K), matrix="momentum").any()     # the rule's momentum is zero
+    with pytest.raises(BadRequestError, match="no momentum buffer"):
+        lean.set_rows([0], np.ones((1, d), np.float32), matrix="momentum")
+    man = lean.snapshot(str(tmp_path / "lean"))
+    assert man["files"] == {"W": "W.npy"} and sorted(os.listdir(tmp_path / "lean")) == ["W.npy", "manifest.json"]
+    back = WeightStore.from_snapshot(str(tmp_path / "lean"))
+    assert back._M is None and back.step == 1
+    np.testing.assert_array_equal(back.pull(np.arange(K)), lean.pull(np.arange(K)))
+    # a snapshot written before the lean store: unrolled with an all-zero momentum.npy
+    old = tmp_path / "old"
+    lean.snapshot(str(old))
+    np.save(old / "momentum.npy", np.zeros((K, d), np.float32))
+    mpath = old / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["files"]["momentum"] = "momentum.npy"
+    mpath.write_text(json.dumps(m))
+    fresh = WeightStore(K, d, sparse_momentum="unrolled", weight_decay=0.01)
+    fresh.restore(str(old))
+    assert fresh._M is None and fresh.step == 1
+    np.testing.assert_array_equal(fresh.pull(np.arange(K)), lean.pull(np.arange(K)))
+    # a lazy snapshot restored into a lean store brings its buffer (and its optimizer) along
+    lazy.push([2, 3], g[:2], 0, 0.1)
+    lazy.snapshot(str(tmp_path / "lazy"))
+    fresh.restore(str(tmp_path / "lazy"), in_place=True)
+    assert fresh._M is not None and fresh.opt.sparse_momentum == "lazy"
+    np.testing.assert_array_equal(fresh.pull(np.arange(K), matrix="momentum"), lazy.pull(np.arange(K), matrix="momentum"))
+    assert fresh.pull([2], matrix="momentum").any()
+    # a lazy manifest whose momentum file entry is missing is refused by name
+    m = json.loads((tmp_path / "lazy" / "manifest.json").read_text())
+    del m["files"]["momentum"]
+    (tmp_path / "lazy" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BadRequestError, match="'files' must map W and momentum"):
+        fresh.restore(str(tmp_path / "lazy"))
+
+
+def test_overflow_bound_from_the_push_norm_neither_misses_nor_over_refuses() -> None:
+    """The update's overflow guard uses the pushed gradient's norm (no extra pass): a gradient whose
+    norm overflows but whose elements are moderate is applied; one that would overflow is refused."""
+    d = 16
+    st = WeightStore(4, d, sparse_momentum="unrolled", weight_decay=0.0)
+    w0 = st.pull(np.arange(4))
+    big = np.full((2, d), 1e20, np.float32)                 # |g|^2 overflows float32, lr * g does not
+    st.push([0, 1], big, 0, 1e-3)
+    assert st.stats()["refused_updates"] == 0
+    np.testing.assert_allclose(st.pull([0, 1]), w0[:2] - 1e-3 / 0.1 * big, rtol=1e-6)
+    st.push([2], np.full((1, d), 3e37, np.float32), 1, 1.0)  # lr/(1-m) * g = 3e38 > the 1e30 limit
+    assert st.stats()["refused_updates"] == 1
+    np.testing.assert_array_equal(st.pull([2]), w0[2:3])
+    with pytest.raises(BadRequestError, match="NaN or Inf"):
+        st.push([3], np.full((1, d), np.inf, np.float32), 2, 1.0)
+
+
+def test_pull_into_a_reused_buffer() -> None:
+    st = WeightStore(30, 4, sparse_momentum="unrolled")
+    buf = np.empty((3, 4), np.float32)
+    got = st.pull([7, 2, 29], out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, st.pull(np.arange(30))[[7, 2, 29]])
+    st.pull([0, 1, 2], matrix="momentum", out=buf)
+    assert not buf.any()
+    for bad in (np.empty((2, 4), np.float32), np.empty((3, 4), np.float64), np.empty((4, 3), np.float32).T):
+        with pytest.raises(BadRequestError, match="out must be"):
+            st.pull([1, 2, 3], out=bad)
