@@ -124,7 +124,8 @@ def make_store(args: argparse.Namespace) -> WeightStore:
 
 
 def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
-    """Attach an IndexManager for ``--index`` to the shard's store and build it once, synchronously."""
+    """Attach an IndexManager for ``--index`` to the shard's store and start its first build
+    (synchronous only for a small W; the server binds and answers meanwhile, with a random fill)."""
     if args.index == "none":
         return
     from paramserver.index import IndexManager, index_options, make_index
@@ -140,7 +141,7 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
         manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True)
     except ValueError as e:
         raise SystemExit(f"--index {args.index}: {e}") from None
-    manager.build_now(store.rows_view(), step=store.step)
+    manager.start(store.rows_view(), step=store.step)   # in the background for a large W: the server answers at once
     store.attach_index(manager)
     logger.info("index %s (%s) attached, rebuilt every >= %d steps", args.index, args.metric, args.rebuild_every)
 

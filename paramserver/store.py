@@ -775,10 +775,11 @@ class WeightStore:
             self.opt = restored
             self._cond.notify_all()
         logger.info("restored step %d from %s", self._step, path)
-        # The attached index was built over the old rows: rebuild it now, synchronously, so the first
-        # query after a resume selects from the restored matrix rather than a stale one.
-        if self._index is not None and hasattr(self._index, "build_now"):
-            self._index.build_now(self.rows_view(), self._step)
+        # The attached index was built over the old rows: drop it and rebuild over the restored ones
+        # (in the background for a large W: restore answers at once; selection falls back to a
+        # random fill until the new index is live; a build still running is retired).
+        if self._index is not None and hasattr(self._index, "reset"):
+            self._index.reset(self.rows_view(), self._step)
         return man
 
     def set_rebuild_every(self, steps: int) -> None:

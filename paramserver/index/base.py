@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
@@ -43,6 +45,10 @@ def _sort_desc(ids: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndar
 # ----------------------------------------------------------------------------------------------
 # the interface
 # ----------------------------------------------------------------------------------------------
+class BuildCancelled(RuntimeError):
+    """A build stopped by :meth:`ClassIndex.cancel` (a retired build)."""
+
+
 class ClassIndex:
     """Nearest-class index over the rows of one shard's W ([K, d], row i = class offset + i).
 
@@ -77,6 +83,16 @@ class ClassIndex:
         # Nice increment for a build subprocess (HashingForest); IndexManager sets it for background
         # builds so that the build only takes CPU the trainer leaves idle.
         self.build_nice = 0
+        self._cancel = threading.Event()   # set by cancel(): a running build may stop early
+
+    def cancel(self) -> None:
+        """Ask a running build to stop (the graph build checks between lists; a build subprocess
+        is killed); the index is then unusable. Builds that cannot stop finish and are discarded."""
+        self._cancel.set()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise BuildCancelled(f"{type(self).__name__} build cancelled")
 
     # -- validation shared by subclasses ------------------------------------------------------
     def _check_W(self, W: np.ndarray) -> np.ndarray:
@@ -116,7 +132,9 @@ class ClassIndex:
 
     # -- API ------------------------------------------------------------------------------------
     def build(self, W: np.ndarray) -> None:
-        """Build from W [K, d] float32. The index copies what it keeps, so W may change after."""
+        """Build from W [K, d] float32. Indexes that score on rows (exact, graph) keep a reference to
+        W and read it at query time (the store's live rows; no copy); the others keep what they
+        built from it (a forest, an HNSW graph, IVF lists)."""
         raise NotImplementedError
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -124,6 +142,10 @@ class ClassIndex:
         scores float32 [B, n], sorted descending per row). `labels` [B] (the batch's global class
         ids) is a hint only the label-driven GraphIndex uses; the others ignore it."""
         raise NotImplementedError
+
+    def bind_rows(self, W: np.ndarray) -> None:
+        """Read rows from ``W`` from now on (indexes that score on the store's rows: exact, graph).
+        The others keep what they built and ignore it."""
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows of W changed (incremental indexes only)."""
@@ -142,3 +164,15 @@ class ClassIndex:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, K={self.num_classes})"
+
+
+# k-means samples at most this many rows (at 10M classes nlist * 64 would be 640K rows x 10K lists
+# per iteration, minutes on one core; 256K keeps >= 25 points per list).
+MAX_TRAIN_ROWS = 262_144
+
+
+def _default_nlist(K: int) -> int:
+    """Lists of an IVF / graph build over K rows: round(sqrt(K)) up to 1M rows (lists of ~1000), then
+    K // 1000 (lists stay ~1000 rows, so a build's cost grows linearly in K, not as K^1.5); at most
+    K // 8, at least 1."""
+    return max(1, min(max(int(round(math.sqrt(K))), K // 1000), K // 8))

@@ -5,15 +5,16 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .base import ClassIndex, _normalize_rows, _sort_desc
+from .base import _EPS, ClassIndex, _normalize_rows, _sort_desc
 
 
 class ExactIndex(ClassIndex):
     """Exact top-n by blocked matmul; the reference every approximate index is measured against.
 
     Memory stays bounded at K = 1M: rows are scored in blocks of `block_rows`, and a running top-n
-    ([B, n]) is merged with each block's top-n via np.argpartition. Incremental: `update` writes
-    the pushed rows into its copy, so the index is never stale (the oracle selection in benchmarks).
+    ([B, n]) is merged with each block's top-n via np.argpartition. It scores the rows of the W it
+    was built over (a reference to the store's rows, no copy; "angular" keeps their norms, K floats,
+    refreshed by `update`), so it is never stale (the oracle selection in benchmarks).
     """
 
     name = "exact"
@@ -26,18 +27,32 @@ class ExactIndex(ClassIndex):
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         self.block_rows = int(block_rows)
         self._W: Optional[np.ndarray] = None
+        self._inv_norm: Optional[np.ndarray] = None   # [K] 1 / |row| ("angular")
 
     def build(self, W: np.ndarray) -> None:
         W = self._check_W(W)
-        self._W = _normalize_rows(W) if self.metric == "angular" else W.copy()
+        inv = None
+        if self.metric == "angular":
+            inv = np.empty(W.shape[0], dtype=np.float32)
+            for lo in range(0, W.shape[0], self.block_rows):
+                inv[lo:lo + self.block_rows] = 1.0 / np.maximum(np.linalg.norm(W[lo:lo + self.block_rows], axis=1), _EPS)
+        self._W, self._inv_norm = W, inv
         self.num_classes = W.shape[0]
 
+    def bind_rows(self, W: np.ndarray) -> None:
+        """Score on ``W`` (same shape) from now on: the live store rows after a build from a copy."""
+        W = self._check_W(W)
+        if W.shape[0] != self.num_classes:
+            raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
+        self._W = W
+
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Overwrite the changed rows (global ids [m], rows [m, d])."""
+        """Rows changed (global ids [m], rows [m, d]; W itself holds them): refresh their norms."""
         if self._W is None:
             raise RuntimeError("ExactIndex.update called before build()")
         local, rows = self._check_update(ids, rows)
-        self._W[local] = _normalize_rows(rows) if self.metric == "angular" else rows
+        if self._inv_norm is not None and local.size:
+            self._inv_norm[local] = 1.0 / np.maximum(np.linalg.norm(rows, axis=1), _EPS)
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)
@@ -50,6 +65,8 @@ class ExactIndex(ClassIndex):
         best_s = np.empty((B, 0), dtype=np.float32)
         for start in range(0, K, self.block_rows):
             S = F @ self._W[start:start + self.block_rows].T  # [B, blk]
+            if self._inv_norm is not None:
+                S *= self._inv_norm[start:start + self.block_rows]
             kb = min(k, S.shape[1])
             part = np.argpartition(-S, kb - 1, axis=1)[:, :kb] if kb < S.shape[1] else \
                 np.broadcast_to(np.arange(S.shape[1]), S.shape)

@@ -90,7 +90,12 @@ class HashingForest(ClassIndex):
                 args=(w_path, out_path, self.dim, self.metric, self.ntrees, self.seed, n_jobs,
                       self.build_nice))
             proc.start()
-            proc.join()  # releases the GIL
+            while proc.is_alive():  # join releases the GIL; a cancel kills the child
+                proc.join(0.2)
+                if self._cancel.is_set():
+                    proc.kill()
+                    proc.join()
+                    self._check_cancel()
             if proc.exitcode != 0:
                 raise RuntimeError(f"forest build subprocess failed with exit code {proc.exitcode}")
             index = annoy.AnnoyIndex(self.dim, self.metric)

@@ -2,48 +2,67 @@
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import shutil
 import threading
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from .base import _EPS, ClassIndex, _faiss_threads, _normalize_rows, _sort_desc
+from .base import _EPS, MAX_TRAIN_ROWS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc
 from .ivf import IVFIndex
 
 
-def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: int, tppc: int, seed: int,
-                     threads: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GraphIndex's build over unit rows X [K, d]: (graph int32 [K, degree], unit centroids
-    [nlist, d], list representatives int64 [nlist]). See the GraphIndex docstring."""
+def _unit(X: np.ndarray) -> np.ndarray:
+    """Unit rows of a gathered block (float32, a new array)."""
+    return _normalize_rows(np.asarray(X, dtype=np.float32))
+
+
+def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: int, tppc: int, seed: int,
+                     threads: Optional[int], check: Optional[Callable[[], None]] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GraphIndex's build over the rows of W [K, d] (read in place, never copied: blocks are
+    normalised as they are gathered): (graph int32 [K, degree], unit centroids [nlist, d], list
+    representatives int64 [nlist]). See the GraphIndex docstring.
+
+    Memory beyond W: each row's running top-`degree` (ids int32 + scores float32, K x degree x 8
+    bytes), its `probe` nearest lists (K x probe int32) and one block's scores. ``check`` is called
+    between lists (it raises to stop a retired build)."""
     import faiss
 
-    K = X.shape[0]
+    K, d = W.shape
     with _faiss_threads(threads):
         rng = np.random.default_rng(seed)
-        n_train = min(K, nlist * tppc)
-        sample = X if n_train == K else X[np.sort(rng.choice(K, n_train, replace=False))]
-        km = faiss.Kmeans(X.shape[1], nlist, niter=niter, seed=seed, spherical=True,
+        n_train = min(K, nlist * tppc, max(MAX_TRAIN_ROWS, nlist))
+        sample = _unit(W if n_train == K else W[np.sort(rng.choice(K, n_train, replace=False))])
+        km = faiss.Kmeans(d, nlist, niter=niter, seed=seed, spherical=True,
                           max_points_per_centroid=tppc, verbose=False)
         km.train(sample)
+        del sample
         C = _normalize_rows(np.ascontiguousarray(km.centroids, dtype=np.float32))
-        flat = faiss.IndexFlatIP(X.shape[1])
-        flat.add(C)
+        if nlist > _HNSW_LISTS:   # many lists: an HNSW graph over the centroids finds each row's nearest
+            coarse = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+            coarse.hnsw.efSearch = 64
+        else:
+            coarse = faiss.IndexFlatIP(d)
+        coarse.add(C)
         p = min(probe, nlist)
-        sims, top = flat.search(X, p)                   # each row's p nearest lists, best first
+        top = np.empty((K, p), dtype=np.int32)          # each row's p nearest lists, best first
+        sim0 = np.empty(K, dtype=np.float32)            # cosine to its own list's centroid
+        for lo in range(0, K, _ROW_BLOCK):
+            sims, t = coarse.search(_unit(W[lo:lo + _ROW_BLOCK]), p)
+            top[lo:lo + len(t)], sim0[lo:lo + len(t)] = t, sims[:, 0]
     assign = top[:, 0]
     order = np.argsort(assign, kind="stable")          # rows grouped by their own list
     bounds = np.concatenate(([0], np.cumsum(np.bincount(assign, minlength=nlist))))
     # (row, slot) pairs grouped by probed list: list j is searched by every row that has it
     # among its p nearest lists, in one matmul of those rows against j's members.
-    probed = top.reshape(-1)
-    by_list = np.argsort(probed, kind="stable")
-    qbounds = np.concatenate(([0], np.cumsum(np.bincount(probed, minlength=nlist))))
+    by_list = np.argsort(top.reshape(-1), kind="stable")
+    qbounds = np.concatenate(([0], np.cumsum(np.bincount(top.reshape(-1), minlength=nlist))))
+    del top
     deg = min(degree, K - 1)
-    part_i = np.full((K, p, deg), -1, dtype=np.int32)  # per (row, probed list) top-deg
-    part_s = np.full((K, p, deg), -np.inf, dtype=np.float32)
+    best_i = np.full((K, deg), -1, dtype=np.int32)     # running top-deg over the probed lists
+    best_s = np.full((K, deg), -np.inf, dtype=np.float32)
     reps = np.zeros(nlist, dtype=np.int64)
     block = 4096  # query rows per matmul: bounds the [block, members] score matrix
     # A list far larger than the average (degenerate rows: all-zero or identical rows all fall into
@@ -52,17 +71,18 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     cap = max(4 * -(-K // nlist), 4 * degree, 256)
     sub_rng = np.random.default_rng([seed, 11])
     for lst in range(nlist):
+        if check is not None and lst % 16 == 0:
+            check()
         mem = order[bounds[lst]:bounds[lst + 1]]
         if mem.size == 0:
             continue
-        reps[lst] = mem[np.argmax(sims[mem, 0])]
-        pairs = by_list[qbounds[lst]:qbounds[lst + 1]]
-        rows_q, slot = pairs // p, pairs % p
+        reps[lst] = mem[np.argmax(sim0[mem])]
+        rows_q = by_list[qbounds[lst]:qbounds[lst + 1]] // p     # each row once: its p lists differ
         cm = mem if mem.size <= cap else np.sort(sub_rng.choice(mem, cap, replace=False))
-        Xm = X[cm]
+        Xm = _unit(W[cm])
         for lo in range(0, rows_q.size, block):
-            rq, sl = rows_q[lo:lo + block], slot[lo:lo + block]
-            S = X[rq] @ Xm.T                                  # [q, candidate members]
+            rq = rows_q[lo:lo + block]
+            S = _unit(W[rq]) @ Xm.T                           # [q, candidate members]
             own = np.flatnonzero(assign[rq] == lst)
             if own.size:                                      # not its own neighbour
                 r, c = np.nonzero(rq[own][:, None] == cm[None, :])
@@ -70,17 +90,27 @@ def _neighbour_graph(X: np.ndarray, nlist: int, probe: int, degree: int, niter: 
             k = min(deg, cm.size)
             t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < cm.size else \
                 np.broadcast_to(np.arange(cm.size), S.shape)
-            part_i[rq, sl, :k] = cm[t]
-            part_s[rq, sl, :k] = np.take_along_axis(S, t, axis=1)
-    part_i, part_s = part_i.reshape(K, -1), part_s.reshape(K, -1)
-    best = np.argpartition(-part_s, deg - 1, axis=1)[:, :deg] if deg < part_s.shape[1] else \
-        np.broadcast_to(np.arange(part_s.shape[1]), part_s.shape)
-    bs = np.take_along_axis(part_s, best, axis=1)
-    best = np.take_along_axis(best, np.argsort(-bs, axis=1, kind="stable"), axis=1)
+            cand_i = np.concatenate([best_i[rq], cm[t].astype(np.int32)], axis=1)
+            cand_s = np.concatenate([best_s[rq], np.take_along_axis(S, t, axis=1)], axis=1)
+            keep = np.argpartition(-cand_s, deg - 1, axis=1)[:, :deg]
+            best_i[rq] = np.take_along_axis(cand_i, keep, axis=1)
+            best_s[rq] = np.take_along_axis(cand_s, keep, axis=1)
+    for lo in range(0, K, _ROW_BLOCK):                         # sort each row's neighbours, best first
+        bs = best_s[lo:lo + _ROW_BLOCK]
+        srt = np.argsort(-bs, axis=1, kind="stable")
+        bi = np.take_along_axis(best_i[lo:lo + _ROW_BLOCK], srt, axis=1)
+        bi[~np.isfinite(np.take_along_axis(bs, srt, axis=1))] = -1
+        best_i[lo:lo + _ROW_BLOCK] = bi
+    del best_s
+    if deg == degree:
+        return best_i, C, reps
     graph = np.full((K, degree), -1, dtype=np.int32)
-    graph[:, :deg] = np.take_along_axis(part_i, best, axis=1)
-    graph[:, :deg][~np.isfinite(np.take_along_axis(part_s, best, axis=1))] = -1
+    graph[:, :deg] = best_i
     return graph, C, reps
+
+
+_ROW_BLOCK = 65536     # rows per block of the whole-K passes of a build
+_HNSW_LISTS = 2048     # from this many lists the rows find their nearest lists through an HNSW graph
 
 
 _BUILD_DIRS: set = set()  # temp dirs of graph builds in flight (a build thread is a daemon)
@@ -94,7 +124,7 @@ def _remove_build_dirs() -> None:
 
 def _graph_build_worker(x_path: str, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
                         seed: int, threads: Optional[int], nice: int) -> None:
-    """Subprocess body of GraphIndex.build: unit rows from an .npy file -> graph arrays in an .npz."""
+    """Subprocess body of GraphIndex.build: rows from an .npy file -> graph arrays in an .npz."""
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     graph, C, reps = _neighbour_graph(np.load(x_path, mmap_mode="r"), nlist, probe, degree, niter, tppc, seed, threads)
@@ -141,7 +171,7 @@ class GraphIndex(ClassIndex):
 
     Args (besides the base ones):
         degree: neighbours kept per class (graph out-degree).
-        nlist: k-means lists (None: round(sqrt(K)), at most K // 8, at least 1).
+        nlist: k-means lists (None: round(sqrt(K)) up to 1M rows, then K // 1000; at most K // 8).
         probe: lists searched for each list's neighbours (itself included).
         hops: greedy steps of the walk (only with cold_nprobe = 0).
         cold_cos: a label row whose cosine with the feature is below this makes the sample cold
@@ -155,12 +185,15 @@ class GraphIndex(ClassIndex):
     name = "graph"
     incremental = True
     SUBPROCESS_MIN_ROWS = 50_000
+    SUBPROCESS_MAX_BYTES = 1 << 30
 
     def __init__(self, dim: int, metric: str = "angular", *, class_offset: int = 0, seed: int = 0,
                  degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3,
                  cold_cos: float = 0.3, cold_nprobe: int = 8, cold_drift: float = 0.01, niter: int = 10,
-                 train_points_per_centroid: int = 64, subprocess: Optional[bool] = None) -> None:
+                 train_points_per_centroid: int = 64, subprocess: Optional[bool] = None,
+                 cold_codec: str = "sq8") -> None:
         super().__init__(dim, metric, class_offset=class_offset, seed=seed)
+        self.cold_codec = cold_codec
         for key, val in (("degree", degree), ("probe", probe), ("niter", niter),
                          ("train_points_per_centroid", train_points_per_centroid)):
             if not isinstance(val, (int, np.integer)) or val < 1:
@@ -178,53 +211,61 @@ class GraphIndex(ClassIndex):
         self.queries = self.cold_queries = 0         # samples answered, and of those by the cold path
         self.niter, self.train_points_per_centroid = int(niter), int(train_points_per_centroid)
         self.nlist = 0
-        self._rows: Optional[np.ndarray] = None       # [K, d] what queries score (unit rows for angular)
+        self._rows: Optional[np.ndarray] = None       # [K, d] the store's rows (a reference, never a copy)
         self._graph: Optional[np.ndarray] = None      # [K, degree] int32 local ids, -1 = none
         self._centroids: Optional[np.ndarray] = None  # [nlist, d] unit
         self._reps: Optional[np.ndarray] = None       # [nlist] member nearest each centroid
         self._lock = threading.Lock()
 
     def build(self, W: np.ndarray) -> None:
+        """Build over W [K, d] float32 and keep a REFERENCE to it: queries score the rows W holds when
+        they run (the store's live rows; :meth:`bind_rows` moves the reference, e.g. from the copy a
+        deterministic build read to the live matrix)."""
         W = self._check_W(W)
         K = W.shape[0]
-        X = _normalize_rows(W)  # neighbours are by cosine for both metrics
-        rows = X if self.metric == "angular" else W.copy()
-        nlist = min(self.nlist_opt or max(1, min(int(round(math.sqrt(K))), K // 8)), K)
+        nlist = self.nlist_opt or _default_nlist(K)
+        nlist = min(nlist, K)
         args = (nlist, self.probe, self.degree, self.niter, self.train_points_per_centroid, self.seed,
                 self.build_threads)
-        use_subprocess = self.subprocess if self.subprocess is not None else K >= self.SUBPROCESS_MIN_ROWS
+        use_subprocess = self.subprocess if self.subprocess is not None else \
+            K >= self.SUBPROCESS_MIN_ROWS and W.nbytes <= self.SUBPROCESS_MAX_BYTES
         proc = tmp = None
         if use_subprocess:
             # The per-list loop holds the GIL between its numpy calls; in a background thread that
             # stalls the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so
-            # large graphs are built in a spawned process while this thread builds the IVF.
+            # mid-sized graphs are built in a spawned process (reading W from a temp .npy, removed at
+            # once) while this thread builds the IVF. Above SUBPROCESS_MAX_BYTES the build reads W in
+            # place in this thread: a temp copy of a 10 GB matrix costs more than the GIL hand-offs,
+            # which are few when lists are large.
             import multiprocessing
             import tempfile
 
             tmp = tempfile.mkdtemp(prefix="hf_graph_")
             _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
-            np.save(os.path.join(tmp, "X.npy"), X)
+            np.save(os.path.join(tmp, "W.npy"), W)
             # daemon: a build still running when the trainer or server exits is terminated, not awaited
             proc = multiprocessing.get_context("spawn").Process(
                 target=_graph_build_worker, name="hf-graph-build", daemon=True,
-                args=(os.path.join(tmp, "X.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice))
+                args=(os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice))
             proc.start()
         try:
             ivf = None
             if self.cold_nprobe:
                 ivf = IVFIndex(self.dim, self.metric, class_offset=self.class_offset, seed=self.seed, nlist=nlist,
                                nprobe=self.cold_nprobe, niter=self.niter,
-                               train_points_per_centroid=self.train_points_per_centroid)
+                               train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
                 ivf.build(W)
             if proc is not None:
-                proc.join()  # releases the GIL
+                while proc.is_alive():   # join releases the GIL; a cancel kills the child
+                    proc.join(0.2)
+                    self._check_cancel()
                 if proc.exitcode != 0:
                     raise RuntimeError(f"graph build subprocess failed with exit code {proc.exitcode}")
                 with np.load(os.path.join(tmp, "graph.npz")) as z:
                     graph, C, reps = z["graph"], z["C"], z["reps"]
             else:
-                graph, C, reps = _neighbour_graph(X, *args)
+                graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel)
         finally:
             if proc is not None and proc.is_alive():
                 proc.kill()
@@ -233,17 +274,25 @@ class GraphIndex(ClassIndex):
                 shutil.rmtree(tmp, ignore_errors=True)
                 _BUILD_DIRS.discard(tmp)
         with self._lock:
-            self._rows, self._graph, self._centroids, self._reps = rows, graph, C, reps
+            self._rows, self._graph, self._centroids, self._reps = W, graph, C, reps
             self._ivf = ivf
             self.nlist, self.num_classes = nlist, K
 
+    def bind_rows(self, W: np.ndarray) -> None:
+        """Score on ``W`` (same shape) from now on: the live store rows after a build from a copy."""
+        W = self._check_W(W)
+        if W.shape[0] != self.num_classes:
+            raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
+        with self._lock:
+            self._rows = W
+
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Overwrite the changed rows (global ids [m], rows [m, d]); the neighbour sets wait for a rebuild."""
+        """Rows changed (global ids [m], their new rows [m, d]): the scores read the store's rows, so
+        only the cold-path IVF moves rows that drifted; the neighbour sets wait for a rebuild."""
         if self._rows is None:
             raise RuntimeError("GraphIndex.update called before build()")
         local, rows = self._check_update(ids, rows)
         with self._lock:
-            self._rows[local] = _normalize_rows(rows) if self.metric == "angular" else rows
             ivf = self._ivf
         if ivf is not None and local.size:
             # Re-assign in the IVF only the rows that moved (cosine to the held row below
@@ -274,7 +323,7 @@ class GraphIndex(ClassIndex):
                 if mine.size and self.cold_cos > -1.0:
                     # A label row that does not agree with its feature yet (untrained: its graph
                     # neighbours were computed from noise) is no entry: search from the feature.
-                    r = rows[entry[mine]]
+                    r = np.asarray(rows[entry[mine]], dtype=np.float32)
                     cos = np.einsum("bd,bd->b", r, F[mine]) / np.maximum(
                         np.linalg.norm(r, axis=1) * np.linalg.norm(F[mine], axis=1), _EPS)
                     entry[mine[cos < self.cold_cos]] = -1
@@ -284,20 +333,20 @@ class GraphIndex(ClassIndex):
                 # greedily to the best-scoring row (a few hops of B x degree scores each)
                 entry[lost] = reps[np.argmax(_normalize_rows(F[lost]) @ C.T, axis=1)]
                 for _ in range(self.hops):
-                    c, s = self._score(rows, graph, entry[lost], Q[lost])
+                    c, s = self._score(rows, graph, entry[lost], Q[lost], self.metric)
                     entry[lost] = c[np.arange(lost.size), np.argmax(s, axis=1)]
             self.queries += B
             self.cold_queries += int(lost.size)
             if ivf is None:
                 lost = lost[:0]
             warm = np.flatnonzero(entry >= 0)
-            cand, S = self._score(rows, graph, entry[warm], Q[warm])   # [b, 1 + degree] fresh scores
+            cand, S = self._score(rows, graph, entry[warm], Q[warm], self.metric)   # [b, 1 + degree] fresh scores
             if lost.size:  # the IVF proposes, the fresh rows score
                 assert ivf is not None
                 ci, _ = ivf.query(F[lost], n)
                 ci = ci - self.class_offset
                 ok = ci >= 0
-                cs = np.matmul(rows[np.where(ok, ci, 0)], Q[lost][:, :, None])[:, :, 0]
+                cs = _scores(rows, np.where(ok, ci, 0), Q[lost], self.metric)
                 cs[~ok] = -np.inf
                 width = max(cand.shape[1], ci.shape[1])
                 c_all = np.full((B, width), -1, dtype=np.int64)
@@ -315,10 +364,21 @@ class GraphIndex(ClassIndex):
         return self._pad(ids, scores, n)
 
     @staticmethod
-    def _score(rows: np.ndarray, graph: np.ndarray, entry: np.ndarray, Q: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _score(rows: np.ndarray, graph: np.ndarray, entry: np.ndarray, Q: np.ndarray,
+               metric: str) -> Tuple[np.ndarray, np.ndarray]:
         """Candidates {e} + graph[e] per query and their scores q . row (-inf where none)."""
         cand = np.concatenate([entry[:, None], graph[entry]], axis=1).astype(np.int64)
         ok = cand >= 0
-        S = np.matmul(rows[np.where(ok, cand, 0)], Q[:, :, None])[:, :, 0]
+        S = _scores(rows, np.where(ok, cand, 0), Q, metric)
         S[~ok] = -np.inf
         return cand, S
+
+
+def _scores(rows: np.ndarray, cand: np.ndarray, Q: np.ndarray, metric: str) -> np.ndarray:
+    """[b, c] scores of the rows ``cand`` [b, c] against the queries Q [b, d] (unit for angular):
+    q . row, divided by |row| for "angular" (the rows are the store's, not normalised)."""
+    R = rows[cand]                                                   # [b, c, d] gathered
+    S = np.matmul(R, Q[:, :, None])[:, :, 0]
+    if metric == "angular":
+        S /= np.maximum(np.sqrt(np.einsum("bcd,bcd->bc", R, R)), _EPS)
+    return S

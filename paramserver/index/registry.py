@@ -18,9 +18,9 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
     "exact": ("block_rows",),
     "forest": ("ntrees", "search_k", "subprocess"),
     "hnsw": ("M", "ef_construction", "ef_search"),
-    "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid", "query_threads"),
+    "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid", "query_threads", "codec"),
     "graph": ("degree", "nlist", "probe", "hops", "cold_cos", "cold_nprobe", "cold_drift", "niter",
-              "train_points_per_centroid", "subprocess"),
+              "train_points_per_centroid", "subprocess", "cold_codec"),
     "random": (),
 }
 
