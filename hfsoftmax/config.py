@@ -89,6 +89,7 @@ class HeadConfig:
     nprobe: int = 8                # IVF lists probed per feature (graph: per cold sample)
     degree: int = 32               # graph index: neighbours kept per class
     cpk_every: int = 0             # P: log CPK(M) on a probe batch every P steps (0 = off)
+    cpk_sample: int = 200_000      # classes a CPK probe scores: all K up to this, else the active set + a uniform sample
     adaptive: bool = False         # adaptive allocation of M and T from CPK
     tau_cp: float = 0.9
     m_min: int = 100

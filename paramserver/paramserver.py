@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import threading  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from paramserver.server import ParamServer, read_token_file, resolve_snapshot  # noqa: E402
@@ -116,11 +117,13 @@ def make_store(args: argparse.Namespace) -> WeightStore:
     if args.num_classes is None or args.dim is None:
         raise SystemExit("--num-classes and --dim are required unless --restore is given")
     lo, hi = shard_ranges(args.num_classes, s)[i]
+    # defer_init: the server binds and answers at once while the rows are drawn (parked meanwhile)
     return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
                        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
                        exact_rounding=args.exact_rounding, sparse_momentum=args.sparse_momentum,
                        num_clients=args.num_clients,
-                       sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes)
+                       sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes,
+                       init_threads=os.cpu_count() or 1, defer_init=True)
 
 
 def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
@@ -141,8 +144,12 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
         manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True)
     except ValueError as e:
         raise SystemExit(f"--index {args.index}: {e}") from None
-    manager.start(store.rows_view(), step=store.step)   # in the background for a large W: the server answers at once
     store.attach_index(manager)
+    if store.rows_ready:
+        manager.start(store.rows_view(), step=store.step)   # in the background for a large W: the server answers at once
+    else:   # the first build starts once the deferred init has drawn the rows
+        threading.Thread(target=lambda: (store._rows_ready.wait(), manager.start(store.rows_view(), step=store.step)),
+                         name="index-first-build", daemon=True).start()
     logger.info("index %s (%s) attached, rebuilt every >= %d steps", args.index, args.metric, args.rebuild_every)
 
 

@@ -25,12 +25,15 @@ import zmq
 
 from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
                                   get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
-from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore, read_manifest,
+from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore,
                                recover_snapshot)
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Ops that read or write the rows: parked while a deferred init draws them (ping, info, register,
+# stats and shutdown are answered at once).
+ROW_OPS = frozenset({"pull", "push", "set_rows", "query", "snapshot", "restore"})
 SNAPSHOT_NAME = re.compile(r"^step-(\d{9})$")
 
 
@@ -162,6 +165,7 @@ class ParamServer:
         self._monitor: Optional[zmq.Socket] = None
         self._stop = threading.Event()
         self._parked: list[_Parked] = []
+        self._init_parked: list[tuple[list, float]] = []   # (frames, deadline) waiting for the rows
         self._update_due = False
         self.address: Optional[str] = None
         # busy_s / cpu_s: wall and CPU time of this thread handling requests and applying updates
@@ -220,6 +224,8 @@ class ParamServer:
                             break
                 if self._monitor is not None and self._monitor in events:
                     self._on_monitor()
+                if self._init_parked:
+                    self._serve_init_parked()
                 self._expire_parked()
                 now = time.monotonic()
                 if self.log_every > 0 and now - t_log >= self.log_every:
@@ -232,6 +238,7 @@ class ParamServer:
         for p in self._parked:
             self._send(p.envelope, error_reply(p.req_id, "server shutting down", "internal"))
         self._parked.clear()
+        self._init_parked.clear()
         if self.snapshot_dir and self.final_snapshot:
             try:
                 self.periodic_snapshot()
@@ -317,6 +324,9 @@ class ParamServer:
             op = header.get("op")
             if op not in OPS:
                 raise ProtocolError(f"unknown op {op!r}; known: {list(OPS)}")
+            if op in ROW_OPS and not self.store.rows_ready:
+                self._init_parked.append((frames, time.monotonic() + self.max_wait))
+                return
             reply = getattr(self, f"_op_{op}")(envelope, header, arrays)
         except (ProtocolError, StoreError, PermissionError) as e:
             self._counts["errors"] += 1
@@ -344,7 +354,8 @@ class ParamServer:
         return {"protocol": PROTOCOL_VERSION, "num_classes": self.store.total_classes, "rows": self.store.num_classes,
                 "class_range": [lo, hi], "dim": self.store.dim, "dtype": str(self.store.dtype),
                 "step": self.store.step, "num_clients": self.store.num_clients, "shard": list(self.shard),
-                "optimizer": self.store.opt.to_dict(), "index": self.store.index is not None}
+                "optimizer": self.store.opt.to_dict(), "index": self.store.index is not None,
+                "rows_ready": self.store.rows_ready}
 
     def _op_ping(self, env: list, h: dict, arrays: list) -> list:
         return ok_reply(h.get("id"), step=self.store.step)
@@ -504,6 +515,30 @@ class ParamServer:
             self._parked = still
         if self.snapshot_every and self.store.step % self.snapshot_every == 0:
             self.periodic_snapshot()
+
+    def _serve_init_parked(self) -> None:
+        """Requests that arrived while the rows were drawn: served in arrival order once they exist,
+        refused (naming the reason) after max_wait."""
+        if self.store.rows_ready:
+            parked, self._init_parked = self._init_parked, []
+            for frames, _ in parked:
+                self._handle(frames)
+            return
+        now = time.monotonic()
+        still = []
+        for frames, deadline in self._init_parked:
+            if now < deadline:
+                still.append((frames, deadline))
+                continue
+            cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
+            self._counts["errors"] += 1
+            try:
+                req_id = decode(list(frames[cut:]))[0].get("id")
+            except Exception:
+                req_id = None
+            self._send(list(frames[:cut]), error_reply(_safe_id(req_id), "the server is still initialising its rows "
+                                                       f"after {self.max_wait:.0f}s", "sync_timeout"))
+        self._init_parked = still
 
     def _expire_parked(self) -> None:
         if not self._parked:

@@ -551,3 +551,56 @@ def test_huge_requests_are_refused_by_name_and_others_are_served() -> None:
         with pytest.raises(BadRequestError, match="query: the reply"):
             rs.query(np.ones((1, d), np.float32), 100000)   # 1.2 MB of candidates
         assert rs.pull(np.arange(500)).shape == (500, d)          # 0.5 MiB: fine
+
+
+def test_server_answers_at_once_while_its_rows_are_drawn(monkeypatch):
+    """paramserver.py draws W in the background: info/ping are answered before the rows exist, a
+    pull sent meanwhile is parked and answered with the rows the seed gives once they exist, and
+    the index's first build starts after them."""
+    import threading
+
+    import paramserver.store as store_mod
+    from paramserver.client import RemoteStore
+    from tests.servers import thread_server
+
+    gate = threading.Event()
+    real = store_mod.init_rows
+
+    def slow_init(*a, **kw):
+        assert gate.wait(20)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store_mod, "init_rows", slow_init)
+    with thread_server("--num-classes", "500", "--dim", "8", "--seed", "3", "--index", "exact") as address:
+        rs = RemoteStore(address, 500, 8, timeout=20.0)
+        try:
+            assert rs.info()[0]["rows_ready"] is False          # answered with the rows not drawn yet
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(rs.clone().pull(np.arange(5))))
+            t.start()
+            time.sleep(0.3)
+            assert not got                                        # parked, not answered with garbage
+            gate.set()
+            t.join(20)
+            want = real(0, 500, 8, "float32", "normal", 0.01, 3)
+            np.testing.assert_array_equal(got[0], want[:5])
+            ids, _ = rs.query(want[:3].copy(), 2)
+            deadline = time.monotonic() + 10
+            while (ids < 0).any() and time.monotonic() < deadline:   # first build after the rows
+                time.sleep(0.05)
+                ids, _ = rs.query(want[:3].copy(), 2)
+            assert ids[:, 0].tolist() == [0, 1, 2]
+        finally:
+            rs.close()
+
+
+def test_init_rows_threads_and_out_do_not_change_the_rows():
+    from paramserver.store import INIT_BLOCK_ROWS, init_rows
+
+    lo, hi = 1000, 3 * INIT_BLOCK_ROWS + 17
+    one = init_rows(lo, hi, 6, "float32", "normal", 0.02, 9)
+    out = np.empty((hi - lo, 6), np.float32)
+    assert init_rows(lo, hi, 6, "float32", "normal", 0.02, 9, out=out, threads=3) is out
+    np.testing.assert_array_equal(out, one)
+    np.testing.assert_array_equal(init_rows(lo, hi, 6, "float32", "uniform", 0.02, 9, threads=2),
+                                  init_rows(lo, hi, 6, "float32", "uniform", 0.02, 9))

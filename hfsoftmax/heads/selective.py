@@ -53,11 +53,15 @@ first selection after a resume already reflects the resumed matrix.
 CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
 Every P = ``cpk_every`` steps, on rank 0, on a probe of up to ``cpk_probe`` samples of the current
 global batch (the M it chooses reaches every rank with the active set), the
-exact class probabilities over all K classes are computed in blocks of rows pulled from the store
-(no B x K tensor; eval logits, i.e. without the margin): a running logsumexp and a running top-k
-of the logits over blocks. Logged:
+class probabilities are computed in blocks of rows pulled from the store (no B x K tensor; eval
+logits, i.e. without the margin): a running logsumexp and a running top-k of the logits over blocks.
+With K <= ``cpk_sample`` over all K classes (exact); above, from a sample of classes (``cpk_sampled``
+= 1 in the metrics; :meth:`SelectiveSoftmax.sampled_mass` states the estimator and its error): the
+active set A that the current M selects this step plus a uniform sample of the other classes,
+``cpk_sample`` rows per probe instead of K. Logged:
 
-- ``cpk_exact``  = mean over probe samples of the probability mass of the exact top-M classes;
+- ``cpk_exact``  = mean over probe samples of the probability mass of the exact top-M classes
+  (sampled: a lower estimate, exact up to the partition estimate when each sample's top-M is in A);
 - ``cpk_active`` = mean probability mass of the active set actually selected this step (selection
   quality: near ``cpk_exact`` for a good index, about M/K plus the label's mass for random).
 
@@ -74,7 +78,8 @@ Adaptive rule (``adaptive=True``), applied at each probe:
   ``t_max``. T is set on the local store's IndexManager (``rebuild_every``); a remote store needs
   ``set_rebuild_every`` on the client (logged once when missing; T is still tracked and logged).
 
-Probing costs one pass over all K rows (K*d floats from the store), so P should be large at large K.
+An exact probe costs one pass over all K rows (K*d floats from the store), a sampled one
+``cpk_sample`` rows (at least |A| + cpk_sample / 4 when M approaches cpk_sample).
 """
 from __future__ import annotations
 
@@ -101,6 +106,9 @@ logger = logging.getLogger(__name__)
 # Errors of a store that mean "the parameter server is gone" (RemoteStore raises TimeoutError naming
 # the address; SyncTimeoutError is a TimeoutError too, naming the clients that did not push).
 _LOST = (TimeoutError, ConnectionError)
+# Stream tag of the CPK probe's class sample (Generator keyed by (seed, train step, tag)): apart from
+# the selection's fill, keyed by (seed, train step).
+_CPK_STREAM = 0x43504B
 
 
 class ParamServerLostError(ConnectionError):
@@ -214,7 +222,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
                             num_clients=1, seed=cfg.train.seed,
                             sync_timeout=float(cfg.store.timeout))
         manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
-        manager.build_now(store.rows_view(), step=0)
+        manager.start(store.rows_view(), step=0)
         store.attach_index(manager)
         return store
     if kind == "remote":
@@ -288,6 +296,8 @@ class SelectiveSoftmax(ClassifierHead):
         cpk_probe: samples of the batch used for a CPK probe.
         cpk_drop, t_min, t_max: the T rule (defaults 0.02, max(1, T // 8), 8 T).
         block_size: rows per block when scoring all K (CPK, topk).
+        cpk_sample: classes a CPK probe scores: all K when K <= cpk_sample (exact), else the active
+            set plus a uniform sample of the rest (:meth:`sampled_mass`).
         pipeline: push from a background worker (its own store connection) instead of in end_step.
         comm: the head's collectives (default: a new :class:`HeadComm` when world_size > 1).
     """
@@ -298,7 +308,8 @@ class SelectiveSoftmax(ClassifierHead):
                  m_max: int = 10000, rebuild_every: int = 100, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, shortcut_full: bool = True, cpk_probe: int = 64,
                  cpk_drop: float = 0.02, t_min: Optional[int] = None, t_max: Optional[int] = None,
-                 block_size: int = 65536, pipeline: bool = False, comm: Optional[HeadComm] = None) -> None:
+                 block_size: int = 65536, pipeline: bool = False, comm: Optional[HeadComm] = None,
+                 cpk_sample: int = 200_000) -> None:
         super().__init__(num_classes, feature_dim)
         if margin not in MARGINS:
             raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
@@ -312,6 +323,8 @@ class SelectiveSoftmax(ClassifierHead):
             raise ConfigError(f"need candidates >= 1, cpk_every >= 0, rebuild_every >= 1, cpk_probe >= 1, "
                              f"block_size >= 1; got {candidates}, {cpk_every}, {rebuild_every}, {cpk_probe}, "
                              f"{block_size}")
+        if cpk_sample < 1:
+            raise ConfigError(f"head.cpk_sample must be >= 1 (classes scored by a CPK probe), got {cpk_sample}")
         if adaptive and not (0.0 < tau_cp <= 1.0 and 1 <= m_min <= m_max):
             raise ConfigError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, "
                              f"got tau_cp={tau_cp}, m_min={m_min}, m_max={m_max}")
@@ -338,6 +351,7 @@ class SelectiveSoftmax(ClassifierHead):
         self.seed = int(seed)
         self.shortcut_full = bool(shortcut_full)
         self.block_size = int(block_size)
+        self.cpk_sample = int(cpk_sample)
         # Step state: the train step and lr of begin_step; store step = train step + offset.
         self._train_step: Optional[int] = None
         self._lr: Optional[float] = None
@@ -351,7 +365,7 @@ class SelectiveSoftmax(ClassifierHead):
         self._period_first: Optional[float] = None
         self._period_last: Optional[float] = None
         self._warned_remote_t = False
-        self._probe_lse: Optional[torch.Tensor] = None   # [P] logsumexp over all K of the last probe
+        self._probe_lse: Optional[torch.Tensor] = None   # [P] log partition (exact or estimated) of the last probe
         self._probe: Optional[torch.Tensor] = None       # [P, d] the last probe's features (global batch)
         # Multi-rank and pipelining state.
         self.comm = comm if comm is not None else HeadComm(self.rank, self.world_size)
@@ -379,7 +393,7 @@ class SelectiveSoftmax(ClassifierHead):
                            cfg.num_active, num_classes)
         return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
                    scale=cfg.scale, margin_m=margin_param(cfg), index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
-                   cpk_every=cfg.cpk_every, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
+                   cpk_every=cfg.cpk_every, cpk_sample=cfg.cpk_sample, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
                    m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size,
                    pipeline=pipeline)
 
@@ -530,9 +544,20 @@ class SelectiveSoftmax(ClassifierHead):
         if not central or self.comm.rank == 0:
             gfeat = (self.comm.gather_batch(feats32) if central else feats32) if need_feats else None
             M = self.num_active
+            feats_np = gfeat.cpu().numpy() if gfeat is not None else None
+            pre = None       # (M, selection) a sampled probe was built on; reused if M stays
             if probe_step:
-                M = self._probe_cpk(gfeat[: self.cpk_probe], step)                  # adaptive: new M
                 self._probe = gfeat[: self.cpk_probe]
+                if self.num_classes > self.cpk_sample:
+                    # The sampled probe scores the active set that the current M selects (the classes
+                    # the index found); if the adaptive rule changes M, the step selects again below.
+                    m0 = max(M, n_unique)
+                    t0 = time.perf_counter()
+                    pre = (m0, self.select(feats_np, glab, m0, step))
+                    wait += time.perf_counter() - t0
+                    M = self._probe_cpk(self._probe, step, active=pre[1][0])          # adaptive: new M
+                else:
+                    M = self._probe_cpk(self._probe, step)                           # adaptive: new M
             if M < n_unique:
                 # Every label must be active (Partial FC keeps its positives too): M grows for this
                 # step only, logged the first time and counted (m_grown_steps in the metrics).
@@ -542,10 +567,12 @@ class SelectiveSoftmax(ClassifierHead):
                     "step %s: M grows from %d to the batch's %d unique labels for this step (counted in "
                     "m_grown_steps; raise head.num_active to avoid it)", self._train_step, M, n_unique)
                 M = n_unique
-            t0 = time.perf_counter()
-            feats_np = gfeat.cpu().numpy() if gfeat is not None else None
-            active, remap_g = self.select(feats_np, glab, M, step)                    # [M], [R*b]
-            wait += time.perf_counter() - t0
+            if pre is not None and pre[0] == M:
+                active, remap_g = pre[1]
+            else:
+                t0 = time.perf_counter()
+                active, remap_g = self.select(feats_np, glab, M, step)                # [M], [R*b]
+                wait += time.perf_counter() - t0
         elif need_feats:
             self.comm.gather_batch(feats32)                   # rank 0's gather needs every rank
         if central:
@@ -660,11 +687,102 @@ class SelectiveSoftmax(ClassifierHead):
             best = cat.topk(min(k, cat.shape[1]), dim=1).values                  # running top-k [P, <=k]
         return lse, torch.exp(best - lse[:, None])
 
-    def _probe_cpk(self, probe: torch.Tensor, step: Optional[int] = None) -> int:
-        """CPK of the exact top-M on the probe; with adaptive allocation also choose M. Returns M."""
+    def cpk_sample_ids(self, active: np.ndarray) -> np.ndarray:
+        """The uniform class sample S of a sampled probe: sorted ids [s] drawn without replacement from
+        the classes not in ``active`` (sorted unique ids), s = min(K - |A|, max(cpk_sample - |A|,
+        cpk_sample // 4, 1)). Keyed by (seed, train step) on a stream of its own (not the selection's
+        fill): the same on every rank and on a rerun."""
+        a = np.asarray(active, dtype=np.int64)
+        n_c = self.num_classes - a.size
+        s = min(n_c, max(self.cpk_sample - a.size, self.cpk_sample // 4, 1))
+        if s <= 0:
+            return np.empty(0, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self._train_step or 0, _CPK_STREAM])
+        j = np.sort(rng.choice(n_c, size=s, replace=False))              # positions in the complement
+        # the j-th class not in A is j + #{i : a_i - i <= j} (a sorted)
+        return j + np.searchsorted(a - np.arange(a.size), j, side="right")
+
+    def _mass_over(self, probe: torch.Tensor, ids: np.ndarray, k: int,
+                   step: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Over the classes ``ids`` in blocks of block_size: (logsumexp [P], top-k logits [P, <=k])."""
+        lse = torch.full((probe.shape[0],), -math.inf, dtype=torch.float64, device=probe.device)
+        best = torch.empty((probe.shape[0], 0), dtype=torch.float64, device=probe.device)
+        for start in range(0, ids.size, self.block_size):
+            w = torch.from_numpy(self._pull(ids[start: start + self.block_size], step))
+            w = w.to(device=probe.device, dtype=probe.dtype)                           # [blk, d]
+            s = margin_logits(probe, w, None, self.margin, self.scale, self.margin_m).double()   # [P, blk]
+            lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
+            cat = torch.cat([best, s], dim=1)
+            best = cat.topk(min(k, cat.shape[1]), dim=1).values
+        return lse, best
+
+    @torch.no_grad()
+    def sampled_mass(self, probe: torch.Tensor, k: int, active: np.ndarray,
+                     step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`exact_mass` estimated from the active set A plus a uniform sample S of the rest:
+        (log partition estimate [P], top-k probabilities [P, min(k, |A| + |S|)] sorted desc).
+
+        For one probe sample with x_j = exp(logit_j), N = K - |A| classes outside A, s = |S|
+        (:meth:`cpk_sample_ids`), the partition estimate is
+
+            Zhat = sum_{j in A} x_j + (N / s) * sum_{j in S} x_j      (float64, in log space).
+
+        (a) Zhat is unbiased for Z (A is fixed before S is drawn), with relative standard error
+
+                se(Zhat) / Z = P_C * CV_C * sqrt((1 - s/N) / s)
+                             <= sqrt(P_C * p_C * N (N - s) / ((N - 1) s))   ~ sqrt(P_C * N p_C / s),
+
+            P_C = the probability mass outside A, CV_C = std / mean of x over those N classes (std
+            with divisor N - 1), p_C = the largest probability outside A (the bound: sum x^2 <=
+            max x * sum x). A flat remainder (N p_C ~ P_C) gives ~ P_C / sqrt(s); one strong class
+            outside A makes it large. The log (what cpk_active divides by) has the same s.e. to first
+            order. S is shared by the probe's samples, so their errors are correlated and the mean
+            over the probe does not average them out.
+        (b) The top-k are the k largest logits of A u S, each exp(logit) / Zhat: with T the true top-k,
+            the result is (CPK_k - delta) * Z / Zhat with 0 <= delta <= p(T outside A u S) <= p(T outside A).
+            So it is exact up to Z / Zhat (the s.e. of (a)) when T lies in A (a good index, k <= |A|),
+            and low otherwise (for the random index the top-k beyond the labels are mostly missed):
+            cpk_exact, and the adaptive M it drives, err on the conservative side. It never exceeds 1
+            (N / s >= 1, so Zhat >= the sum over A u S).
+        (c) Cost: |A| + s rows pulled (cpk_sample while |A| <= 3/4 cpk_sample) and P x (|A| + s)
+            logits per probe, instead of K.
+
+        Args:
+            probe: [P, d] features.
+            k: the largest m of CPK(m) wanted.
+            active: the active ids of this step (any order).
+            step: the store step the pulled rows must reflect.
+        """
+        self.check_features(probe)
+        a = np.unique(np.asarray(active, dtype=np.int64))                         # sorted [|A|]
+        samp = self.cpk_sample_ids(a)                                             # sorted [s]
+        k = min(int(k), a.size + samp.size)
+        lse_a, best_a = self._mass_over(probe, a, k, step)
+        lse = lse_a
+        best = best_a
+        if samp.size:
+            lse_s, best_s = self._mass_over(probe, samp, k, step)
+            lse = torch.logaddexp(lse_a, lse_s + math.log((self.num_classes - a.size) / samp.size))
+            best = torch.cat([best_a, best_s], dim=1).topk(k, dim=1).values
+        return lse, torch.exp(best - lse[:, None])
+
+    def _probe_cpk(self, probe: torch.Tensor, step: Optional[int] = None,
+                   active: Optional[np.ndarray] = None) -> int:
+        """CPK of the exact top-M on the probe (estimated around ``active`` when K > cpk_sample); with
+        adaptive allocation also choose M. Returns M."""
         k = max(self.num_active, min(self.m_max, self.num_classes)) if self.adaptive else self.num_active
-        lse, probs = self.exact_mass(probe, k, step)
+        sampled = self.num_classes > self.cpk_sample
+        if sampled:
+            if active is None:
+                raise ValueError(f"a CPK probe at K={self.num_classes} > cpk_sample={self.cpk_sample} "
+                                 f"needs this step's active ids")
+            lse, probs = self.sampled_mass(probe, k, active, step)
+        else:
+            lse, probs = self.exact_mass(probe, k, step)
         curve = probs.cumsum(dim=1).mean(dim=0).cpu().numpy()                   # [k] mean CPK(m)
+        if curve.size < k:
+            # sampled with k > |A u S|: CPK(m) beyond is taken as CPK(|A u S|), a lower value
+            curve = np.pad(curve, (0, k - curve.size), mode="edge")
         self._probe_lse = lse
         if self.adaptive:
             new_m = choose_num_active(curve, self.tau_cp, self.m_min, self.m_max, self.num_classes)
@@ -672,7 +790,8 @@ class SelectiveSoftmax(ClassifierHead):
                 logger.info("adaptive allocation at step %d: M %d -> %d (tau_cp %.3f)", self._train_step,
                             self.num_active, new_m, self.tau_cp)
             self.num_active = new_m
-        self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step)}
+        self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step),
+                     "cpk_sampled": 1.0 if sampled else 0.0}
         return self.num_active
 
     def _probe_active(self, probe: torch.Tensor, Wa: torch.Tensor) -> None:

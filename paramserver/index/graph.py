@@ -177,7 +177,7 @@ class GraphIndex(ClassIndex):
         cold_cos: a label row whose cosine with the feature is below this makes the sample cold
             (-1: never).
         cold_nprobe: lists the cold-path IVF probes per feature (0: no IVF, walk instead).
-        cold_drift: rows whose direction moved by more than this (1 - cosine) are re-assigned.
+        cold_drift: rows whose cosine to their cold-IVF list's centroid fell by more than this are re-assigned.
         niter, train_points_per_centroid: k-means iterations and sample size per centroid.
         subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows).
     """
@@ -295,13 +295,12 @@ class GraphIndex(ClassIndex):
         with self._lock:
             ivf = self._ivf
         if ivf is not None and local.size:
-            # Re-assign in the IVF only the rows that moved (cosine to the held row below
-            # 1 - cold_drift): a label's row after its step, not the many slightly pushed negatives.
+            # Re-assign in the IVF only the rows that moved (their cosine to their list's centroid fell
+            # by more than cold_drift): a label's row after its step, not the many slightly pushed negatives.
             # Its scores are never used (cold candidates are re-scored on the fresh rows), so the
             # IVF only has to keep each row in about the right list.
             gids = local + self.class_offset
-            held, new = _normalize_rows(ivf.reconstruct(gids)), _normalize_rows(rows)
-            moved = np.einsum("md,md->m", held, new) < 1.0 - self.cold_drift
+            moved = ivf.drifted(gids, rows, self.cold_drift)   # no decoding of the held codes
             if moved.any():
                 ivf.update(gids[moved], rows[moved])
 

@@ -104,9 +104,25 @@ class IVFIndex(ClassIndex):
                 ivf.add(self._prep(W[lo:lo + 65536]))
             ivf.nprobe = nprobe
         self._keep_quantizer = quantizer  # the IVF does not own it from Python's side
+        # Each row's list and the cosine to that list's centroid when it was assigned (int32 + float16
+        # per row): `drifted` finds the rows that moved away from their list without reading codes.
+        lists = (faiss.vector_to_array(ivf.direct_map.array) >> 32).astype(np.int32)
+        unit_c = _normalize_rows(centroids)
+        cos0 = np.empty(K, dtype=np.float16)
+        for lo in range(0, K, 65536):
+            cos0[lo:lo + 65536] = np.einsum("md,md->m", _normalize_rows(W[lo:lo + 65536]), unit_c[lists[lo:lo + 65536]])
         with self._lock:
             self._ivf, self._centroids = ivf, centroids
+            self._unit_c, self._list, self._cos0 = unit_c, lists, cos0
             self.nlist, self.nprobe, self.num_classes = nlist, nprobe, K
+
+    def drifted(self, ids: np.ndarray, rows: np.ndarray, drift: float) -> np.ndarray:
+        """Mask [m] of the rows (global ids, new values) whose cosine to their list's centroid fell by
+        more than ``drift`` since they were assigned: those a re-assignment may move."""
+        local = np.asarray(ids, dtype=np.int64).reshape(-1) - self.class_offset
+        with self._lock:
+            cos = np.einsum("md,md->m", _normalize_rows(rows), self._unit_c[self._list[local]])
+            return cos < self._cos0[local].astype(np.float32) - drift
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Re-assign the changed rows (global ids [m], rows [m, d]) to their nearest centroid."""
@@ -123,6 +139,10 @@ class IVFIndex(ClassIndex):
         X = self._prep(rows)
         with self._lock, _faiss_threads(self.query_threads):
             self._ivf.update_vectors(np.ascontiguousarray(local), X)
+            dm = self._ivf.direct_map
+            lists = np.fromiter((dm.get(int(i)) >> 32 for i in local), dtype=np.int32, count=local.size)
+            self._list[local] = lists
+            self._cos0[local] = np.einsum("md,md->m", _normalize_rows(X), self._unit_c[lists])
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The rows [m, d] the index holds for global ids (normalized for "angular")."""
