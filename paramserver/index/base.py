@@ -167,8 +167,12 @@ class ClassIndex:
 
 
 # k-means samples at most this many rows (at 10M classes nlist * 64 would be 640K rows x 10K lists
-# per iteration, minutes on one core; 256K keeps >= 25 points per list).
-MAX_TRAIN_ROWS = 262_144
+# per iteration, minutes on one core; 128K keeps >= 13 points per list, enough to place a centroid
+# for a proposer whose candidates are re-scored).
+MAX_TRAIN_ROWS = 131_072
+# From this many lists, rows find their nearest lists through an HNSW graph over the centroids
+# (a flat search of 10M rows against 10K centroids would be 2.6e13 multiply-adds).
+HNSW_LISTS = 2048
 
 
 def _default_nlist(K: int) -> int:
@@ -176,3 +180,35 @@ def _default_nlist(K: int) -> int:
     K // 1000 (lists stay ~1000 rows, so a build's cost grows linearly in K, not as K^1.5); at most
     K // 8, at least 1."""
     return max(1, min(max(int(round(math.sqrt(K))), K // 1000), K // 8))
+
+
+def kmeans_centroids(W: np.ndarray, nlist: int, niter: int, tppc: int, seed: int, threads: Optional[int],
+                     spherical: bool, prep) -> np.ndarray:
+    """k-means centroids [nlist, d] (faiss) on a seeded sample of at most nlist * tppc (and
+    MAX_TRAIN_ROWS) rows of W, each prepared by ``prep`` (e.g. normalised); W is never copied whole."""
+    import faiss
+
+    K = W.shape[0]
+    with _faiss_threads(threads):
+        rng = np.random.default_rng(seed)
+        n_train = min(K, nlist * tppc, max(MAX_TRAIN_ROWS, nlist))
+        sample = prep(W if n_train == K else W[np.sort(rng.choice(K, n_train, replace=False))])
+        km = faiss.Kmeans(W.shape[1], nlist, niter=niter, seed=seed, spherical=spherical,
+                          max_points_per_centroid=tppc, verbose=False)
+        km.train(sample)
+        return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def coarse_quantizer(C: np.ndarray, inner_product: bool):
+    """A faiss index over the centroids C for nearest-list search: flat below HNSW_LISTS lists, HNSW above."""
+    import faiss
+
+    d = C.shape[1]
+    metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
+    if C.shape[0] > HNSW_LISTS:
+        q = faiss.IndexHNSWFlat(d, 32, metric)
+        q.hnsw.efSearch = 64
+    else:
+        q = faiss.IndexFlatIP(d) if inner_product else faiss.IndexFlatL2(d)
+    q.add(C)
+    return q

@@ -9,7 +9,8 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from .base import _EPS, MAX_TRAIN_ROWS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc
+from .base import (_EPS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc, coarse_quantizer,
+                   kmeans_centroids)
 from .ivf import IVFIndex
 
 
@@ -19,33 +20,23 @@ def _unit(X: np.ndarray) -> np.ndarray:
 
 
 def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: int, tppc: int, seed: int,
-                     threads: Optional[int], check: Optional[Callable[[], None]] = None
-                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     threads: Optional[int], check: Optional[Callable[[], None]] = None,
+                     centroids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GraphIndex's build over the rows of W [K, d] (read in place, never copied: blocks are
     normalised as they are gathered): (graph int32 [K, degree], unit centroids [nlist, d], list
     representatives int64 [nlist]). See the GraphIndex docstring.
 
     Memory beyond W: each row's running top-`degree` (ids int32 + scores float32, K x degree x 8
     bytes), its `probe` nearest lists (K x probe int32) and one block's scores. ``check`` is called
-    between lists (it raises to stop a retired build)."""
-    import faiss
-
+    between lists (it raises to stop a retired build). ``centroids``: the lists' centroids (None:
+    k-means here)."""
     K, d = W.shape
     with _faiss_threads(threads):
-        rng = np.random.default_rng(seed)
-        n_train = min(K, nlist * tppc, max(MAX_TRAIN_ROWS, nlist))
-        sample = _unit(W if n_train == K else W[np.sort(rng.choice(K, n_train, replace=False))])
-        km = faiss.Kmeans(d, nlist, niter=niter, seed=seed, spherical=True,
-                          max_points_per_centroid=tppc, verbose=False)
-        km.train(sample)
-        del sample
-        C = _normalize_rows(np.ascontiguousarray(km.centroids, dtype=np.float32))
-        if nlist > _HNSW_LISTS:   # many lists: an HNSW graph over the centroids finds each row's nearest
-            coarse = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-            coarse.hnsw.efSearch = 64
-        else:
-            coarse = faiss.IndexFlatIP(d)
-        coarse.add(C)
+        if centroids is None:
+            centroids = kmeans_centroids(W, nlist, niter, tppc, seed, None, True, _unit)
+        C = _normalize_rows(np.ascontiguousarray(centroids, dtype=np.float32))
+        nlist = C.shape[0]
+        coarse = coarse_quantizer(C, inner_product=True)   # HNSW over many centroids
         p = min(probe, nlist)
         top = np.empty((K, p), dtype=np.int32)          # each row's p nearest lists, best first
         sim0 = np.empty(K, dtype=np.float32)            # cosine to its own list's centroid
@@ -110,7 +101,6 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
 
 
 _ROW_BLOCK = 65536     # rows per block of the whole-K passes of a build
-_HNSW_LISTS = 2048     # from this many lists the rows find their nearest lists through an HNSW graph
 
 
 _BUILD_DIRS: set = set()  # temp dirs of graph builds in flight (a build thread is a daemon)
@@ -123,11 +113,12 @@ def _remove_build_dirs() -> None:
 
 
 def _graph_build_worker(x_path: str, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
-                        seed: int, threads: Optional[int], nice: int) -> None:
-    """Subprocess body of GraphIndex.build: rows from an .npy file -> graph arrays in an .npz."""
+                        seed: int, threads: Optional[int], nice: int, c_path: str) -> None:
+    """Subprocess body of GraphIndex.build: rows (and centroids) from .npy files -> graph arrays in an .npz."""
     if nice and hasattr(os, "nice"):
         os.nice(nice)
-    graph, C, reps = _neighbour_graph(np.load(x_path, mmap_mode="r"), nlist, probe, degree, niter, tppc, seed, threads)
+    graph, C, reps = _neighbour_graph(np.load(x_path, mmap_mode="r"), nlist, probe, degree, niter, tppc, seed, threads,
+                                      centroids=np.load(c_path))
     np.savez(out_path, graph=graph, C=C, reps=reps)
 
 
@@ -230,6 +221,11 @@ class GraphIndex(ClassIndex):
         use_subprocess = self.subprocess if self.subprocess is not None else \
             K >= self.SUBPROCESS_MIN_ROWS and W.nbytes <= self.SUBPROCESS_MAX_BYTES
         proc = tmp = None
+        # One k-means for the graph's lists and the cold-path IVF's (it dominated a 10M build twice over).
+        with _faiss_threads(self.build_threads):
+            C = _normalize_rows(kmeans_centroids(W, nlist, self.niter, self.train_points_per_centroid, self.seed,
+                                                 None, True, _unit))
+        self._check_cancel()
         if use_subprocess:
             # The per-list loop holds the GIL between its numpy calls; in a background thread that
             # stalls the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so
@@ -243,10 +239,12 @@ class GraphIndex(ClassIndex):
             tmp = tempfile.mkdtemp(prefix="hf_graph_")
             _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
             np.save(os.path.join(tmp, "W.npy"), W)
+            np.save(os.path.join(tmp, "C.npy"), C)
             # daemon: a build still running when the trainer or server exits is terminated, not awaited
             proc = multiprocessing.get_context("spawn").Process(
                 target=_graph_build_worker, name="hf-graph-build", daemon=True,
-                args=(os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice))
+                args=(os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
+                      os.path.join(tmp, "C.npy")))
             proc.start()
         try:
             ivf = None
@@ -255,7 +253,7 @@ class GraphIndex(ClassIndex):
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
-                ivf.build(W)
+                ivf.build(W, centroids=C)
             if proc is not None:
                 while proc.is_alive():   # join releases the GIL; a cancel kills the child
                     proc.join(0.2)
@@ -265,7 +263,7 @@ class GraphIndex(ClassIndex):
                 with np.load(os.path.join(tmp, "graph.npz")) as z:
                     graph, C, reps = z["graph"], z["C"], z["reps"]
             else:
-                graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel)
+                graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel, centroids=C)
         finally:
             if proc is not None and proc.is_alive():
                 proc.kill()

@@ -6,7 +6,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .base import MAX_TRAIN_ROWS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc
+from .base import (MAX_TRAIN_ROWS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc,
+                   coarse_quantizer, kmeans_centroids)
 
 
 class IVFIndex(ClassIndex):
@@ -73,32 +74,31 @@ class IVFIndex(ClassIndex):
     def _prep(self, X: np.ndarray) -> np.ndarray:
         return _normalize_rows(X) if self.metric == "angular" else np.ascontiguousarray(X, dtype=np.float32)
 
-    def build(self, W: np.ndarray) -> None:
+    def build(self, W: np.ndarray, centroids: Optional[np.ndarray] = None) -> None:
+        """Build over W; ``centroids`` [nlist, d]: use these lists (e.g. the graph's k-means) instead of
+        clustering again."""
         import faiss
 
         W = self._check_W(W)
         K = W.shape[0]
-        nlist = min(self.nlist_opt or _default_nlist(K), K)
+        nlist = min(self.nlist_opt or _default_nlist(K), K) if centroids is None else centroids.shape[0]
         nprobe = min(self.nprobe_opt or max(8, nlist // 32), nlist)
         with _faiss_threads(self.build_threads):
-            rng = np.random.default_rng(self.seed)
-            n_train = min(K, nlist * self.train_points_per_centroid, max(MAX_TRAIN_ROWS, nlist))
-            sample = self._prep(W if n_train == K else W[np.sort(rng.choice(K, n_train, replace=False))])
-            km = faiss.Kmeans(self.dim, nlist, niter=self.niter, seed=self.seed,
-                              spherical=self.metric == "angular",
-                              max_points_per_centroid=self.train_points_per_centroid, verbose=False)
-            km.train(sample)
-            centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-            quantizer = faiss.IndexFlatL2(self.dim)
-            quantizer.add(centroids)
+            if centroids is None:
+                centroids = kmeans_centroids(W, nlist, self.niter, self.train_points_per_centroid, self.seed, None,
+                                             self.metric == "angular", self._prep)
+            centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+            quantizer = coarse_quantizer(centroids, inner_product=False)
             if self.codec == "flat":
                 ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
                 ivf.is_trained = True
             else:
                 ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                     faiss.METRIC_INNER_PRODUCT)
-                ivf.train(sample)  # the quantiser's ranges (the centroids are in already)
-            del sample
+                rng = np.random.default_rng(self.seed)
+                n_train = min(K, MAX_TRAIN_ROWS)
+                ivf.train(self._prep(W if n_train == K else W[np.sort(rng.choice(K, n_train, replace=False))]))
+                # (the quantiser's ranges; the centroids are in already)
             ivf.set_direct_map_type(faiss.DirectMap.Array)  # ids 0..K-1 -> (list, offset)
             for lo in range(0, K, 65536):                    # W is read in blocks, never copied whole
                 ivf.add(self._prep(W[lo:lo + 65536]))
