@@ -481,7 +481,9 @@ class ParamServer:
             path = resolve_snapshot(path)
         except FileNotFoundError as e:
             raise BadRequestError(str(e)) from None
-        self.store.restore(path)
+        # Above 1 GiB the files are read straight into the live arrays (a second 10 GB matrix at 10M
+        # classes would not fit); the manifest and the files' headers are checked before any byte is read.
+        self.store.restore(path, in_place=self.store.rows_view().nbytes > 1 << 30)
         self._after_update()
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
 
