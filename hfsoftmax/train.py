@@ -371,8 +371,10 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
     head = model.head
     if getattr(head, "store", None) is not None:
         store_snapshot = f"store_{step:08d}"
-        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd
-        head.store.snapshot(os.path.abspath(os.path.join(run_dir, store_snapshot)))
+        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd;
+        # a remote server prunes the older ones on its own machine too (the run dir may not be shared)
+        prune = {"prune_keep": sorted(_kept_store_snapshots(run_dir))} if hasattr(head.store, "addresses") else {}
+        head.store.snapshot(os.path.abspath(os.path.join(run_dir, store_snapshot)), **prune)
     state = {
         "step": step,
         "num_classes": num_classes,

@@ -303,11 +303,19 @@ class RemoteStore:
         s = len(self.addresses)
         return path if s == 1 else os.path.join(path, f"shard-{i:03d}-of-{s:03d}")
 
-    def snapshot(self, path: str) -> list[dict]:
+    def snapshot(self, path: str, prune_keep: Optional[Sequence[str]] = None) -> list[dict]:
         """Every shard writes its snapshot on its own machine: ``path`` (S = 1) or
-        ``path/shard-III-of-SSS``. Returns the per-shard replies (path, step)."""
-        reps = self._call({i: ({"op": "snapshot", "path": self._shard_path(path, i)}, ())
-                           for i in range(len(self.addresses))})
+        ``path/shard-III-of-SSS``. Returns the per-shard replies (path, step). ``prune_keep``: each
+        server then removes, on its machine, the older ``store_NNNNNNNN`` siblings of ``path``
+        except these names (the trainer's run directory may live on another machine)."""
+        def header(i: int) -> dict:
+            h: dict[str, Any] = {"op": "snapshot", "path": self._shard_path(path, i)}
+            if prune_keep is not None:
+                h["prune_keep"] = sorted({os.path.basename(path), *prune_keep})
+                h["prune_level"] = int(len(self.addresses) > 1)
+            return h
+
+        reps = self._call({i: (header(i), ()) for i in range(len(self.addresses))})
         return [{"path": reps[i][0]["path"], "step": reps[i][0]["step"]} for i in range(len(self.addresses))]
 
     def restore(self, path: str) -> list[dict]:

@@ -11,6 +11,7 @@ when a token is set, every request must carry it (``header["token"]``), else it 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -100,6 +101,31 @@ def resolve_snapshot(path: str) -> str:
     if found is None:
         raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
     return found
+
+
+RUN_SNAPSHOT = re.compile(r"^store_\d{8}$")   # the trainer's store snapshots beside its checkpoints
+
+
+def prune_run_snapshots(path: str, keep: set, level: int = 0) -> int:
+    """Remove the trainer's older store snapshots where THIS server wrote them (its machine may not be
+    the trainer's): the siblings named ``store_NNNNNNNN`` of ``path`` (level 0) or of its parent
+    (level 1: ``.../store_N/shard-i-of-S``, the same shard's directory in each), except the names in
+    ``keep``. Only directories holding a snapshot (a manifest.json) are removed. Returns how many."""
+    unit = path if level == 0 else os.path.dirname(path)
+    leaf = os.path.relpath(path, unit)
+    parent, own = os.path.dirname(unit), os.path.basename(unit)
+    removed = 0
+    for name in os.listdir(parent):
+        if name == own or name in keep or not RUN_SNAPSHOT.match(name):
+            continue
+        target = os.path.normpath(os.path.join(parent, name, leaf))
+        if os.path.isdir(target) and os.path.isfile(os.path.join(target, "manifest.json")):
+            shutil.rmtree(target, ignore_errors=True)
+            removed += 1
+            with contextlib.suppress(OSError):   # the run-level directory of several shards, once empty
+                if level:
+                    os.rmdir(os.path.join(parent, name))
+    return removed
 
 
 class _Parked:
@@ -472,6 +498,13 @@ class ParamServer:
             path = self.periodic_snapshot()
         else:
             self.store.snapshot(path)
+            keep = h.get("prune_keep")
+            if keep is not None:
+                if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
+                    raise BadRequestError("snapshot: field 'prune_keep' must be a list of names")
+                removed = prune_run_snapshots(os.path.abspath(path), set(keep), int(get_field(h, "prune_level", int, default=0)))
+                if removed:
+                    logger.info("snapshot %s: pruned %d older run snapshot(s)", path, removed)
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
 
     def _op_restore(self, env: list, h: dict, arrays: list) -> list:

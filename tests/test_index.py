@@ -758,3 +758,19 @@ def test_graph_build_stops_when_cancelled():
     from paramserver.index.base import BuildCancelled
     with pytest.raises(BuildCancelled):
         g.build(W)
+
+
+def test_nearest_lists_two_level_agrees_with_the_flat_search():
+    """Above HNSW_LISTS centroids the rows' nearest lists come from a two-level search (groups of
+    centroids, then the members of the best groups): it must agree with scoring every centroid."""
+    from paramserver.index import base, graph
+
+    rng = np.random.default_rng(0)
+    C = _normalize(clustered(2400, 32, 60, 0.3, seed=1))           # 2400 > HNSW_LISTS centroids
+    W = (C[rng.integers(0, 2400, 20000)] + 0.15 * rng.standard_normal((20000, 32))).astype(np.float32)
+    assert C.shape[0] > base.HNSW_LISTS
+    top, sim0 = graph._nearest_lists(W, C, 3)
+    exact = np.argsort(-(_normalize(W) @ C.T), axis=1)[:, :3]
+    assert (top[:, 0] == exact[:, 0]).mean() >= 0.95
+    np.testing.assert_allclose(sim0, (_normalize(W) * C[top[:, 0]]).sum(1), rtol=1e-4, atol=1e-5)
+    assert all(len(set(r)) == 3 for r in top[:200].tolist())       # three distinct lists each

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -604,3 +605,34 @@ def test_init_rows_threads_and_out_do_not_change_the_rows():
     np.testing.assert_array_equal(out, one)
     np.testing.assert_array_equal(init_rows(lo, hi, 6, "float32", "uniform", 0.02, 9, threads=2),
                                   init_rows(lo, hi, 6, "float32", "uniform", 0.02, 9))
+
+
+def test_server_prunes_the_trainers_old_store_snapshots_on_its_own_machine(tmp_path):
+    """snapshot(prune_keep=...) makes the server remove, where it wrote them, the run's older
+    store_NNNNNNNN snapshots except those kept (and never a directory that is not a snapshot)."""
+    from paramserver.client import RemoteStore
+    from paramserver.server import prune_run_snapshots
+    from paramserver.store import WeightStore
+    from tests.servers import thread_server
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with thread_server("--num-classes", "40", "--dim", "4", "--index", "none") as address:
+        rs = RemoteStore(address, 40, 4, timeout=20.0)
+        try:
+            for step in (5, 7):
+                rs.snapshot(str(run / f"store_{step:08d}"))
+            (run / "store_00000003").mkdir()                  # not a snapshot: never removed
+            (run / "notes").mkdir()
+            rs.snapshot(str(run / "store_00000010"), prune_keep=["store_00000007"])
+        finally:
+            rs.close()
+    assert sorted(os.listdir(run)) == ["notes", "store_00000003", "store_00000007", "store_00000010"]
+    # several shards: run/store_N/shard-i-of-S, the same shard's directory pruned in each
+    for step in (1, 2):
+        WeightStore(4, 2).snapshot(str(run / f"store_{step:08d}" / "shard-000-of-002"))
+    WeightStore(4, 2).snapshot(str(run / "store_00000002" / "shard-001-of-002"))
+    assert prune_run_snapshots(str(run / "store_00000002" / "shard-000-of-002"), {"store_00000007"}, level=1) == 1
+    assert not (run / "store_00000001").exists()                   # its only shard removed, then the empty dir
+    assert (run / "store_00000010" / "manifest.json").exists()      # not a shard directory: untouched
+    assert sorted(os.listdir(run / "store_00000002")) == ["shard-000-of-002", "shard-001-of-002"]

@@ -47,8 +47,9 @@ keeps ``offset = store.step - train_step`` (0 for a fresh store, and 0 after a r
 the store snapshot of the checkpoint, since that snapshot's step IS the checkpoint's step); pushes
 and pulls use ``train_step + offset``. A non-zero offset (a server reused from another run, a
 checkpoint without a snapshot) is logged as a warning. ``WeightStore.restore`` (local, or the
-server's on a ``restore`` request) rebuilds its attached index from the restored rows at once, so the
-first selection after a resume already reflects the resumed matrix.
+server's on a ``restore`` request) drops its attached index and rebuilds it over the restored rows:
+at once for a small W (up to 16 MiB), else in the background, the selection falling back to a random
+fill until it is live (``fallback_queries`` in the index stats).
 
 CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
 Every P = ``cpk_every`` steps, on rank 0, on a probe of up to ``cpk_probe`` samples of the current
@@ -193,7 +194,8 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     """The parameter store of a selective head, from the full :class:`hfsoftmax.config.Config`.
 
     ``store.kind=local``: an in-process WeightStore with the optimizer of ``cfg.optim`` and an
-    IndexManager attached (first build synchronous, later ones in the background every
+    IndexManager attached (first build synchronous up to 16 MiB of W, else in the background with a random
+    fill until it is live; later ones in the background every
     ``head.rebuild_every`` steps). ``store.kind=remote``: a RemoteStore on the comma-separated shard
     addresses, client id = this rank; the servers must hold K = ``num_classes`` rows of
     d = ``model.feature_dim`` (checked, the error names the server) and, when the head queries (not

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import threading
@@ -9,7 +10,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from .base import (_EPS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc, coarse_quantizer,
+from .base import (_EPS, HNSW_LISTS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc,
                    kmeans_centroids)
 from .ivf import IVFIndex
 
@@ -19,9 +20,68 @@ def _unit(X: np.ndarray) -> np.ndarray:
     return _normalize_rows(np.asarray(X, dtype=np.float32))
 
 
+def _nearest_lists(W: np.ndarray, C: np.ndarray, p: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Each row's p nearest lists by cosine (int32 [K, p], best first) and the cosine to the first
+    (float32 [K]), W read in blocks, all in BLAS matmuls.
+
+    Up to HNSW_LISTS lists every row is scored against every centroid. Above, two levels: the
+    centroids are clustered into ~sqrt(nlist) groups, each row scores the group centres and then
+    only the centroids of its `_GROUPS_PROBED` best groups (10M rows x 10K lists: ~4e11
+    multiply-adds instead of 2.6e13, and a matmul beats a graph search per row at this size)."""
+    K, nlist = W.shape[0], C.shape[0]
+    top = np.empty((K, p), dtype=np.int32)
+    sim0 = np.empty(K, dtype=np.float32)
+    if nlist <= HNSW_LISTS:
+        for lo in range(0, K, _ROW_BLOCK // 4):
+            S = _unit(W[lo:lo + _ROW_BLOCK // 4]) @ C.T
+            t = np.argpartition(-S, p - 1, axis=1)[:, :p] if p < nlist else np.broadcast_to(np.arange(nlist), S.shape)
+            ts = np.take_along_axis(S, t, axis=1)
+            o = np.argsort(-ts, axis=1, kind="stable")
+            top[lo:lo + len(S)] = np.take_along_axis(t, o, axis=1)
+            sim0[lo:lo + len(S)] = np.take_along_axis(ts, o, axis=1)[:, 0]
+        return top, sim0
+    G = max(2, int(round(math.sqrt(nlist))))
+    GC = _normalize_rows(kmeans_centroids(C, G, 10, max(8, -(-nlist // G)), seed, None, True, _unit))
+    group = np.argmax(C @ GC.T, axis=1)                       # each centroid's group
+    order = np.argsort(group, kind="stable")
+    gb = np.concatenate(([0], np.cumsum(np.bincount(group, minlength=G))))
+    a = min(_GROUPS_PROBED, G)
+    for lo in range(0, K, _ROW_BLOCK):
+        X = _unit(W[lo:lo + _ROW_BLOCK])
+        n = len(X)
+        gs = X @ GC.T                                          # [n, G]
+        tg = np.argpartition(-gs, a - 1, axis=1)[:, :a] if a < G else np.broadcast_to(np.arange(G), gs.shape)
+        cand_i = np.full((n, a, p), -1, dtype=np.int64)
+        cand_s = np.full((n, a, p), -np.inf, dtype=np.float32)
+        rows_of = np.argsort(tg.reshape(-1), kind="stable")   # (row, slot) pairs grouped by group
+        rb = np.concatenate(([0], np.cumsum(np.bincount(tg.reshape(-1), minlength=G))))
+        for g in range(G):
+            pairs = rows_of[rb[g]:rb[g + 1]]
+            mem = order[gb[g]:gb[g + 1]]
+            if pairs.size == 0 or mem.size == 0:
+                continue
+            r, slot = pairs // a, pairs % a
+            S = X[r] @ C[mem].T                               # [q, members of g]
+            k = min(p, mem.size)
+            t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < mem.size else np.broadcast_to(np.arange(mem.size), S.shape)
+            cand_i[r, slot, :k] = mem[t]
+            cand_s[r, slot, :k] = np.take_along_axis(S, t, axis=1)
+        cand_i, cand_s = cand_i.reshape(n, -1), cand_s.reshape(n, -1)
+        t = np.argsort(-cand_s, axis=1, kind="stable")[:, :p]
+        bi = np.take_along_axis(cand_i, t, axis=1)
+        bi = np.where(bi < 0, bi[:, :1], bi)                   # fewer than p found: repeat the nearest
+        top[lo:lo + n] = bi
+        sim0[lo:lo + n] = np.take_along_axis(cand_s, t[:, :1], axis=1)[:, 0]
+    return top, sim0
+
+
+_GROUPS_PROBED = 4
+
+
 def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: int, tppc: int, seed: int,
                      threads: Optional[int], check: Optional[Callable[[], None]] = None,
-                     centroids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     centroids: Optional[np.ndarray] = None,
+                     lists: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GraphIndex's build over the rows of W [K, d] (read in place, never copied: blocks are
     normalised as they are gathered): (graph int32 [K, degree], unit centroids [nlist, d], list
     representatives int64 [nlist]). See the GraphIndex docstring.
@@ -29,20 +89,16 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     Memory beyond W: each row's running top-`degree` (ids int32 + scores float32, K x degree x 8
     bytes), its `probe` nearest lists (K x probe int32) and one block's scores. ``check`` is called
     between lists (it raises to stop a retired build). ``centroids``: the lists' centroids (None:
-    k-means here)."""
+    k-means here); ``lists``: :func:`_nearest_lists` of W and them, if already computed."""
     K, d = W.shape
     with _faiss_threads(threads):
         if centroids is None:
             centroids = kmeans_centroids(W, nlist, niter, tppc, seed, None, True, _unit)
         C = _normalize_rows(np.ascontiguousarray(centroids, dtype=np.float32))
         nlist = C.shape[0]
-        coarse = coarse_quantizer(C, inner_product=True)   # HNSW over many centroids
         p = min(probe, nlist)
-        top = np.empty((K, p), dtype=np.int32)          # each row's p nearest lists, best first
-        sim0 = np.empty(K, dtype=np.float32)            # cosine to its own list's centroid
-        for lo in range(0, K, _ROW_BLOCK):
-            sims, t = coarse.search(_unit(W[lo:lo + _ROW_BLOCK]), p)
-            top[lo:lo + len(t)], sim0[lo:lo + len(t)] = t, sims[:, 0]
+        # each row's p nearest lists (best first) and the cosine to its own list's centroid
+        top, sim0 = lists if lists is not None else _nearest_lists(W, C, p, seed)
     assign = top[:, 0]
     order = np.argsort(assign, kind="stable")          # rows grouped by their own list
     bounds = np.concatenate(([0], np.cumsum(np.bincount(assign, minlength=nlist))))
@@ -246,6 +302,11 @@ class GraphIndex(ClassIndex):
                 args=(os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
                       os.path.join(tmp, "C.npy")))
             proc.start()
+        lists = None
+        if proc is None:   # in this thread: each row's nearest lists once, for the IVF and the graph
+            with _faiss_threads(self.build_threads):
+                lists = _nearest_lists(W, C, min(self.probe, C.shape[0]), self.seed)
+            self._check_cancel()
         try:
             ivf = None
             if self.cold_nprobe:
@@ -253,7 +314,7 @@ class GraphIndex(ClassIndex):
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
-                ivf.build(W, centroids=C)
+                ivf.build(W, centroids=C, assign=None if lists is None else lists[0][:, 0])
             if proc is not None:
                 while proc.is_alive():   # join releases the GIL; a cancel kills the child
                     proc.join(0.2)
@@ -263,7 +324,7 @@ class GraphIndex(ClassIndex):
                 with np.load(os.path.join(tmp, "graph.npz")) as z:
                     graph, C, reps = z["graph"], z["C"], z["reps"]
             else:
-                graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel, centroids=C)
+                graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel, centroids=C, lists=lists)
         finally:
             if proc is not None and proc.is_alive():
                 proc.kill()

@@ -74,9 +74,9 @@ class IVFIndex(ClassIndex):
     def _prep(self, X: np.ndarray) -> np.ndarray:
         return _normalize_rows(X) if self.metric == "angular" else np.ascontiguousarray(X, dtype=np.float32)
 
-    def build(self, W: np.ndarray, centroids: Optional[np.ndarray] = None) -> None:
+    def build(self, W: np.ndarray, centroids: Optional[np.ndarray] = None, assign: Optional[np.ndarray] = None) -> None:
         """Build over W; ``centroids`` [nlist, d]: use these lists (e.g. the graph's k-means) instead of
-        clustering again."""
+        clustering again; ``assign`` [K]: each row's list, already found (no second nearest-list search)."""
         import faiss
 
         W = self._check_W(W)
@@ -101,7 +101,12 @@ class IVFIndex(ClassIndex):
                 # (the quantiser's ranges; the centroids are in already)
             ivf.set_direct_map_type(faiss.DirectMap.Array)  # ids 0..K-1 -> (list, offset)
             for lo in range(0, K, 65536):                    # W is read in blocks, never copied whole
-                ivf.add(self._prep(W[lo:lo + 65536]))
+                X = self._prep(W[lo:lo + 65536])
+                if assign is None:
+                    ivf.add(X)
+                else:                                        # ids lo.. in order, lists given
+                    a = np.ascontiguousarray(assign[lo:lo + 65536], dtype=np.int64)
+                    ivf.add_core(len(X), faiss.swig_ptr(X), None, faiss.swig_ptr(a))
             ivf.nprobe = nprobe
         self._keep_quantizer = quantizer  # the IVF does not own it from Python's side
         # Each row's list and the cosine to that list's centroid when it was assigned (int32 + float16
