@@ -774,3 +774,18 @@ def test_nearest_lists_two_level_agrees_with_the_flat_search():
     assert (top[:, 0] == exact[:, 0]).mean() >= 0.95
     np.testing.assert_allclose(sim0, (_normalize(W) * C[top[:, 0]]).sum(1), rtol=1e-4, atol=1e-5)
     assert all(len(set(r)) == 3 for r in top[:200].tolist())       # three distinct lists each
+
+
+def test_graph_rebuilds_keep_the_cold_ivf_and_renew_it_every_ivf_every_builds():
+    W = clustered(3000, 16, 20, 0.5, seed=2)
+    store = FakeStore(W.copy())
+    mgr = IndexManager(lambda: make_index("graph", 16, "angular", seed=0, ivf_every=3), rebuild_every=1,
+                       background=False)
+    ivfs = []
+    for step in range(5):
+        mgr.maybe_rebuild(store, step)
+        ivfs.append(mgr.index._ivf)
+    assert mgr.stats()["builds"] == 5
+    assert ivfs[0] is ivfs[1] is ivfs[2] and ivfs[3] is not ivfs[2] and ivfs[3] is ivfs[4]
+    ids, _ = mgr.query(-W[:4], 3)                       # no labels: the (kept) IVF answers
+    assert (ids >= 0).all()

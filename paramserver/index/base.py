@@ -147,6 +147,10 @@ class ClassIndex:
         """Read rows from ``W`` from now on (indexes that score on the store's rows: exact, graph).
         The others keep what they built and ignore it."""
 
+    def inherit(self, previous: "ClassIndex") -> None:
+        """Called before a rebuild with the live index: keep what can be carried over (GraphIndex
+        keeps its cold-path IVF). Default: nothing."""
+
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows of W changed (incremental indexes only)."""
         raise NotImplementedError(f"{type(self).__name__} is not incremental; rebuild it instead")

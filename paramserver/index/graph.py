@@ -86,7 +86,7 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     normalised as they are gathered): (graph int32 [K, degree], unit centroids [nlist, d], list
     representatives int64 [nlist]). See the GraphIndex docstring.
 
-    Memory beyond W: each row's running top-`degree` (ids int32 + scores float32, K x degree x 8
+    Memory beyond W: each row's running top-`degree` (ids int32 + scores float16, K x degree x 6
     bytes), its `probe` nearest lists (K x probe int32) and one block's scores. ``check`` is called
     between lists (it raises to stop a retired build). ``centroids``: the lists' centroids (None:
     k-means here); ``lists``: :func:`_nearest_lists` of W and them, if already computed."""
@@ -109,7 +109,7 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
     del top
     deg = min(degree, K - 1)
     best_i = np.full((K, deg), -1, dtype=np.int32)     # running top-deg over the probed lists
-    best_s = np.full((K, deg), -np.inf, dtype=np.float32)
+    best_s = np.full((K, deg), -np.inf, dtype=np.float16)   # cosines: float16 is plenty to rank neighbours
     reps = np.zeros(nlist, dtype=np.int64)
     block = 4096  # query rows per matmul: bounds the [block, members] score matrix
     # A list far larger than the average (degenerate rows: all-zero or identical rows all fall into
@@ -138,12 +138,12 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
             t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < cm.size else \
                 np.broadcast_to(np.arange(cm.size), S.shape)
             cand_i = np.concatenate([best_i[rq], cm[t].astype(np.int32)], axis=1)
-            cand_s = np.concatenate([best_s[rq], np.take_along_axis(S, t, axis=1)], axis=1)
+            cand_s = np.concatenate([best_s[rq].astype(np.float32), np.take_along_axis(S, t, axis=1)], axis=1)
             keep = np.argpartition(-cand_s, deg - 1, axis=1)[:, :deg]
             best_i[rq] = np.take_along_axis(cand_i, keep, axis=1)
             best_s[rq] = np.take_along_axis(cand_s, keep, axis=1)
     for lo in range(0, K, _ROW_BLOCK):                         # sort each row's neighbours, best first
-        bs = best_s[lo:lo + _ROW_BLOCK]
+        bs = best_s[lo:lo + _ROW_BLOCK].astype(np.float32)
         srt = np.argsort(-bs, axis=1, kind="stable")
         bi = np.take_along_axis(best_i[lo:lo + _ROW_BLOCK], srt, axis=1)
         bi[~np.isfinite(np.take_along_axis(bs, srt, axis=1))] = -1
@@ -226,7 +226,11 @@ class GraphIndex(ClassIndex):
         cold_nprobe: lists the cold-path IVF probes per feature (0: no IVF, walk instead).
         cold_drift: rows whose cosine to their cold-IVF list's centroid fell by more than this are re-assigned.
         niter, train_points_per_centroid: k-means iterations and sample size per centroid.
-        subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows).
+        subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows up to
+            SUBPROCESS_MAX_BYTES of W; above, in the calling thread, reading W in place).
+        cold_codec: what the cold-path IVF holds per row ("sq8": 8-bit codes; "flat": float32 rows).
+        ivf_every: a rebuild keeps the live index's cold-path IVF (incremental, kept current by the
+            updates) and makes a new one every ``ivf_every`` builds (see :meth:`inherit`).
     """
 
     name = "graph"
@@ -238,7 +242,7 @@ class GraphIndex(ClassIndex):
                  degree: int = 32, nlist: Optional[int] = None, probe: int = 3, hops: int = 3,
                  cold_cos: float = 0.3, cold_nprobe: int = 8, cold_drift: float = 0.01, niter: int = 10,
                  train_points_per_centroid: int = 64, subprocess: Optional[bool] = None,
-                 cold_codec: str = "sq8") -> None:
+                 cold_codec: str = "sq8", ivf_every: int = 4) -> None:
         super().__init__(dim, metric, class_offset=class_offset, seed=seed)
         self.cold_codec = cold_codec
         for key, val in (("degree", degree), ("probe", probe), ("niter", niter),
@@ -255,6 +259,11 @@ class GraphIndex(ClassIndex):
         self.cold_cos, self.cold_nprobe, self.cold_drift = float(cold_cos), int(cold_nprobe), float(cold_drift)
         self._ivf: Optional[IVFIndex] = None         # feature search for cold samples (cold_nprobe > 0)
         self.subprocess = subprocess
+        if not isinstance(ivf_every, (int, np.integer)) or ivf_every < 1:
+            raise ValueError(f"ivf_every must be an int >= 1, got {ivf_every!r}")
+        self.ivf_every = int(ivf_every)
+        self._inherit_ivf: Optional[IVFIndex] = None   # the live index's IVF, kept by a rebuild
+        self._ivf_age = 0                               # rebuilds the IVF has been kept through
         self.queries = self.cold_queries = 0         # samples answered, and of those by the cold path
         self.niter, self.train_points_per_centroid = int(niter), int(train_points_per_centroid)
         self.nlist = 0
@@ -309,7 +318,11 @@ class GraphIndex(ClassIndex):
             self._check_cancel()
         try:
             ivf = None
-            if self.cold_nprobe:
+            inherited = self._inherit_ivf is not None and self._inherit_ivf.num_classes == K
+            if inherited:
+                ivf, self._inherit_ivf = self._inherit_ivf, None
+            elif self.cold_nprobe:
+                self._ivf_age = 0
                 ivf = IVFIndex(self.dim, self.metric, class_offset=self.class_offset, seed=self.seed, nlist=nlist,
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
@@ -344,6 +357,16 @@ class GraphIndex(ClassIndex):
             raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
         with self._lock:
             self._rows = W
+
+    def inherit(self, previous: "ClassIndex") -> None:
+        """A rebuild keeps the live index's cold-path IVF: it is incremental (every update moves the
+        rows that drifted), so only its centroids age; rebuilding it each time doubled the build's
+        memory (8-bit codes: a quarter of W, twice) and time. The graph's own lists are re-clustered.
+        Every ``ivf_every``-th build makes a new IVF."""
+        if (isinstance(previous, GraphIndex) and previous._ivf is not None and self.cold_nprobe
+                and previous.class_offset == self.class_offset and previous.dim == self.dim
+                and previous.metric == self.metric and previous._ivf_age + 1 < self.ivf_every):
+            self._inherit_ivf, self._ivf_age = previous._ivf, previous._ivf_age + 1
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows changed (global ids [m], their new rows [m, d]): the scores read the store's rows, so

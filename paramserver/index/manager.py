@@ -176,6 +176,8 @@ class IndexManager:
             if self._closed or self._building is not None:
                 return False
             index = self.factory()
+            if not first and self._index is not None:
+                index.inherit(self._index)
             self._building = index
             self._changed = [] if index.incremental and not sync else None
             self._last_start_step, self._last_start_time = step, time.monotonic()

@@ -20,7 +20,7 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
     "hnsw": ("M", "ef_construction", "ef_search"),
     "ivf": ("nlist", "nprobe", "niter", "train_points_per_centroid", "query_threads", "codec"),
     "graph": ("degree", "nlist", "probe", "hops", "cold_cos", "cold_nprobe", "cold_drift", "niter",
-              "train_points_per_centroid", "subprocess", "cold_codec"),
+              "train_points_per_centroid", "subprocess", "cold_codec", "ivf_every"),
     "random": (),
 }
 
