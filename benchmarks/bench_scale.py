@@ -18,8 +18,9 @@ Reported per K:
 and once: ``rt_over_echo``, an M-row pull + push round trip over a raw pyzmq echo of the same
 bytes (target: <= 2).
 
-Takes about 4 min at 1M alone (``--sizes 1M``); the default three sizes need ~16 GB of free memory
-and run for tens of minutes on 2 cores (the 10M init and build dominate). Ends with one RESULT line.
+Runs (this 2-core machine): 1M alone ~3 min (``--sizes 1M``), 4M ~10 min, 10M ~19 min (the 18-min
+graph build dominates); the default three sizes take ~32 min and need ~17 GB of free memory. Ends
+with one RESULT line.
 """
 from __future__ import annotations
 
