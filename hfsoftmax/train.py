@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from paramserver.store import prune_run_snapshots
+
 from . import dist as hdist
 from .backbones import get_backbone
 from .config import Config, ConfigError, OptimConfig, config_from_dict, load_config, save_config
@@ -372,9 +374,12 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
     if getattr(head, "store", None) is not None:
         store_snapshot = f"store_{step:08d}"
         # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd;
-        # a remote server prunes the older ones on its own machine too (the run dir may not be shared)
-        prune = {"prune_keep": sorted(_kept_store_snapshots(run_dir))} if hasattr(head.store, "addresses") else {}
-        head.store.snapshot(os.path.abspath(os.path.join(run_dir, store_snapshot)), **prune)
+        # a remote server prunes the older ones itself, on its own machine (the run dir may not be shared)
+        snap_path = os.path.abspath(os.path.join(run_dir, store_snapshot))
+        if hasattr(head.store, "addresses"):
+            head.store.snapshot(snap_path, prune_keep=sorted(_kept_store_snapshots(run_dir) | {store_snapshot}))
+        else:
+            head.store.snapshot(snap_path)
     state = {
         "step": step,
         "num_classes": num_classes,
@@ -392,7 +397,9 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
     atomic_torch_save(state, path)
     if keep:
         atomic_torch_save(state, checkpoint_path(run_dir, step))
-    _prune_store_snapshots(run_dir, keep_names={store_snapshot} | _kept_store_snapshots(run_dir))
+    if store_snapshot is not None and not hasattr(head.store, "addresses"):
+        # after the checkpoint naming the new snapshot is on disk (a crash before keeps the old pair)
+        prune_run_snapshots(snap_path, _kept_store_snapshots(run_dir) | {store_snapshot})
     return path
 
 
@@ -403,13 +410,6 @@ def _kept_store_snapshots(run_dir: str) -> set[str]:
         if m:
             names.add(f"store_{int(m.group(1)):08d}")
     return names
-
-
-def _prune_store_snapshots(run_dir: str, keep_names: set[str | None]) -> None:
-    import shutil
-    for p in glob.glob(os.path.join(run_dir, "store_*")):
-        if os.path.basename(p) not in keep_names and os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- #

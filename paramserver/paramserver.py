@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
@@ -148,7 +149,7 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
     if store.rows_ready:
         manager.start(store.rows_view(), step=store.step)   # in the background for a large W: the server answers at once
     else:   # the first build starts once the deferred init has drawn the rows
-        threading.Thread(target=lambda: (store._rows_ready.wait(), manager.start(store.rows_view(), step=store.step)),
+        threading.Thread(target=lambda: (store.wait_rows(math.inf), manager.start(store.rows_view(), step=store.step)),
                          name="index-first-build", daemon=True).start()
     logger.info("index %s (%s) attached, rebuilt every >= %d steps", args.index, args.metric, args.rebuild_every)
 

@@ -11,7 +11,6 @@ when a token is set, every request must carry it (``header["token"]``), else it 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import zmq
 
 from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
                                   get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
-from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore,
+from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore, prune_run_snapshots,
                                recover_snapshot)
 
 logger = logging.getLogger(__name__)
@@ -101,31 +100,6 @@ def resolve_snapshot(path: str) -> str:
     if found is None:
         raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
     return found
-
-
-RUN_SNAPSHOT = re.compile(r"^store_\d{8}$")   # the trainer's store snapshots beside its checkpoints
-
-
-def prune_run_snapshots(path: str, keep: set, level: int = 0) -> int:
-    """Remove the trainer's older store snapshots where THIS server wrote them (its machine may not be
-    the trainer's): the siblings named ``store_NNNNNNNN`` of ``path`` (level 0) or of its parent
-    (level 1: ``.../store_N/shard-i-of-S``, the same shard's directory in each), except the names in
-    ``keep``. Only directories holding a snapshot (a manifest.json) are removed. Returns how many."""
-    unit = path if level == 0 else os.path.dirname(path)
-    leaf = os.path.relpath(path, unit)
-    parent, own = os.path.dirname(unit), os.path.basename(unit)
-    removed = 0
-    for name in os.listdir(parent):
-        if name == own or name in keep or not RUN_SNAPSHOT.match(name):
-            continue
-        target = os.path.normpath(os.path.join(parent, name, leaf))
-        if os.path.isdir(target) and os.path.isfile(os.path.join(target, "manifest.json")):
-            shutil.rmtree(target, ignore_errors=True)
-            removed += 1
-            with contextlib.suppress(OSError):   # the run-level directory of several shards, once empty
-                if level:
-                    os.rmdir(os.path.join(parent, name))
-    return removed
 
 
 class _Parked:
@@ -337,9 +311,7 @@ class ParamServer:
             self._counts["errors"] += 1
             self._send(frames[:1], error_reply(None, "empty message: expected a JSON header frame", "protocol"))
             return
-        # DEALER: [identity, header, ...]; REQ: [identity, b"", header, ...]
-        cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
-        envelope, body = list(frames[:cut]), list(frames[cut:])
+        envelope, body = _split_envelope(frames)
         self._counts["bytes_in"] += sum(len(f) for f in body)
         req_id = None
         try:
@@ -502,7 +474,8 @@ class ParamServer:
             if keep is not None:
                 if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
                     raise BadRequestError("snapshot: field 'prune_keep' must be a list of names")
-                removed = prune_run_snapshots(os.path.abspath(path), set(keep), int(get_field(h, "prune_level", int, default=0)))
+                removed = prune_run_snapshots(os.path.abspath(path), set(keep), get_field(h, "prune_level", int, default=0),
+                                              keep_previous=True)
                 if removed:
                     logger.info("snapshot %s: pruned %d older run snapshot(s)", path, removed)
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
@@ -565,13 +538,13 @@ class ParamServer:
             if now < deadline:
                 still.append((frames, deadline))
                 continue
-            cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
+            envelope, body = _split_envelope(frames)
             self._counts["errors"] += 1
             try:
-                req_id = decode(list(frames[cut:]))[0].get("id")
+                req_id = decode(body)[0].get("id")
             except Exception:
                 req_id = None
-            self._send(list(frames[:cut]), error_reply(_safe_id(req_id), "the server is still initialising its rows "
+            self._send(envelope, error_reply(_safe_id(req_id), "the server is still initialising its rows "
                                                        f"after {self.max_wait:.0f}s", "sync_timeout"))
         self._init_parked = still
 
@@ -606,6 +579,13 @@ class ParamServer:
             shutil.rmtree(os.path.join(self.snapshot_dir, old), ignore_errors=True)
         logger.info("snapshot step %d -> %s in %.2fs", self.store.step, path, time.monotonic() - t0)
         return path
+
+
+def _split_envelope(frames: list) -> tuple[list, list]:
+    """ROUTER frames -> (envelope, protocol frames). DEALER: [identity, header, ...]; REQ: [identity,
+    b"", header, ...]."""
+    cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
+    return list(frames[:cut]), list(frames[cut:])
 
 
 def _safe_id(req_id: Any) -> Any:

@@ -33,6 +33,8 @@ instance method that loads a snapshot in place (same rows, dim and dtype require
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -243,6 +245,33 @@ def recover_snapshot(path: str) -> bool:
     return _has_manifest(path)
 
 
+RUN_SNAPSHOT = re.compile(r"^store_\d{8}$")   # the trainer's store snapshots beside its checkpoints
+
+
+def prune_run_snapshots(path: str, keep: set, level: int = 0, keep_previous: bool = False) -> int:
+    """Remove a run's older store snapshots where they were written (by the trainer's store, or by a
+    server, whose machine may not be the trainer's): the siblings named ``store_NNNNNNNN`` of
+    ``path`` (level 0) or of its parent (level 1: ``.../store_N/shard-i-of-S``, the same shard's
+    directory in each), except the names in ``keep`` and, with ``keep_previous``, the newest one
+    before ``path`` (the checkpoint on disk still names it until the trainer replaces it: a server
+    prunes before that). Only directories holding a snapshot (a manifest.json) are removed.
+    Returns how many."""
+    unit = path if level == 0 else os.path.dirname(path)
+    leaf = os.path.relpath(path, unit)
+    parent, own = os.path.dirname(unit), os.path.basename(unit)
+    found = sorted(n for n in os.listdir(parent) if n != own and n not in keep and RUN_SNAPSHOT.match(n)
+                   and os.path.isfile(os.path.join(parent, n, leaf, "manifest.json")))
+    older = [n for n in found if n < own]
+    if keep_previous and older:
+        found.remove(older[-1])
+    for name in found:
+        shutil.rmtree(os.path.normpath(os.path.join(parent, name, leaf)), ignore_errors=True)
+        if level:
+            with contextlib.suppress(OSError):   # the run-level directory of several shards, once empty
+                os.rmdir(os.path.join(parent, name))
+    return len(found)
+
+
 def read_manifest(path: str) -> dict:
     """Read and check ``path/manifest.json``; errors name the file and the field at fault."""
     mpath = os.path.join(path, "manifest.json")
@@ -398,11 +427,12 @@ class WeightStore:
         return self._rows_ready.is_set()
 
     def wait_rows(self, timeout: Optional[float] = None) -> None:
-        """Wait for a deferred init of the rows; SyncTimeoutError after ``timeout`` (default: sync_timeout)."""
+        """Wait for a deferred init of the rows; SyncTimeoutError after ``timeout`` (default: sync_timeout;
+        math.inf: for as long as it takes)."""
         if self._rows_ready.is_set():
             return
         limit = self.sync_timeout if timeout is None else float(timeout)
-        if not self._rows_ready.wait(limit):
+        if not self._rows_ready.wait(None if math.isinf(limit) else limit):
             raise SyncTimeoutError(f"the store's rows ({self._K} x {self._d}) are still being initialised after "
                                    f"{limit:.0f}s")
 
@@ -738,8 +768,7 @@ class WeightStore:
         return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "num_classes": self._K,
                 "class_offset": self._offset, "total_classes": self._total, "dim": self._d,
                 "dtype": str(self._dtype), "step": self._step, "optimizer": self.opt.to_dict(),
-                "init": self.init_desc,
-                "files": {"W": "W.npy", **({"momentum": "momentum.npy"} if self._M is not None else {})},
+                "init": self.init_desc, "files": {m: f"{m}.npy" for m in self._matrices()},
                 "created_unix": time.time()}
 
     def snapshot(self, path: str, fsync: bool = False) -> dict:
@@ -765,9 +794,8 @@ class WeightStore:
                 man = self.manifest()
                 # Both files at once: file writes release the GIL, and one writer alone is bound by
                 # the memcpy into the page cache on one core.
-                _parallel([lambda: _write_npy(os.path.join(tmp, "W.npy"), self._W, fsync)]
-                          + ([lambda: _write_npy(os.path.join(tmp, "momentum.npy"), self._M, fsync)]
-                             if self._M is not None else []))
+                _parallel([functools.partial(_write_npy, os.path.join(tmp, man["files"][m]), a, fsync)
+                           for m, a in self._matrices().items()])
             _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
             # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
             # complete snapshot; a writer killed between the renames leaves both complete siblings,
@@ -787,8 +815,12 @@ class WeightStore:
                     self._nbytes() / 1e6)
         return man
 
+    def _matrices(self) -> dict:
+        """The matrices this store holds: W, and momentum when its rule keeps a buffer."""
+        return {"W": self._W} if self._M is None else {"W": self._W, "momentum": self._M}
+
     def _nbytes(self) -> int:
-        return int(self._W.nbytes + (self._M.nbytes if self._M is not None else 0))
+        return int(sum(a.nbytes for a in self._matrices().values()))
 
     def restore(self, path: str, in_place: bool = False) -> dict:
         """Load snapshot ``path`` into this store (same rows, dim, dtype required); returns its manifest.
@@ -810,13 +842,11 @@ class WeightStore:
         with self._cond:
             # The momentum file only when the snapshot's rule uses a buffer (an older "unrolled"
             # snapshot holds an all-zero one: not read, not kept).
-            W, M = (_parallel([
-                lambda: _read_npy_into(os.path.join(path, man["files"]["W"]), self._W if in_place else None,
-                                       shape, self._dtype)]
-                + ([lambda: _read_npy_into(os.path.join(path, man["files"]["momentum"]),
-                                           self._M if in_place else None, shape, self._dtype)]
-                   if restored.has_buffer else [])) + [None])[:2]
-            self._W, self._M = W, M
+            into = {"W": self._W, "momentum": self._M} if in_place else {}
+            names = MATRICES if restored.has_buffer else ("W",)
+            got = dict(zip(names, _parallel([functools.partial(_read_npy_into, os.path.join(path, man["files"][m]),
+                                                                into.get(m), shape, self._dtype) for m in names])))
+            self._W, self._M = got["W"], got.get("momentum")
             self._step = int(man["step"])
             self._pending.clear()
             if restored != self.opt:  # the snapshot's optimizer wins, as its momentum matches it

@@ -625,14 +625,19 @@ def test_server_prunes_the_trainers_old_store_snapshots_on_its_own_machine(tmp_p
             (run / "store_00000003").mkdir()                  # not a snapshot: never removed
             (run / "notes").mkdir()
             rs.snapshot(str(run / "store_00000010"), prune_keep=["store_00000007"])
+            # the newest older one stays: the checkpoint on disk names it until the trainer replaces it
+            assert sorted(os.listdir(run)) == ["notes", "store_00000003", "store_00000005", "store_00000007",
+                                               "store_00000010"]
+            rs.snapshot(str(run / "store_00000012"), prune_keep=["store_00000007"])
         finally:
             rs.close()
-    assert sorted(os.listdir(run)) == ["notes", "store_00000003", "store_00000007", "store_00000010"]
+    assert sorted(os.listdir(run)) == ["notes", "store_00000003", "store_00000007", "store_00000010",
+                                       "store_00000012"]
     # several shards: run/store_N/shard-i-of-S, the same shard's directory pruned in each
     for step in (1, 2):
         WeightStore(4, 2).snapshot(str(run / f"store_{step:08d}" / "shard-000-of-002"))
     WeightStore(4, 2).snapshot(str(run / "store_00000002" / "shard-001-of-002"))
     assert prune_run_snapshots(str(run / "store_00000002" / "shard-000-of-002"), {"store_00000007"}, level=1) == 1
     assert not (run / "store_00000001").exists()                   # its only shard removed, then the empty dir
-    assert (run / "store_00000010" / "manifest.json").exists()      # not a shard directory: untouched
+    assert (run / "store_00000012" / "manifest.json").exists()      # not a shard directory: untouched
     assert sorted(os.listdir(run / "store_00000002")) == ["shard-000-of-002", "shard-001-of-002"]

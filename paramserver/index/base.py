@@ -147,6 +147,13 @@ class ClassIndex:
         """Read rows from ``W`` from now on (indexes that score on the store's rows: exact, graph).
         The others keep what they built and ignore it."""
 
+    def _rebind_rows(self, W: np.ndarray) -> np.ndarray:
+        """``W`` checked for :meth:`bind_rows`: the shape the index was built over."""
+        W = self._check_W(W)
+        if W.shape[0] != self.num_classes:
+            raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
+        return W
+
     def inherit(self, previous: "ClassIndex") -> None:
         """Called before a rebuild with the live index: keep what can be carried over (GraphIndex
         keeps its cold-path IVF). Default: nothing."""

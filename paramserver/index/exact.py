@@ -41,10 +41,7 @@ class ExactIndex(ClassIndex):
 
     def bind_rows(self, W: np.ndarray) -> None:
         """Score on ``W`` (same shape) from now on: the live store rows after a build from a copy."""
-        W = self._check_W(W)
-        if W.shape[0] != self.num_classes:
-            raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
-        self._W = W
+        self._W = self._rebind_rows(W)
 
     def update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows changed (global ids [m], rows [m, d]; W itself holds them): refresh their norms."""

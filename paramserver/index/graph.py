@@ -352,9 +352,7 @@ class GraphIndex(ClassIndex):
 
     def bind_rows(self, W: np.ndarray) -> None:
         """Score on ``W`` (same shape) from now on: the live store rows after a build from a copy."""
-        W = self._check_W(W)
-        if W.shape[0] != self.num_classes:
-            raise ValueError(f"bind_rows: W has {W.shape[0]} rows, the index {self.num_classes}")
+        W = self._rebind_rows(W)
         with self._lock:
             self._rows = W
 
