@@ -16,10 +16,11 @@ $(STAMP): setup.py requirements.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
-# The main job: HF-softmax on the built-in synthetic identities, ending with a held-out verification table.
-# Rerunning it starts afresh (train.overwrite=true); ARGS="[dataset_path] key=value ..." adds to it.
+# The main job: HF-softmax on the built-in synthetic identities, then random sampling at the same M,
+# ending with both side by side (held-out verification, top-1 over all K, CPK, speed).
+# Rerunning it starts afresh (train.overwrite=true); ARGS="[dataset_path] key=value ..." adds to both.
 train: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/train_hf.sh $(ARGS) train.overwrite=true
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/demo.sh $(ARGS) train.overwrite=true
 
 # Full-softmax baseline on the same data.
 train-full: setup

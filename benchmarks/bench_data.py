@@ -3,14 +3,17 @@
 Builds, in a temporary folder, N face-sized JPEGs (default 2000 at 112x112, smooth random images so
 the JPEGs are about the size of real face crops), packed once as ``train.rec``/``train.idx``
 (InsightFace layout) and once as images/<label>/<n>.jpg + train_list.txt (what tools/rec2img.py
-writes). Then it reads both through ``dataset_from_path`` and a DataLoader (batch 64, random flip,
-normalise) with 0, 1 and 2 workers. Each configuration does one untimed warm-up pass (starts the
-persistent workers, fills the page cache) and one timed pass over all N images, so both sources are
-compared from memory, as in steady-state training.
+writes). Then it reads them through ``dataset_from_path`` and a DataLoader (batch 64, random flip)
+with 0, 1, 2 and 4 workers: the .rec with float32 images made in the workers (the old path) and
+with uint8 images normalised after the loader (what training does now, on the device), and the
+folder with uint8. Each configuration does one untimed warm-up pass (starts the persistent workers,
+fills the page cache) and one timed pass over all N images, so the sources are compared from
+memory, as in steady-state training. Worker counts above the machine's cores measure contention,
+not scaling (``cpus`` in the RESULT line).
 
-    python benchmarks/bench_data.py [--n 2000] [--size 112] [--workers 0,1,2]
+    python benchmarks/bench_data.py [--n 2000] [--size 112] [--workers 0,1,2,4]
 
-Ends with one line: RESULT key=value ...  (imgs/s per source and worker count, rec/folder ratios)
+Ends with one line: RESULT key=value ...  (imgs/s per source, path and worker count; ratios)
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hfsoftmax.data.binset import encode_jpeg  # noqa: E402
 from hfsoftmax.data.datasets import dataset_from_path  # noqa: E402
 from hfsoftmax.data.recordio import write_insightface_rec  # noqa: E402
+from hfsoftmax.data.transforms import normalize_images  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +68,11 @@ def build(root: str, n: int, size: int, per_class: int = 20) -> tuple[str, str]:
     return rec_dir, img_dir
 
 
-def images_per_second(path: str, size: int, workers: int, batch: int = 64) -> float:
-    """Timed second pass of a DataLoader over the whole dataset."""
-    ds = dataset_from_path(path, size, train=True)
+def images_per_second(path: str, size: int, workers: int, uint8: bool, batch: int = 64) -> float:
+    """Timed second pass of a DataLoader over the whole dataset (the loader the trainer builds: one
+    for the run, workers persistent). uint8: workers hand over uint8 images, normalised after the
+    loader as the train loop does on the device (here the CPU: its cost is inside the figure)."""
+    ds = dataset_from_path(path, size, train=True, uint8=uint8)
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
     for _ in loader:  # warm-up: workers start, files are cached
@@ -74,6 +80,7 @@ def images_per_second(path: str, size: int, workers: int, batch: int = 64) -> fl
     t0 = time.perf_counter()
     seen = 0
     for x, _ in loader:
+        x = normalize_images(x)
         seen += x.shape[0]
     dt = time.perf_counter() - t0
     del loader
@@ -84,20 +91,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="images")
     ap.add_argument("--size", type=int, default=112, help="image side")
-    ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    ap.add_argument("--workers", default="0,1,2,4", help="comma-separated DataLoader worker counts")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     torch.set_num_threads(1)  # decoding is the work measured; keep the main process to one core
     workers = [int(w) for w in args.workers.split(",")]
-    kv: list[str] = [f"n={args.n}", f"size={args.size}"]
+    kv: list[str] = [f"n={args.n}", f"size={args.size}", f"cpus={os.cpu_count()}"]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
         rec_dir, img_dir = build(root, args.n, args.size)
-        print(f"{'workers':>7} {'rec img/s':>10} {'folder img/s':>13} {'rec/folder':>10}")
+        print(f"{'workers':>7} {'rec f32':>9} {'rec u8':>9} {'u8/f32':>7} {'folder u8':>10} {'rec/folder':>10}")
+        base = None
         for w in workers:
-            r = images_per_second(rec_dir, args.size, w)
-            f = images_per_second(img_dir, args.size, w)
-            print(f"{w:>7} {r:>10.0f} {f:>13.0f} {r / f:>10.2f}")
-            kv += [f"rec_w{w}={r:.0f}", f"folder_w{w}={f:.0f}", f"ratio_w{w}={r / f:.2f}"]
+            r32 = images_per_second(rec_dir, args.size, w, uint8=False)
+            r8 = images_per_second(rec_dir, args.size, w, uint8=True)
+            f8 = images_per_second(img_dir, args.size, w, uint8=True)
+            base = base or r8
+            print(f"{w:>7} {r32:>9.0f} {r8:>9.0f} {r8 / r32:>7.2f} {f8:>10.0f} {r8 / f8:>10.2f}")
+            kv += [f"rec_f32_w{w}={r32:.0f}", f"rec_u8_w{w}={r8:.0f}", f"u8_over_f32_w{w}={r8 / r32:.2f}",
+                   f"folder_u8_w{w}={f8:.0f}", f"rec_u8_w{w}_over_w{workers[0]}={r8 / base:.2f}"]
     print("RESULT " + " ".join(kv))
 
 

@@ -36,6 +36,7 @@ from paramserver.store import prune_run_snapshots
 from . import dist as hdist
 from .backbones import get_backbone
 from .config import Config, ConfigError, OptimConfig, config_from_dict, load_config, save_config
+from .data.transforms import normalize_images
 from .heads import ClassifierHead, build_head
 
 logger = logging.getLogger("hfsoftmax.train")
@@ -148,26 +149,65 @@ class EpochSampler(Sampler[int]):
         return (self.batches - self.start_batch) * self.batch_size
 
 
+class RunSampler(Sampler[tuple[int, int]]):
+    """Every (epoch, index) key this rank trains on from ``start_step`` on, epoch after epoch, forever.
+
+    The order is :class:`EpochSampler`'s, epoch by epoch, so one DataLoader serves the whole run:
+    its workers start once and live until training ends (persistent across epochs by construction).
+    The epoch travels with each index so a worker keys the item's random flip by it (see
+    :class:`EpochKeyed`); nothing has to reach the workers when an epoch turns.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 start_step: int = 0) -> None:
+        self.args = (num_samples, batch_size, rank, world_size, seed)
+        self.start_step = start_step
+        self.per_epoch = EpochSampler(*self.args, epoch=0).batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start_step, self.per_epoch)
+        while True:
+            for i in EpochSampler(*self.args, epoch=epoch, start_batch=offset):
+                yield epoch, i
+            epoch, offset = epoch + 1, 0
+
+
+class EpochKeyed(Dataset):
+    """``dataset[(epoch, i)]`` = ``dataset[i]`` with the flips of that epoch (``set_epoch``, in whichever
+    process loads it), so an item's augmentation is a pure function of (seed, epoch, index) whatever
+    the worker count, and a resumed run sees exactly what an uninterrupted one would."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self._epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self._epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.seed, epoch)
+            self._epoch = epoch
+        return self.dataset[index]
+
+
 def batches_from(dataset: Dataset, cfg: Config, info: hdist.DistInfo, start_step: int) -> Iterator[tuple[int, Any]]:
-    """Yield (step, batch) from ``start_step`` on, epoch after epoch, forever."""
-    probe = EpochSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed, 0)
-    per_epoch = probe.batches
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        sampler = EpochSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
-                               epoch, start_batch=offset)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(cfg.train.seed, epoch)      # flips: a pure function of (seed, epoch, index)
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
-                            # its own generator: creating an iterator mid-epoch (resume) must not draw
-                            # from the global RNG the model's dropout uses
-                            generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch * 31 + info.rank),
-                            persistent_workers=False)
-        for batch in loader:
-            yield step, batch
-            step += 1
+    """Yield (step, batch) from ``start_step`` on, epoch after epoch, forever.
+
+    One DataLoader for the whole run (workers started once; ``data.num_workers`` of them, each with
+    ``data.prefetch_factor`` batches in flight). Disk datasets hand over uint8 images; the train
+    loop normalises them on the device (``transforms.normalize_images``).
+    """
+    workers = cfg.data.num_workers
+    sampler = RunSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed, start_step)
+    loader = DataLoader(EpochKeyed(dataset, cfg.train.seed), batch_size=cfg.train.batch_size, sampler=sampler,
+                        drop_last=True, num_workers=workers, pin_memory=info.device.type == "cuda",
+                        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
+                        # its own generator: starting the loader (also on resume) must not draw from
+                        # the global RNG the model's dropout uses
+                        generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + info.rank))
+    yield from enumerate(loader, start_step)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -206,7 +246,9 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
         raise FileNotFoundError(f"dataset path does not exist: {cfg.data.path}")
     from .data.datasets import dataset_from_path
 
-    train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad)
+    # uint8 through the workers' queues (a quarter of float32's bytes), normalised on the device
+    train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad,
+                                  uint8=True)
     ver: list[VerificationSet] = []
     if run_dir is not None:
         # Only rank 0 evaluates. The images are decoded at each evaluation, not held: lfw + cfp_fp +
@@ -433,6 +475,24 @@ def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.devic
     return results
 
 
+def identify(backbone: nn.Module, head: ClassifierHead, images: torch.Tensor, labels: np.ndarray,
+             device: torch.device) -> dict[str, float]:
+    """Closed-set identification: top-1 / top-5 of new images of training identities over all K
+    classes, scored by the trained head (its rows pulled from the store for selective heads)."""
+    from .eval.extract import extract_features
+
+    if hasattr(head, "flush"):
+        head.flush()                 # every push has landed
+    feats = extract_features(backbone, images, batch_size=256, flip=True, device=device, progress=False)
+    was_training = head.training
+    head.eval()
+    top = torch.cat([head.topk(f.to(device), 5)[1].cpu() for f in torch.as_tensor(feats).split(1024)])
+    head.train(was_training)
+    hits = top == torch.as_tensor(labels).view(-1, 1)
+    return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(dim=1).float().mean()),
+            "samples": int(len(labels))}
+
+
 class LineProgress:
     """tqdm's update / set_postfix / close for a stdout that is not a terminal: set_postfix (called
     every log_every steps) prints one line with the step, the figures and the ETA."""
@@ -506,7 +566,7 @@ def train(cfg: Config) -> dict[str, Any]:
     device = info.device
     # the backbone first: a bad name or image size fails before the data is prepared
     backbone = get_backbone(cfg.model.backbone, cfg.model.feature_dim, cfg.data.image_size,
-                            dropout=cfg.model.dropout, norm=cfg.model.norm).to(device)
+                            dropout=cfg.model.dropout, norm=cfg.model.norm, width=cfg.model.width).to(device)
     train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
     if cfg.model.pretrained and not cfg.train.resume:
         load_pretrained(backbone, cfg.model.pretrained)
@@ -606,7 +666,13 @@ def train(cfg: Config) -> dict[str, Any]:
         result["verification"] = final
         result["report"] = format_markdown(final)
         result["report_dir"] = eval_dir
-        metrics.log(event="eval", step=total, **{f"{n}_acc": r["accuracy"] for n, r in final.items()})
+        rec = {f"{n}_acc": r["accuracy"] for n, r in final.items()}
+        if not cfg.data.path and cfg.data.val_samples > 0:
+            from .data.synthetic import heldout_samples, spec_from_config
+            images, labels = heldout_samples(spec_from_config(cfg.data), cfg.data.val_samples)
+            result["identification"] = identify(backbone, head, images, labels, device)
+            rec.update(heldout_top1=result["identification"]["top1"], heldout_top5=result["identification"]["top5"])
+        metrics.log(event="eval", step=total, **rec)
     if info.is_main:
         metrics.log(event="done", **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         metrics.close()
@@ -639,7 +705,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             g["lr"] = lr
         if hasattr(head, "begin_step"):
             head.begin_step(step, lr, grad_scale=precision.grad_scale())
-        images = images.to(device, non_blocking=True)
+        images = normalize_images(images.to(device, non_blocking=True))   # uint8 from disk datasets
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():
             loss = ddp_model(images, labels)
@@ -726,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
             if "start_verification" in result:
                 s = result["start_verification"]
                 print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
+            if "identification" in result:
+                r = result["identification"]
+                print(f"identification over the K={result['num_classes']} training identities ({r['samples']} new "
+                      f"images): top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%")
             print(f"steps {result['steps']}  wall {result['wall_s']:.1f}s  samples/s {result['samples_per_s']:.1f}")
         return 0
     except _user_errors() as e:

@@ -182,3 +182,36 @@ def test_a_flipped_label_bit_is_refused_not_read_as_another_class(tmp_path, caps
         ds[3]
     rc = rec2img.main(["--in-folder", str(tmp_path), "--out-folder", str(tmp_path / "out")])
     assert rc != 0 and "record 4: label 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["rec", "list"])
+def test_uint8_images_normalise_to_exactly_the_float_images(tmp_path, kind):
+    """What workers hand over (uint8, flipped as the epoch says) becomes, on the device, the very
+    float32 image the float path returns; resizing included (stored at S, read at S // 2)."""
+    from hfsoftmax.data.transforms import normalize_images
+
+    rng = np.random.default_rng(3)
+    items = [(encode_jpeg(rng.integers(0, 255, (S, S, 3), dtype=np.uint8)), i // 2) for i in range(6)]
+    write_insightface_rec(str(tmp_path), items, image_size=S)
+    if kind == "list":
+        (tmp_path / "imgs").mkdir()
+        for i, (jpeg, _) in enumerate(items):
+            (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg)
+        (tmp_path / "list.txt").write_text("".join(f"imgs/{i}.jpg {lbl}\n" for i, (_, lbl) in enumerate(items)))
+        path = str(tmp_path / "list.txt")
+    else:
+        path = str(tmp_path)
+    for size in (S, S // 2):
+        f32 = dataset_from_path(path, size, train=True)
+        u8 = dataset_from_path(path, size, train=True, uint8=True)
+        flipped = 0
+        for epoch in range(3):
+            f32.set_epoch(7, epoch)
+            u8.set_epoch(7, epoch)
+            for i in range(len(items)):
+                (a, la), (b, lb) = f32[i], u8[i]
+                assert b.dtype == torch.uint8 and b.shape == (3, size, size) and la == lb
+                assert torch.equal(normalize_images(b), a)
+                flipped += not torch.equal(a, dataset_from_path(path, size, train=False)[i][0])
+        assert flipped > 0     # the flips were exercised
+    assert normalize_images(a) is a   # float input passes through

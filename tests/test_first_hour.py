@@ -155,3 +155,14 @@ def test_plot_metrics_draws_what_the_run_logged(tmp_path, capsys):
     assert Image.open(tmp_path / "plots" / "loss.png").size == (560, 360)
     (tmp_path / "metrics.jsonl").write_text("{bad\n")
     assert plot_metrics.main([str(tmp_path)]) == 2 and "line 1 is not JSON" in capsys.readouterr().err
+
+
+def test_compare_runs_names_a_run_that_has_not_finished(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compare_runs
+
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 2, "loss": 1.0}\n')
+    assert compare_runs.main([str(tmp_path)]) == 2
+    assert f"{tmp_path / 'metrics.jsonl'}: the run has not finished" in capsys.readouterr().err
+    assert compare_runs.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/metrics.jsonl: not found" in capsys.readouterr().err

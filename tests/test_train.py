@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from hfsoftmax.config import OptimConfig, load_config
-from hfsoftmax.train import EpochSampler, lr_at, train
+from hfsoftmax.train import EpochSampler, RunSampler, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +48,21 @@ def test_epoch_sampler_ranks_partition_global_batch():
         assert sorted(one[8 * b:8 * b + 8]) == sorted(r0[4 * b:4 * b + 4] + r1[4 * b:4 * b + 4])
     resumed = list(EpochSampler(100, 8, 0, 1, seed=3, epoch=2, start_batch=5))
     assert resumed == one[40:]
+
+
+def test_run_sampler_is_the_epoch_samplers_back_to_back_and_resumes_anywhere():
+    """One loader serves the whole run: its keys are each epoch's order in turn, tagged with the epoch,
+    and starting at step s (resume) gives exactly the suffix from s's first sample."""
+    B, per_epoch = 4, 100 // 8     # rank 1 of 2, 4 a rank: a global batch of 8
+    expect = [(e, i) for e in range(4) for i in EpochSampler(100, B, 1, 2, seed=3, epoch=e)]
+
+    def first(n, start_step=0):
+        it = iter(RunSampler(100, B, 1, 2, seed=3, start_step=start_step))
+        return [next(it) for _ in range(n)]
+
+    assert first(len(expect)) == expect
+    for s in (1, per_epoch - 1, per_epoch, 2 * per_epoch + 5):
+        assert first(len(expect) - s * B, s) == expect[s * B:], s
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -200,6 +215,54 @@ def test_resume_on_a_rec_dataset_is_exact(tmp_path, head):
         wa = WeightStore.from_snapshot(str(a / "store_00000008")).pull(np.arange(12))
         wb = WeightStore.from_snapshot(str(b / "store_00000008")).pull(np.arange(12))
         np.testing.assert_array_equal(wa, wb)
+
+
+def test_loader_workers_change_nothing_across_epochs(tmp_path):
+    """0 workers (float images decoded in the loop) and 2 workers (uint8 images normalised after the
+    loader; one loader for the whole run) train bitwise alike over three epochs with random flips."""
+    data = _rec_folder(tmp_path / "data", K=4, per_class=4)       # 16 images: 2 batches an epoch
+    base = [f"data.path={data}", "data.image_size=16", "model.feature_dim=8", "train.progress=false",
+            "train.batch_size=8", "train.steps=6", "train.log_every=3", "store.kind=local"]
+    runs = {}
+    for w in (0, 2):
+        out = tmp_path / f"w{w}"
+        train(load_config(os.path.join(ROOT, "configs", "faces_full.yaml"), base + [
+            f"train.out_dir={out}", f"data.num_workers={w}", "data.prefetch_factor=1"]))
+        runs[w] = params_of(out / "ckpt_last.pt")[1]
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[2][k]) if torch.is_tensor(runs[0][k]) else runs[0][k] == runs[2][k], k
+
+
+@pytest.mark.parametrize("head", ["full", "hf"])
+def test_identification_top1_is_the_nearest_class_row(tmp_path, head):
+    """data.val_samples: top-1 / top-5 over all K of new images of training identities, as logged,
+    equal a direct nearest-row search over the trained classifier (the store's rows for HF)."""
+    from hfsoftmax.backbones import get_backbone
+    from hfsoftmax.data.synthetic import heldout_samples, spec_from_config
+    from hfsoftmax.eval.extract import extract_features
+
+    out = tmp_path / head
+    cfg = load_config(None, TINY + ["train.steps=60", "data.val_samples=60", f"head.name={head}", "head.margin=cosface",
+                                    "head.num_active=16", "store.kind=local", f"train.out_dir={out}"])
+    result = train(cfg)
+    ck = torch.load(out / "ckpt_last.pt", weights_only=False)
+    net = get_backbone("tiny", cfg.model.feature_dim, cfg.data.image_size, width=cfg.model.width)
+    net.load_state_dict(ck["model"])
+    images, labels = heldout_samples(spec_from_config(cfg.data), 60)
+    f = extract_features(net, images, flip=True, progress=False)
+    if head == "full":
+        W = ck["head"]["weight"].numpy()
+    else:
+        from paramserver.store import WeightStore
+        W = WeightStore.from_snapshot(str(out / ck["store_snapshot"])).pull(np.arange(result["num_classes"]))
+    sims = f @ (W / np.linalg.norm(W, axis=1, keepdims=True)).T
+    top5 = np.argsort(-sims, axis=1)[:, :5]
+    ident = result["identification"]
+    assert ident["top1"] == pytest.approx(np.mean(top5[:, 0] == labels))
+    assert ident["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(1)))
+    assert 0 < ident["top1"] < 1 and ident["top1"] <= ident["top5"]   # a trained net, and not a trivial answer
+    ev = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln][-1]
+    assert ev["heldout_top1"] == ident["top1"]
 
 
 def test_same_seed_hf_runs_are_equal_through_background_rebuilds(tmp_path):

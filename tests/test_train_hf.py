@@ -1,4 +1,5 @@
 """HF-softmax end to end: scripts/train_hf.sh with its own server, Ctrl-C, a server lost mid-run."""
+import json
 import os
 import re
 import signal
@@ -58,6 +59,25 @@ def test_train_hf_sh_end_to_end_leaves_no_server(tmp_path):
     assert ck["config"]["store"]["token"] == "" and "token: ''" in (tmp_path / "config.yaml").read_text()
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert '"cpk_exact"' in metrics and '"index_builds"' in metrics
+
+
+def test_demo_sh_runs_hf_then_random_and_prints_both(tmp_path):
+    """make train's script: the HF run, the random-sampling run at the same M, then one table."""
+    out = tmp_path / "demo"
+    r = subprocess.run(["sh", "scripts/demo.sh", *TINY, "train.steps=4", "data.val_samples=30",
+                        f"train.out_dir={out}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith(f"| {out}")]
+    assert [row.split(" | ")[1] for row in rows] == ["hf", "random"], r.stdout[-2000:]
+    for run, row in zip((out, tmp_path / "demo_random"), rows):
+        cfg = (run / "config.yaml").read_text()
+        assert "num_active: 20" in cfg and "steps: 4" in cfg
+        ev = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln][-1]
+        top1 = json.loads(ev)["heldout_top1"]
+        assert row.split(" | ")[4] == f"{100 * top1:.2f}"          # the table shows what the run logged
+    assert "index: random" in (tmp_path / "demo_random" / "config.yaml").read_text()
+    for m in re.finditer(r"\(pid (\d+)", r.stdout):
+        assert not _alive(int(m.group(1)))
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])

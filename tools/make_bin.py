@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.pairs)
         root = args.root or os.path.dirname(os.path.abspath(args.pairs))
         images, issame = [], []
-        for a, b, same in tqdm(pairs, desc="pairs"):
+        for a, b, same in tqdm(pairs, desc="pairs", disable=None):
             for p in (a, b):
                 full = p if os.path.isabs(p) else os.path.join(root, p)
                 if not os.path.isfile(full):

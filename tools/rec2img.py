@@ -46,7 +46,7 @@ def iter_images(rec_path: str) -> Iterator[tuple[str, int, bytes]]:
         layout = read_insightface_layout(reader)
         prop = read_property(os.path.dirname(os.path.abspath(rec_path)))
         num = len(layout.identity_ranges) if layout.identity_ranges is not None else (prop[0] if prop else None)
-        for key in tqdm(layout.image_keys, desc="records", unit="img"):
+        for key in tqdm(layout.image_keys, desc="records", unit="img", disable=None):
             where = f"{rec_path}: record {key}"
             header, payload = unpack(reader.read_idx(key), where)
             yield where, layout.check_label(key, class_of(header.label, where), where, num), payload
@@ -54,7 +54,7 @@ def iter_images(rec_path: str) -> Iterator[tuple[str, int, bytes]]:
         return
     logger.info("%s not found: reading %s sequentially", idx_path, rec_path)
     reader = RecordIOReader(rec_path, "")
-    for n, rec in enumerate(tqdm(reader, desc="records", unit="rec")):
+    for n, rec in enumerate(tqdm(reader, desc="records", unit="rec", disable=None)):
         where = f"{rec_path}: record #{n} (sequential)"
         header, payload = unpack(rec, where)
         if not payload:  # header / identity-range records carry no image

@@ -56,7 +56,7 @@ def build_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
     cfg = ckpt["config"]
     mcfg, hcfg = cfg["model"], cfg["head"]
     backbone = get_backbone(mcfg["backbone"], mcfg["feature_dim"], cfg["data"]["image_size"],
-                            dropout=mcfg.get("dropout", 0.0), **({"norm": mcfg["norm"]} if "norm" in mcfg else {}))
+                            dropout=mcfg.get("dropout", 0.0), **{k: mcfg[k] for k in ("norm", "width") if k in mcfg})
     backbone.load_state_dict(ckpt["model"])
     K, m = ckpt["head"]["weight"].shape
     d = ckpt["head"]["proj"].shape[0]

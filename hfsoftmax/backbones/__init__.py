@@ -18,7 +18,7 @@ ALIASES = {**{f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}, "mbf": "mobilefacen
 
 
 def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0,
-                 norm: str = "batch") -> nn.Module:
+                 norm: str = "batch", width: int = 32) -> nn.Module:
     """Build a backbone by name.
 
     Args:
@@ -27,23 +27,24 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
         image_size: input side in pixels (112 for the face nets; tiny accepts any multiple of 4).
         dropout: dropout before the embedding FC (face ResNet, Hynet).
         norm: tiny only, ``batch`` or ``group`` (GroupNorm is per-sample, so DDP equals one process).
+        width: tiny only, the channels of its first stage (then 2x and 4x).
     """
     from ..config import ConfigError
 
     name = ALIASES.get(name, name)
     try:
-        return _build(name, feature_dim, image_size, dropout, norm)
+        return _build(name, feature_dim, image_size, dropout, norm, width)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model.backbone={name} with data.image_size={image_size}: {e}") from None
 
 
-def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: str) -> nn.Module:
+def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: str, width: int) -> nn.Module:
     from ..config import ConfigError
 
     if name == "tiny":
-        return TinyNet(feature_dim=feature_dim, image_size=image_size, norm=norm)
+        return TinyNet(feature_dim=feature_dim, image_size=image_size, width=width, norm=norm)
     if name == "mobilefacenet":
         return MobileFaceNet(feature_dim=feature_dim, image_size=image_size)
     if name == "hynet":

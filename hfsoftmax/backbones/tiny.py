@@ -14,6 +14,8 @@ class TinyNet(nn.Module):
             raise ValueError(f"TinyNet needs an image_size divisible by 4, got {image_size}")
         if norm not in ("batch", "group"):
             raise ValueError(f"TinyNet norm must be 'batch' or 'group', got '{norm}'")
+        if width < 1 or (norm == "group" and width % 8):
+            raise ValueError(f"TinyNet width must be a positive integer (a multiple of 8 with norm=group), got {width}")
 
         def norm2d(c: int) -> nn.Module:
             return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(8, c)

@@ -132,7 +132,7 @@ def load_bin(path: str, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     images, flags = read_bin(path)
     out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.float32)
     name = os.path.basename(path)
-    for i, data in enumerate(tqdm(images, desc=f"decode {name}", leave=False, disable=len(images) < 2000)):
+    for i, data in enumerate(tqdm(images, desc=f"decode {name}", leave=False, disable=True if len(images) < 2000 else None)):
         out[i] = to_tensor_normalized(decode_image(data, f"{path}: image {i}"), image_size)
     logger.info("loaded %s: %d pairs (%d same)", path, len(flags), int(flags.sum()))
     return out, flags

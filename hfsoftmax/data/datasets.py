@@ -6,7 +6,9 @@
   list file's folder (``tools/rec2img.py`` writes ``train_list.txt`` / ``val_list.txt`` this way).
 
 ``dataset_from_path`` picks one from a path; every dataset returns ``(image [3, H, W] float32 in
-[-1, 1], label: int)`` and has ``num_classes``.
+[-1, 1], label: int)`` and has ``num_classes``; with ``uint8=True`` the image is the uint8 tensor
+[3, H, W] instead (a quarter of the bytes through the DataLoader's worker queues), which
+``transforms.normalize_images`` turns into the same float32 image on the device.
 
 Bad records raise a ``ValueError`` naming the file and record. With ``skip_bad=True`` a bad record
 is instead counted (``dataset.skipped`` in the process that met it, and a warning) and the next good
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset
 
 from hfsoftmax.data.recordio import (RecordIOReader, RecordIOError, class_of, read_insightface_layout,
                                      read_property, unpack)
-from hfsoftmax.data.transforms import decode_image, hflip, keyed_coin, random_hflip, to_tensor_normalized
+from hfsoftmax.data.transforms import decode_image, hflip, keyed_coin, random_hflip, to_tensor_normalized, to_tensor_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ class _SkippingDataset(Dataset):
     # (seed, epoch, i), so a resumed run (or another worker count) flips exactly as an
     # uninterrupted one; None: the torch RNG of the worker decides.
     flip_key: Optional[tuple[int, int]] = None
+    uint8: bool = False   # return uint8 [3, H, W] (normalised later, on the device) instead of float32
+
+    def _to_tensor(self, img, image_size: int) -> torch.Tensor:
+        return to_tensor_uint8(img, image_size) if self.uint8 else to_tensor_normalized(img, image_size)
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Key the random flips of the coming epoch (called by the train loop before each epoch)."""
@@ -81,10 +87,11 @@ class RecordDataset(_SkippingDataset):
         image_size: output side; images of another size are resized.
         train: random horizontal flip when True.
         skip_bad: skip undecodable records (counted) instead of raising.
+        uint8: return uint8 images (see the module docstring).
     """
 
     def __init__(self, rec_path: str, image_size: int, idx_path: Optional[str] = None, train: bool = True,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, uint8: bool = False) -> None:
         if idx_path and not os.path.isfile(idx_path):  # asked for by name: never fall back silently
             raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
         idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
@@ -98,6 +105,7 @@ class RecordDataset(_SkippingDataset):
         self.image_size = image_size
         self.train = train
         self.skip_bad = skip_bad
+        self.uint8 = uint8
         self.skipped = 0
         layout = read_insightface_layout(self.reader)
         self.layout = layout
@@ -129,7 +137,7 @@ class RecordDataset(_SkippingDataset):
         where = f"{self.rec_path}: record {key}"
         header, payload = unpack(self.reader.read_idx(key), where)
         label = self.layout.check_label(key, class_of(header.label, where), where, self.num_classes)
-        img = to_tensor_normalized(decode_image(payload, where), self.image_size)
+        img = self._to_tensor(decode_image(payload, where), self.image_size)
         if self.train:
             img = self._maybe_flip(img, index)
         return img, label
@@ -144,10 +152,11 @@ class ImageListDataset(_SkippingDataset):
         train: random horizontal flip when True.
         skip_bad: skip unreadable images (counted) instead of raising.
         num_classes: override (default: max label + 1).
+        uint8: return uint8 images (see the module docstring).
     """
 
     def __init__(self, list_path: str, image_size: int, train: bool = True, skip_bad: bool = False,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None, uint8: bool = False) -> None:
         if not os.path.isfile(list_path):
             raise FileNotFoundError(f"image list not found: {list_path}")
         self.list_path = list_path
@@ -155,6 +164,7 @@ class ImageListDataset(_SkippingDataset):
         self.image_size = image_size
         self.train = train
         self.skip_bad = skip_bad
+        self.uint8 = uint8
         self.skipped = 0
         paths: list[str] = []
         labels: list[int] = []
@@ -196,14 +206,15 @@ class ImageListDataset(_SkippingDataset):
                 data = f.read()
         except OSError as exc:
             raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
-        img = to_tensor_normalized(decode_image(data, where), self.image_size)
+        img = self._to_tensor(decode_image(data, where), self.image_size)
         if self.train:
             img = self._maybe_flip(img, index)
         return img, int(self.labels[index])
 
 
-def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: bool = False) -> Dataset:
-    """The dataset a path points at (``train`` only switches augmentation on).
+def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: bool = False,
+                      uint8: bool = False) -> Dataset:
+    """The dataset a path points at (``train`` only switches augmentation on; ``uint8``: see the module).
 
     * a folder with ``train.rec`` (and ``train.idx``) -> :class:`RecordDataset`
     * a folder with ``train_list.txt`` -> :class:`ImageListDataset` over that list
@@ -219,10 +230,10 @@ def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: 
         rec = os.path.join(path, "train.rec")
         lst = os.path.join(path, "train_list.txt")
         if os.path.isfile(rec):
-            return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad)
+            return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
         if os.path.isfile(lst):
-            return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad)
+            return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
         raise FileNotFoundError(f"dataset folder {path} has neither train.rec nor train_list.txt")
     if path.endswith(".rec"):
-        return RecordDataset(path, image_size, train=train, skip_bad=skip_bad)
-    return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad)
+        return RecordDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+    return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
-_ID_STREAM, _SAMPLE_STREAM, _FAMILY_STREAM, _PAIR_STREAM = 1, 2, 3, 4
+_ID_STREAM, _SAMPLE_STREAM, _FAMILY_STREAM, _PAIR_STREAM, _IDENT_STREAM = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,21 @@ def heldout_pairs(spec: SyntheticSpec, num_identities: int, num_pairs: int) -> t
         imgs.append(renderer.render(a, ia))
         imgs.append(renderer.render(b, ib))
     return torch.from_numpy(np.stack(imgs)), issame
+
+
+def heldout_samples(spec: SyntheticSpec, num_samples: int) -> tuple[torch.Tensor, np.ndarray]:
+    """New images of *training* identities (closed-set identification over the K classes).
+
+    Identities are drawn uniformly (own seeded stream); each image's sample index lies past the
+    training range (i >= samples_per_class), so no training image is reused.
+
+    Returns:
+        images [N, 3, S, S] and labels int64 [N].
+    """
+    renderer = SyntheticRenderer(spec)
+    labels = np.random.default_rng([spec.seed, _IDENT_STREAM]).integers(0, spec.num_classes, num_samples)
+    imgs = [renderer.render(int(k), spec.samples_per_class + j) for j, k in enumerate(labels)]
+    return torch.from_numpy(np.stack(imgs)), labels.astype(np.int64)
 
 
 def spec_from_config(data_cfg) -> SyntheticSpec:

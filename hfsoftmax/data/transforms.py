@@ -1,7 +1,8 @@
 """Image transforms shared by every dataset (no torchvision).
 
 Contract: an image becomes a float32 tensor [3, H, W], RGB, normalised as ``(x / 255 - 0.5) / 0.5``
-so values lie in [-1, 1].
+so values lie in [-1, 1]; or, for training loaders, the uint8 tensor [3, H, W] that
+:func:`normalize_images` turns into exactly that float tensor on the device.
 """
 from __future__ import annotations
 
@@ -32,16 +33,30 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_tensor_normalized(img: Image.Image, image_size: Optional[int] = None) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1]; resized (bilinear) to image_size x image_size
-    when given and different."""
+def to_tensor_uint8(img: Image.Image, image_size: Optional[int] = None) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]; resized (bilinear) to image_size x image_size when given and
+    different. What DataLoader workers hand over: a quarter of the bytes of float32, normalised later
+    on the device by :func:`normalize_images`."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     if image_size is not None and img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
-    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # [3, H, W]
-    return (t / 255.0 - 0.5) / 0.5
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any leading shape) -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1], on x's device;
+    float images pass through unchanged (they are normalised already)."""
+    if x.dtype != torch.uint8:
+        return x
+    return (x.float() / 255.0 - 0.5) / 0.5
+
+
+def to_tensor_normalized(img: Image.Image, image_size: Optional[int] = None) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]; resized (bilinear) to image_size x image_size
+    when given and different."""
+    return normalize_images(to_tensor_uint8(img, image_size))
 
 
 def random_hflip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -72,8 +72,8 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     if missing:
         raise EvalError(f"{model_path}: checkpoint has no config for {', '.join(missing)}; pass them explicitly")
     from hfsoftmax.backbones import get_backbone  # the one factory training uses
-    # model.norm changes the layers (tiny: BatchNorm or GroupNorm), so it must come from the checkpoint
-    extra = {"norm": model_cfg["norm"]} if str(name) == "tiny" and model_cfg.get("norm") else {}
+    # model.norm and model.width change the layers of tiny, so they must come from the checkpoint
+    extra = {k: model_cfg[k] for k in ("norm", "width") if str(name) == "tiny" and model_cfg.get(k)}
     try:
         model = get_backbone(str(name), int(dim), int(size), **extra)
     except ValueError as exc:

@@ -28,7 +28,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         batch_size: images per forward pass.
         flip: add the embedding of the left-right flipped image before normalising.
         device: where the forward passes run.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on a terminal only: none in a log file).
     Returns:
         float32 [N, d], each row of unit L2 norm.
     """
@@ -42,7 +42,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 6
     out: list[np.ndarray] = []
     with torch.no_grad():
         for start in tqdm(range(0, images.shape[0], batch_size), desc="extract", leave=False,
-                          disable=not progress):
+                          disable=None if progress else True):
             x = images[start:start + batch_size].to(device)  # [b, 3, H, W]
             f = model(x)                                     # [b, d]
             if flip:

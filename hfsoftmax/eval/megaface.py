@@ -56,7 +56,7 @@ def load_features(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     feats, labels = [], []
     with open(path) as f:
         lines = [(i, ln.strip()) for i, ln in enumerate(f, 1) if ln.strip()]
-    for lineno, line in tqdm(lines, desc=f"read {os.path.basename(path)}", leave=False, disable=len(lines) < 5000):
+    for lineno, line in tqdm(lines, desc=f"read {os.path.basename(path)}", leave=False, disable=True if len(lines) < 5000 else None):
         parts = line.split()
         fp = parts[0] if os.path.isabs(parts[0]) else os.path.join(root, parts[0])
         try:
@@ -114,7 +114,7 @@ def megaface_evaluate(probe: np.ndarray, probe_labels: np.ndarray, distractors: 
     k = int(math.floor(far * num_imp * (1.0 + 1e-9)))
     max_dis = np.full(p, -np.inf, dtype=np.float32)
     top = np.empty(0, dtype=np.float32)  # the k + 1 largest impostor scores so far
-    for s in tqdm(range(0, n, chunk), desc="distractors", leave=False, disable=n <= chunk):
+    for s in tqdm(range(0, n, chunk), desc="distractors", leave=False, disable=True if n <= chunk else None):
         sc = probe @ dis[s:s + chunk].T  # [P, c]
         max_dis = np.maximum(max_dis, sc.max(axis=1))
         flat = np.concatenate([top, sc.reshape(-1)])
