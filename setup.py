@@ -13,6 +13,7 @@ setup(
     # listing it here with a range would let pip pull a CUDA build on a fresh machine.
     install_requires=["numpy>=1.24", "pyzmq>=25", "annoy>=1.17", "faiss-cpu>=1.7", "hnswlib>=0.7",
                       "pyyaml>=6", "tqdm>=4.60", "pillow>=9"],
-    extras_require={"export": ["onnx>=1.15", "onnxruntime>=1.17"]},   # tools/export_onnx.py
+    extras_require={"export": ["onnx>=1.15", "onnxruntime>=1.17"],     # tools/export_onnx.py
+                    "tensorboard": ["tensorboard>=2.10"]},               # train.tensorboard=true
     license="MIT",
 )

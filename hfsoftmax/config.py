@@ -131,6 +131,7 @@ class TrainConfig:
     eval_every: int = 0            # held-out verification every this many steps (0 = at the end only)
     grad_clip: float = 0.0
     progress: bool = True
+    tensorboard: bool = False      # also write train/eval scalars to <out_dir>/tensorboard (pip install -e .[tensorboard])
     amp: str = "off"               # off | bf16 | fp16 (autocast for the backbone; head logits in fp32)
     overwrite: bool = False        # start afresh in an out_dir that already holds a run (its files are removed)
     allow_batch_change: bool = False  # resume with another global batch (batch_size x ranks) than the checkpoint's

@@ -345,6 +345,7 @@ def check_run_dir(cfg: Config) -> None:
                             f"{', ...' if len(ours) > 3 else ''}): continue it with train.resume=auto, start afresh "
                             f"with train.overwrite=true (its files are removed), or choose another train.out_dir")
     import shutil
+    ours += [p for p in (os.path.join(run_dir, "tensorboard"),) if os.path.isdir(p)]   # its event files too
     for p in ours:
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     logger.warning("train.overwrite=true: removed %d files of the previous run in %s", len(ours), run_dir)
@@ -515,18 +516,40 @@ class LineProgress:
 
 
 class MetricsLogger:
-    """JSON lines, one object per event, on rank 0 only."""
+    """JSON lines, one object per event, on rank 0 only; with ``tensorboard_dir`` the numbers of the
+    ``train`` and ``eval`` records also go to TensorBoard as scalars ``<event>/<key>`` at their step."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tensorboard_dir: str | None = None) -> None:
         self.f = open(path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter   # checked by tensorboard_available()
+            self.tb = SummaryWriter(tensorboard_dir)
 
     def log(self, **record: Any) -> None:
         record.setdefault("time", time.time())
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
+        if self.tb is not None and record.get("event") in ("train", "eval") and "step" in record:
+            for key, value in record.items():
+                if key not in ("event", "step", "time") and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            self.tb.flush()
 
     def close(self) -> None:
         self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def require_tensorboard() -> None:
+    """train.tensorboard=true without the package: a one-line error saying what to install."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: "
+                          "pip install -e '.[tensorboard]' (or pip install tensorboard)") from None
 
 
 def git_sha() -> str:
@@ -549,6 +572,8 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.warning("head.margin=%s does not apply to head.name=%s: training it with a plain softmax "
                        "(head.margin=none)", cfg.head.margin, cfg.head.name)
         cfg.head.margin = "none"
+    if cfg.train.tensorboard:
+        require_tensorboard()
     info = hdist.init_distributed(cfg.train.device)
     if info.is_main:
         check_run_dir(cfg)
@@ -621,7 +646,9 @@ def train(cfg: Config) -> dict[str, Any]:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     total = cfg.train.steps
-    metrics = MetricsLogger(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
+    metrics = MetricsLogger(os.path.join(run_dir, "metrics.jsonl"),
+                            os.path.join(run_dir, "tensorboard") if cfg.train.tensorboard else None) \
+        if info.is_main else None
     bar = None
     if info.is_main and cfg.train.progress:
         if sys.stdout.isatty():

@@ -166,3 +166,42 @@ def test_compare_runs_names_a_run_that_has_not_finished(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'}: the run has not finished" in capsys.readouterr().err
     assert compare_runs.main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere/metrics.jsonl: not found" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_are_the_logged_metrics(tmp_path):
+    """train.tensorboard=true: every number of the train/eval records, at its step, in TensorBoard."""
+    pytest.importorskip("tensorboard")   # make test installs it (requirements-test.txt)
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hfsoftmax.train import train
+    out = tmp_path / "run"
+    train(load_config(None, SMALL + ["train.steps=4", "train.log_every=2", "train.tensorboard=true",
+                                     f"train.out_dir={out}"]))
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["event"] == "train"]
+    assert [r["step"] for r in train_recs] == [2, 4]
+    for key in ("loss", "lr", "samples_per_s"):
+        got = [(e.step, e.value) for e in ea.Scalars(f"train/{key}")]
+        assert got == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in train_recs], key
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [(e.step, e.value) for e in ea.Scalars("eval/heldout_acc")] == \
+        [(r["step"], pytest.approx(r["heldout_acc"], rel=1e-6)) for r in evals]
+    # overwrite removes the old event files with the rest of the run
+    train(load_config(None, SMALL + ["train.steps=2", "train.tensorboard=true", "train.overwrite=true",
+                                     f"train.out_dir={out}"]))
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [2]
+
+
+def test_tensorboard_without_the_package_is_one_line(monkeypatch):
+    from hfsoftmax.config import ConfigError
+    from hfsoftmax.train import require_tensorboard
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)     # import tensorboard -> ImportError
+    with pytest.raises(ConfigError, match=r"train.tensorboard=true needs the tensorboard package: pip install"):
+        require_tensorboard()

@@ -55,12 +55,11 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
         cfg["_step"] = ckpt["step"]          # for titles (not a config key)
     from hfsoftmax.backbones.convert import backbone_state
     try:
-        state, depth = backbone_state(ckpt)
+        state, arcface = backbone_state(ckpt)
     except ValueError as exc:
         raise EvalError(f"{model_path}: {exc}") from None
-    if depth is not None:   # an arcface_torch backbone.pth: its IResNet is our FaceResNet renamed
-        cfg = {"model": {"backbone": f"resnet{depth}", "feature_dim": int(state["head.3.weight"].shape[0])},
-               "data": {"image_size": 112}}
+    if arcface is not None:   # an arcface_torch backbone.pth: its IResNet / MobileFaceNet is ours renamed
+        cfg = {"model": arcface, "data": {"image_size": 112}}
     model_cfg = cfg.get("model", {}) if isinstance(cfg, dict) else {}
     data_cfg = cfg.get("data", {}) if isinstance(cfg, dict) else {}
     name = model_cfg.get("backbone") if arch == "auto" else arch
