@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"          # tiny | hynet | mobilefacenet | resnet18 | resnet34 | resnet50 | resnet100 (or r18.., mbf)
+    backbone: str = "tiny"          # tiny | hynet | mobilefacenet | resnet18 .. resnet100 (or r18.., mbf) | arcface_mbf | arcface_mbf_large
     feature_dim: int = 128
     dropout: float = 0.0
     norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)

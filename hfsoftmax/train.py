@@ -316,7 +316,7 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
 
 def load_pretrained(backbone: nn.Module, path: str) -> None:
     """Backbone weights for fine-tuning: an hfsoftmax checkpoint ('model') or a bare state dict,
-    arcface_torch IResNet names mapped (hfsoftmax.backbones.convert); a mismatch is one line."""
+    arcface_torch IResNet and MobileFaceNet names mapped (hfsoftmax.backbones.convert); a mismatch is one line."""
     from .backbones.convert import backbone_state
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -191,6 +191,12 @@ def test_arcface_torch_mbf_weights_give_the_same_embeddings(tmp_path, scale, blo
     load_pretrained(fresh, str(tmp_path / "backbone.pth"))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), want, rtol=1e-4, atol=1e-5)
+    # scripts/eval.sh auto backbone.pth: the eval loader names and builds the net from the file alone
+    from hfsoftmax.eval.cli import load_model
+    model, size, cfg = load_model(str(tmp_path / "backbone.pth"))
+    assert size == 112 and cfg["model"]["backbone"] == name
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
 
 
 def test_arcface_torch_mbf_large_layout_maps_onto_ours():

@@ -8,11 +8,12 @@ from __future__ import annotations
 from torch import nn
 
 from .hynet import Hynet
-from .mobilefacenet import MobileFaceNet
+from .mobilefacenet import ARCFACE_TORCH, MobileFaceNet
 from .resnet import RESNET_DEPTHS, FaceResNet
 from .tiny import TinyNet
 
-BACKBONES = ("tiny", "hynet", "mobilefacenet") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+BACKBONES = (("tiny", "hynet", "mobilefacenet") + tuple(ARCFACE_TORCH)
+             + tuple(f"resnet{d}" for d in RESNET_DEPTHS))
 # arcface_torch's names for the same IR-ResNets, and its MobileFaceNet
 ALIASES = {**{f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}, "mbf": "mobilefacenet"}
 
@@ -47,6 +48,8 @@ def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: s
         return TinyNet(feature_dim=feature_dim, image_size=image_size, width=width, norm=norm)
     if name == "mobilefacenet":
         return MobileFaceNet(feature_dim=feature_dim, image_size=image_size)
+    if name in ARCFACE_TORCH:    # arcface_torch's mbf / mbf_large: our MobileFaceNet at their scale and blocks
+        return MobileFaceNet(feature_dim=feature_dim, image_size=image_size, **ARCFACE_TORCH[name])
     if name == "hynet":
         return Hynet(feature_dim=feature_dim, image_size=image_size, dropout=dropout)
     if name.startswith("resnet") and name[len("resnet"):].isdigit() and int(name[6:]) in RESNET_DEPTHS:

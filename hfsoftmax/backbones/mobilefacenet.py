@@ -49,7 +49,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
-        return y
+        return x + y if self.residual else y
 
 
 class MobileFaceNet(nn.Module):
