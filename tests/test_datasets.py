@@ -215,3 +215,5 @@ def test_uint8_images_normalise_to_exactly_the_float_images(tmp_path, kind):
                 flipped += not torch.equal(a, dataset_from_path(path, size, train=False)[i][0])
         assert flipped > 0     # the flips were exercised
     assert normalize_images(a) is a   # float input passes through
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(normalize_images(every), (every.float() / 255.0 - 0.5) / 0.5)   # the contract, bitwise
