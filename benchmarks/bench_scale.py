@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1M,4M,10M", help="comma-separated K values (1M, 4M, 10M, 250K ...)")
     p.add_argument("--steps", type=int, default=40, help="paired steps per head once the graph is live")
     p.add_argument("--rebuild-every", type=int, default=100,
-                   help="T; at 1M (W <= 1 GiB: deterministic swaps) the first build goes live at step T")
+                   help="T: the server's index rebuild period (free swaps at these sizes: builds go live when done)")
     p.add_argument("--max-wait-s", type=float, default=3600.0)
     p.add_argument("--wait-step-s", type=float, default=1.0, help="pause between the steps run while the build runs")
     args = p.parse_args(argv)

@@ -86,6 +86,8 @@ class HeadConfig:
     index: str = "auto"            # auto (forest below 100K classes, graph above) | forest | ivf | graph | hnsw | exact | random
     candidates: int = 64           # nearest classes asked of the index per sample
     rebuild_every: int = 100       # T (a minimum period: builds never queue)
+    deterministic: str = "auto"    # index swaps at multiples of T from a copy of W (bitwise reruns; clients wait for a
+                                   # late build): auto = on up to 64 MiB of W, on, off (builds go live when done)
     ntrees: int = 50
     search_k: int = -1
     nlist: int = 0                 # IVF lists; 0 -> about sqrt(K)
@@ -300,7 +302,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 _CHOICES = {
     "head.name": ("full", "hf", "random", "mach", "rp"),
-    "head.margin": ("none", "cosface", "arcface"),
+    "head.margin": ("none", "cosface", "arcface", "combined"),
+    "head.deterministic": ("auto", "on", "off"),
     "head.index": ("auto", "forest", "ivf", "graph", "hnsw", "exact", "random"),
     "optim.schedule": ("constant", "step", "cosine"),
     "optim.sparse_momentum": ("lazy", "unrolled"),

@@ -33,7 +33,8 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
             "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
             "--momentum", str(cfg.optim.momentum), "--weight-decay", str(cfg.optim.weight_decay),
             "--sparse-momentum", cfg.optim.sparse_momentum,
-            "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every)]
+            "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every),
+            "--deterministic", h.deterministic]
     if cfg.optim.nesterov:
         args.append("--nesterov")
     from paramserver.index import index_cli_args

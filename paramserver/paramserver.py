@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="angular", choices=["angular", "dot"],
                    help="index metric: angular for CosFace/ArcFace heads, dot for a plain linear head")
     p.add_argument("--rebuild-every", type=int, default=100, help="T: minimum applied steps between index builds")
+    p.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"],
+                   help="index swaps at multiples of T from a copy of W taken at the build's start (bitwise "
+                        "reproducible runs; every client waits for a build that outlasts T steps); auto: on "
+                        "up to 64 MiB of W; off: builds go live when done")
     p.add_argument("--ntrees", type=int, default=50, help="forest: Annoy trees")
     p.add_argument("--search-k", type=int, default=-1, help="forest: Annoy search_k (-1: ntrees * n)")
     p.add_argument("--nlist", type=int, default=0, help="ivf, graph: k-means lists (0: about sqrt(rows))")
@@ -133,6 +137,7 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
     if args.index == "none":
         return
     from paramserver.index import IndexManager, index_options, make_index
+    from paramserver.index.manager import DETERMINISTIC_MODES
 
     opts = index_options(args.index, args)
     lo, _ = store.class_range
@@ -142,7 +147,8 @@ def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
 
     try:
         factory()  # bad options fail here, with the option named
-        manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True)
+        manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True,
+                               deterministic=DETERMINISTIC_MODES[args.deterministic])
     except ValueError as e:
         raise SystemExit(f"--index {args.index}: {e}") from None
     store.attach_index(manager)

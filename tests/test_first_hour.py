@@ -205,3 +205,13 @@ def test_tensorboard_without_the_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)     # import tensorboard -> ImportError
     with pytest.raises(ConfigError, match=r"train.tensorboard=true needs the tensorboard package: pip install"):
         require_tensorboard()
+
+
+def test_combined_margin_trains_from_its_config_line(tmp_path):
+    """head.margin=combined head.m1/m2/m3 (InsightFace's combined margin) is a valid config, full and HF."""
+    from hfsoftmax.train import train
+    for head in ("full", "hf"):
+        r = train(load_config(None, SMALL + ["train.steps=2", "head.margin=combined", "head.m1=1.0", "head.m2=0.3",
+                                             "head.m3=0.2", "head.scale=16", f"head.name={head}", "head.num_active=10",
+                                             "store.kind=local", f"train.out_dir={tmp_path / head}"]))
+        assert r["steps"] == 2 and 0.0 <= r["verification"]["heldout"]["accuracy"] <= 1.0

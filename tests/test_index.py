@@ -619,6 +619,23 @@ def test_deterministic_swap_makes_selection_independent_of_build_timing():
     assert any((a != b).any() for a, b in zip(free_fast, free_slow))
 
 
+def test_deterministic_auto_is_on_only_for_a_small_w_and_can_be_forced():
+    """auto: deterministic swaps up to copy_limit_bytes of W (64 MiB by default), free above it, where a
+    build can outlast T steps and stall every client; True forces them at any size, False never."""
+    W = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)     # 4 KiB
+    from paramserver.index.manager import DETERMINISTIC_MODES
+    assert DETERMINISTIC_MODES == {"auto": None, "on": True, "off": False}
+    assert IndexManager(lambda: ExactIndex(16, "dot"), rebuild_every=4).copy_limit_bytes == 64 << 20
+    for limit, forced, want in ((W.nbytes, None, True), (W.nbytes - 1, None, False), (W.nbytes - 1, True, True),
+                                (W.nbytes, False, False)):
+        mgr = IndexManager(lambda: ExactIndex(16, "dot"), rebuild_every=4, deterministic=forced,
+                           copy_limit_bytes=limit)
+        try:
+            assert mgr._is_deterministic(W) is want, (limit, forced)
+        finally:
+            mgr.close(timeout=10)
+
+
 class BackgroundGated(ExactIndex):
     """Exact index whose background (non-main-thread) builds block on a gate."""
 

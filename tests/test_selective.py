@@ -332,6 +332,13 @@ def test_make_store_and_build_head_from_config() -> None:
     args = server_args(cfg, 1)
     assert args[args.index("--sparse-momentum") + 1] == "lazy" and args[args.index("--degree") + 1] == "5"
     assert server_args(Config(), 1)[server_args(Config(), 1).index("--sparse-momentum") + 1] == "unrolled"
+    # head.deterministic reaches both the embedded manager and the server's flags
+    for mode, want in (("auto", None), ("on", True), ("off", False)):
+        cfg.head.deterministic = mode
+        assert make_index_manager(cfg.head, 40, 8).deterministic is want
+        args = server_args(cfg, 1)
+        assert args[args.index("--deterministic") + 1] == mode
+    cfg.head.deterministic = "auto"
     cfg.head.name, cfg.head.index, cfg.head.nlist = "random", "ivf", 0
     mgr = make_index_manager(cfg.head, 40, 8)
     assert mgr.factory().name == "random"

@@ -167,6 +167,7 @@ def head_index_name(head_cfg: Any, num_classes: int) -> str:
 def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
     """An IndexManager over a K x d store for this head config (built by the caller)."""
     from paramserver.index import IndexManager, index_options, make_index
+    from paramserver.index.manager import DETERMINISTIC_MODES
 
     name = head_index_name(head_cfg, num_classes)
     metric = index_metric(head_cfg.margin)
@@ -176,7 +177,8 @@ def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0,
         return make_index(name, dim, metric, class_offset=0, seed=seed, **opts)
 
     factory()  # fail now on a bad name or option, not at the first build
-    return IndexManager(factory, rebuild_every=int(head_cfg.rebuild_every), background=background)
+    return IndexManager(factory, rebuild_every=int(head_cfg.rebuild_every), background=background,
+                        deterministic=DETERMINISTIC_MODES[head_cfg.deterministic])
 
 
 def resolve_token(token: str, token_file: str) -> Optional[str]:

@@ -16,6 +16,10 @@ from .base import ClassIndex
 logger = logging.getLogger(__name__)
 
 
+# head.deterministic / paramserver.py --deterministic -> IndexManager(deterministic=...)
+DETERMINISTIC_MODES = {"auto": None, "on": True, "off": False}
+
+
 class IndexManager:
     """Owns the live index of one store shard; rebuilds in the background and swaps atomically.
 
@@ -60,11 +64,12 @@ class IndexManager:
         deterministic: make the index a function of the step, not of timing, so a seed reproduces
             a run: builds start at multiples of T only, read a copy of W taken at that step (under
             the store's lock: consistent), and go live at the next multiple of T (the store then
-            waits for a late build, logged as ``wait_s``); rows changed meanwhile are replayed onto
-            an incremental index before it goes live. None (default): on when the copy of W is at
-            most ``copy_limit_bytes`` (1 GiB: up to 500K x 512 fp32), else off with a log line (a
-            2 GB+ copy per build and waits on a minutes-long build cost more than reproducibility
-            is worth there). ``min_interval_s`` and ``max_duty`` apply only when off. The first
+            waits for a late build, logged as ``wait_s``: every client waits with it); rows changed
+            meanwhile are replayed onto an incremental index before it goes live. None (default): on
+            when W is at most ``copy_limit_bytes`` (64 MiB: up to 32K x 512 fp32, where builds take
+            seconds), else off with a log line: a build over more rows can outlast T steps (a 1M x
+            256 graph build takes ~85 s), and each period would then end with every client waiting
+            for it. True: on at any size (the copy of W included); False: off. ``min_interval_s`` and ``max_duty`` apply only when off. The first
             build (and the one after a reset) started in the background goes live at the first
             multiple of T after its start step when on, as soon as it is done when off.
         sync_first_build_bytes: a first build over at most this many bytes of W runs synchronously.
@@ -73,7 +78,7 @@ class IndexManager:
     def __init__(self, factory: Callable[[], ClassIndex], rebuild_every: int, background: bool = True,
                  min_interval_s: float = 0.0, *, background_threads: Optional[int] = 1,
                  background_nice: int = 10, max_duty: float = 1.0, deterministic: Optional[bool] = None,
-                 copy_limit_bytes: int = 1 << 30, sync_first_build_bytes: int = 16 << 20) -> None:
+                 copy_limit_bytes: int = 64 << 20, sync_first_build_bytes: int = 16 << 20) -> None:
         if not callable(factory):
             raise ValueError(f"factory must be callable, got {factory!r}")
         if rebuild_every < 1:
@@ -123,9 +128,10 @@ class IndexManager:
         if self.deterministic is None:
             self.deterministic = W.nbytes <= self.copy_limit_bytes
             if not self.deterministic:
-                logger.info("index builds read the live W (%.1f GB > the %.1f GB copy limit): background builds go "
-                            "live when done, so runs are not bitwise reproducible", W.nbytes / 1e9,
-                            self.copy_limit_bytes / 1e9)
+                logger.info("index builds read the live W (%.1f MB > %.1f MB): background builds go live when "
+                            "done, so runs are not bitwise reproducible (head.deterministic=on / --deterministic "
+                            "on: they are, and every client waits for a build that outlasts T steps)",
+                            W.nbytes / 1e6, self.copy_limit_bytes / 1e6)
         return bool(self.deterministic)
 
     def _retire(self) -> Optional[threading.Thread]:
