@@ -32,6 +32,46 @@ def peak_rss_mib(pid: Optional[int] = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and all its descendants, in MiB (shared pages, e.g. a W in
+    shared memory mapped by a build child, are counted once in total). 0 where /proc lacks it."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith("Pss:")), 0) / 1024.0
+            with open(f"/proc/{p}/task/{p}/children", encoding="ascii") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class PeakTreeMemory:
+    """Samples :func:`tree_pss_mib` of ``pid`` every ``period_s`` in a thread; ``stop()`` returns the peak."""
+
+    def __init__(self, pid: int, period_s: float = 0.5) -> None:
+        import threading
+        self.pid, self.period_s, self.peak = pid, period_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss_mib(self.pid))
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def rss_mib(pid: Optional[int] = None) -> float:
     """Current resident set size (VmRSS) in MiB."""
     with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as f:

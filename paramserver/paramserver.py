@@ -103,7 +103,8 @@ def make_store(args: argparse.Namespace) -> WeightStore:
     i, s = args.shard
     if args.restore:
         path = resolve_snapshot(args.restore)
-        store = WeightStore.from_snapshot(path, num_clients=args.num_clients, sync_timeout=args.sync_timeout)
+        store = WeightStore.from_snapshot(path, num_clients=args.num_clients, sync_timeout=args.sync_timeout,
+                                          shared_rows=args.index != "none")
         K = store.total_classes
         lo, hi = shard_ranges(K, s)[i]
         if store.class_range != (lo, hi):
@@ -122,13 +123,14 @@ def make_store(args: argparse.Namespace) -> WeightStore:
     if args.num_classes is None or args.dim is None:
         raise SystemExit("--num-classes and --dim are required unless --restore is given")
     lo, hi = shard_ranges(args.num_classes, s)[i]
-    # defer_init: the server binds and answers at once while the rows are drawn (parked meanwhile)
+    # defer_init: the server binds and answers at once while the rows are drawn (parked meanwhile);
+    # shared_rows: W in shared memory, so an index build in a child process maps it (paramserver/shm.py)
     return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
                        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
                        exact_rounding=args.exact_rounding, sparse_momentum=args.sparse_momentum,
                        num_clients=args.num_clients,
                        sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes,
-                       init_threads=os.cpu_count() or 1, defer_init=True)
+                       init_threads=os.cpu_count() or 1, defer_init=True, shared_rows=args.index != "none")
 
 
 def attach_index(store: WeightStore, args: argparse.Namespace) -> None:

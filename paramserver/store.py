@@ -49,6 +49,7 @@ from typing import Any, Optional
 import numpy as np
 
 from paramserver.optim import Scratch, SGDConfig, sgd_update_indexed
+from paramserver.shm import alloc_shared, release_shared, shared_source
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class WeightStore:
                  nesterov: bool = False, num_clients: int = 1, sync_timeout: float = 60.0,
                  class_offset: int = 0, total_classes: Optional[int] = None, exact_rounding: bool = False,
                  sparse_momentum: str = "lazy", _rows: Optional[np.ndarray] = None, init_threads: int = 1,
-                 defer_init: bool = False) -> None:
+                 defer_init: bool = False, shared_rows: bool = False) -> None:
         if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
             raise ValueError(f"WeightStore: num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -389,7 +390,7 @@ class WeightStore:
         elif defer_init:
             # The server binds and answers at once; the rows are drawn in the background (10M x 256:
             # ~24 s on 2 cores) and every operation on them waits for that (a server parks them).
-            self._W = np.empty((self._K, self._d), dtype=self._dtype)
+            self._W = self._new_rows(shared_rows)
             args = (self._offset, self._offset + self._K, self._d, str(self._dtype), init, float(init_std), int(seed))
 
             def fill() -> None:
@@ -402,7 +403,8 @@ class WeightStore:
             self._init_thread.start()
         else:
             self._W = init_rows(self._offset, self._offset + self._K, self._d, str(self._dtype), init,
-                                float(init_std), int(seed), threads=init_threads)
+                                float(init_std), int(seed), out=self._new_rows(shared_rows) if shared_rows else None,
+                                threads=init_threads)
             self._rows_ready.set()
         # momentum buffers; zero == "never touched" (see optim.py). np.zeros maps pages lazily. None
         # when the rule keeps no buffer (the default "unrolled"): no second K x d matrix at all.
@@ -727,6 +729,18 @@ class WeightStore:
     def index(self) -> Any:
         return self._index
 
+    def _new_rows(self, shared: bool) -> np.ndarray:
+        """An uninitialised K x d matrix; ``shared``: in shared memory when this machine allows (see
+        paramserver/shm.py: an index build in a child process then maps W instead of copying it)."""
+        shape = (self._K, self._d)
+        arr = alloc_shared(shape, str(self._dtype)) if shared else None
+        return arr if arr is not None else np.empty(shape, dtype=self._dtype)
+
+    @property
+    def rows_shared(self) -> bool:
+        """W lives in shared memory (a child process can map it)."""
+        return shared_source(self._W) is not None
+
     def rows_view(self) -> np.ndarray:
         """The live W rows [num_classes, d] (read-only view, for index builders; row i = id offset+i)."""
         v = self._W.view()
@@ -846,6 +860,8 @@ class WeightStore:
             names = MATRICES if restored.has_buffer else ("W",)
             got = dict(zip(names, _parallel([functools.partial(_read_npy_into, os.path.join(path, man["files"][m]),
                                                                 into.get(m), shape, self._dtype) for m in names])))
+            if got["W"] is not self._W:
+                release_shared(self._W)   # replaced, not overwritten: its shared pages go with the last mapping
             self._W, self._M = got["W"], got.get("momentum")
             self._step = int(man["step"])
             self._pending.clear()
@@ -871,12 +887,20 @@ class WeightStore:
         self._index.rebuild_every = int(steps)
 
     @classmethod
-    def from_snapshot(cls, path: str, num_clients: int = 1, sync_timeout: float = 60.0) -> "WeightStore":
-        """A new store holding snapshot ``path`` (shape, dtype, step and optimizer from its manifest)."""
+    def from_snapshot(cls, path: str, num_clients: int = 1, sync_timeout: float = 60.0,
+                      shared_rows: bool = False) -> "WeightStore":
+        """A new store holding snapshot ``path`` (shape, dtype, step and optimizer from its manifest);
+        ``shared_rows``: W read into shared memory when this machine allows (see the constructor)."""
         man = read_manifest(path)
         shape = (man["num_classes"], man["dim"])
         dtype = np.dtype(man["dtype"])
-        W = _read_npy_into(os.path.join(path, man["files"]["W"]), None, shape, dtype)
+        into = alloc_shared(shape, str(dtype)) if shared_rows else None
+        try:
+            W = _read_npy_into(os.path.join(path, man["files"]["W"]), into, shape, dtype)
+        except BaseException:
+            if into is not None:
+                release_shared(into)
+            raise
         o = man["optimizer"]
         store = cls(man["num_classes"], man["dim"], dtype=man["dtype"], init="zeros",
                     momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]),
@@ -897,7 +921,8 @@ class WeightStore:
         el = max(time.monotonic() - self._t0, 1e-9)
         lo, hi = self.class_range
         return {"rows": self._K, "dim": self._d, "dtype": str(self._dtype), "class_range": [lo, hi],
-                "bytes": self._nbytes(), "momentum_buffer": self._M is not None, "step": self._step,
+                "bytes": self._nbytes(), "momentum_buffer": self._M is not None, "rows_shared": self.rows_shared,
+                "step": self._step,
                 "num_clients": self.num_clients, "pending_clients": len(self._pending.get(self._step, {})),
                 **self._counts, "pushes_per_s": self._counts["pushes"] / el,
                 "updates_per_s": self._counts["updates"] / el, "uptime_s": el,

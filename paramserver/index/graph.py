@@ -6,12 +6,13 @@ import math
 import os
 import shutil
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
 from .base import (_EPS, HNSW_LISTS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc,
                    kmeans_centroids)
+from ..shm import open_shared, shared_source
 from .ivf import IVFIndex
 
 
@@ -168,12 +169,14 @@ def _remove_build_dirs() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _graph_build_worker(x_path: str, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
+def _graph_build_worker(rows: Any, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
                         seed: int, threads: Optional[int], nice: int, c_path: str) -> None:
-    """Subprocess body of GraphIndex.build: rows (and centroids) from .npy files -> graph arrays in an .npz."""
+    """Subprocess body of GraphIndex.build: rows (a temp .npy path, or the (path, shape, dtype) of the
+    parent's shared W) and centroids (.npy) -> graph arrays in an .npz."""
     if nice and hasattr(os, "nice"):
         os.nice(nice)
-    graph, C, reps = _neighbour_graph(np.load(x_path, mmap_mode="r"), nlist, probe, degree, niter, tppc, seed, threads,
+    X = np.load(rows, mmap_mode="r") if isinstance(rows, str) else open_shared(*rows)
+    graph, C, reps = _neighbour_graph(X, nlist, probe, degree, niter, tppc, seed, threads,
                                       centroids=np.load(c_path))
     np.savez(out_path, graph=graph, C=C, reps=reps)
 
@@ -226,8 +229,9 @@ class GraphIndex(ClassIndex):
         cold_nprobe: lists the cold-path IVF probes per feature (0: no IVF, walk instead).
         cold_drift: rows whose cosine to their cold-IVF list's centroid fell by more than this are re-assigned.
         niter, train_points_per_centroid: k-means iterations and sample size per centroid.
-        subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows up to
-            SUBPROCESS_MAX_BYTES of W; above, in the calling thread, reading W in place).
+        subprocess: build the graph in a spawned process (None: from SUBPROCESS_MIN_ROWS rows, mapping
+            W when it is the store's shared-memory matrix, else through a temp copy up to
+            SUBPROCESS_MAX_BYTES of W; above that, in the calling thread, reading W in place).
         cold_codec: what the cold-path IVF holds per row ("sq8": 8-bit codes; "flat": float32 rows).
         ivf_every: a rebuild keeps the live index's cold-path IVF (incremental, kept current by the
             updates) and makes a new one every ``ivf_every`` builds (see :meth:`inherit`).
@@ -283,8 +287,9 @@ class GraphIndex(ClassIndex):
         nlist = min(nlist, K)
         args = (nlist, self.probe, self.degree, self.niter, self.train_points_per_centroid, self.seed,
                 self.build_threads)
+        shared = shared_source(W)    # the store's W in shared memory: a child maps it, no copy at any size
         use_subprocess = self.subprocess if self.subprocess is not None else \
-            K >= self.SUBPROCESS_MIN_ROWS and W.nbytes <= self.SUBPROCESS_MAX_BYTES
+            K >= self.SUBPROCESS_MIN_ROWS and (shared is not None or W.nbytes <= self.SUBPROCESS_MAX_BYTES)
         proc = tmp = None
         # One k-means for the graph's lists and the cold-path IVF's (it dominated a 10M build twice over).
         with _faiss_threads(self.build_threads):
@@ -294,21 +299,23 @@ class GraphIndex(ClassIndex):
         if use_subprocess:
             # The per-list loop holds the GIL between its numpy calls; in a background thread that
             # stalls the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so
-            # mid-sized graphs are built in a spawned process (reading W from a temp .npy, removed at
-            # once) while this thread builds the IVF. Above SUBPROCESS_MAX_BYTES the build reads W in
-            # place in this thread: a temp copy of a 10 GB matrix costs more than the GIL hand-offs,
-            # which are few when lists are large.
+            # graphs are built in a spawned process while this thread builds the IVF. The child maps
+            # the store's W when it is in shared memory (paramserver/shm.py: any size), else reads a
+            # temp .npy (removed at once) up to SUBPROCESS_MAX_BYTES; above that, without shared
+            # memory, the build reads W in place in this thread: a temp copy of a 10 GB matrix costs
+            # more than the GIL hand-offs.
             import multiprocessing
             import tempfile
 
             tmp = tempfile.mkdtemp(prefix="hf_graph_")
             _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
-            np.save(os.path.join(tmp, "W.npy"), W)
+            if shared is None:
+                np.save(os.path.join(tmp, "W.npy"), W)
             np.save(os.path.join(tmp, "C.npy"), C)
             # daemon: a build still running when the trainer or server exits is terminated, not awaited
             proc = multiprocessing.get_context("spawn").Process(
                 target=_graph_build_worker, name="hf-graph-build", daemon=True,
-                args=(os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
+                args=(shared or os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
                       os.path.join(tmp, "C.npy")))
             proc.start()
         lists = None
