@@ -554,6 +554,13 @@ def test_graph_built_in_a_subprocess_equals_the_in_process_build(data):
     b.build(W)
     np.testing.assert_array_equal(a._graph, b._graph)
     np.testing.assert_array_equal(a._reps, b._reps)
+    # with the cold-path IVF: the subprocess hands its nearest lists back for the IVF's assignment
+    a = make_index("graph", D, "angular", seed=0, subprocess=False)
+    b = make_index("graph", D, "angular", seed=0, subprocess=True)
+    a.build(W)
+    b.build(W)
+    np.testing.assert_array_equal(a._graph, b._graph)
+    np.testing.assert_array_equal(a._ivf._list, b._ivf._list)
 
 
 def test_graph_on_degenerate_rows_is_valid():

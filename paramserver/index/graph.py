@@ -170,14 +170,20 @@ def _remove_build_dirs() -> None:
 
 
 def _graph_build_worker(rows: Any, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
-                        seed: int, threads: Optional[int], nice: int, c_path: str) -> None:
+                        seed: int, threads: Optional[int], nice: int, c_path: str, assign_path: str) -> None:
     """Subprocess body of GraphIndex.build: rows (a temp .npy path, or the (path, shape, dtype) of the
-    parent's shared W) and centroids (.npy) -> graph arrays in an .npz."""
+    parent's shared W) and unit centroids (.npy) -> each row's own list in ``assign_path`` (as soon
+    as known: the parent's cold-path IVF is built from it meanwhile), then the graph arrays in an .npz."""
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     X = np.load(rows, mmap_mode="r") if isinstance(rows, str) else open_shared(*rows)
-    graph, C, reps = _neighbour_graph(X, nlist, probe, degree, niter, tppc, seed, threads,
-                                      centroids=np.load(c_path))
+    C = np.load(c_path)
+    with _faiss_threads(threads):
+        lists = _nearest_lists(X, C, min(probe, C.shape[0]), seed)
+    with open(assign_path + ".part", "wb") as f:
+        np.save(f, lists[0][:, 0])
+    os.replace(assign_path + ".part", assign_path)
+    graph, C, reps = _neighbour_graph(X, nlist, probe, degree, niter, tppc, seed, threads, centroids=C, lists=lists)
     np.savez(out_path, graph=graph, C=C, reps=reps)
 
 
@@ -316,7 +322,7 @@ class GraphIndex(ClassIndex):
             proc = multiprocessing.get_context("spawn").Process(
                 target=_graph_build_worker, name="hf-graph-build", daemon=True,
                 args=(shared or os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
-                      os.path.join(tmp, "C.npy")))
+                      os.path.join(tmp, "C.npy"), os.path.join(tmp, "assign.npy")))
             proc.start()
         lists = None
         if proc is None:   # in this thread: each row's nearest lists once, for the IVF and the graph
@@ -334,6 +340,13 @@ class GraphIndex(ClassIndex):
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
+                if proc is not None:   # the child's nearest lists (one search of W for both)
+                    assign_path = os.path.join(tmp, "assign.npy")
+                    while not os.path.exists(assign_path) and proc.is_alive():
+                        proc.join(0.2)
+                        self._check_cancel()
+                    if os.path.exists(assign_path):
+                        lists = (np.load(assign_path)[:, None], None)
                 ivf.build(W, centroids=C, assign=None if lists is None else lists[0][:, 0])
             if proc is not None:
                 while proc.is_alive():   # join releases the GIL; a cancel kills the child
