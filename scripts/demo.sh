@@ -13,7 +13,7 @@ SYNTHETIC_CONFIG=configs/synthetic_hf.yaml
 DATASET_CONFIG=configs/faces_hf.yaml
 . scripts/_launch_args.sh          # sets PY, CONFIG and turns a dataset path into data.path=...
 OUT_DIR=$("$PY" -m hfsoftmax.launch get train.out_dir --config "$CONFIG" "$@")
-export CONFIG
+export CONFIG NPROC                # resolved once (NPROC asks torch for the GPUs: seconds)
 sh scripts/train_hf.sh "$@"
 echo
 echo "baseline: random class sampling at the same M ($OUT_DIR""_random)"
