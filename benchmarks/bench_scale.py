@@ -20,8 +20,8 @@ Reported per K:
 and once: ``rt_over_echo``, an M-row pull + push round trip over a raw pyzmq echo of the same
 bytes (target: <= 2).
 
-Runs (this 2-core machine): 1M alone ~1.5 min (``--sizes 1M``), 4M ~8 min, 10M ~19 min (the 18-min
-graph build dominates); the default three sizes take ~32 min and need ~17 GB of free memory. Ends
+Runs (this 2-core machine): 1M alone ~1.5 min (``--sizes 1M``), 4M ~8 min, 10M ~24 min (the 23-min
+graph build dominates); the default three sizes take ~34 min and need ~17 GB of free memory. Ends
 with one RESULT line.
 """
 from __future__ import annotations
