@@ -403,8 +403,7 @@ class WeightStore:
             self._init_thread.start()
         else:
             self._W = init_rows(self._offset, self._offset + self._K, self._d, str(self._dtype), init,
-                                float(init_std), int(seed), out=self._new_rows(shared_rows) if shared_rows else None,
-                                threads=init_threads)
+                                float(init_std), int(seed), out=self._new_rows(shared_rows), threads=init_threads)
             self._rows_ready.set()
         # momentum buffers; zero == "never touched" (see optim.py). np.zeros maps pages lazily. None
         # when the rule keeps no buffer (the default "unrolled"): no second K x d matrix at all.

@@ -680,9 +680,7 @@ class SelectiveSoftmax(ClassifierHead):
     def exact_mass(self, probe: torch.Tensor, k: int, step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
         self.check_features(probe)
-        K, bs = self.num_classes, self.block_size
-        lse, best = self._mass_over(probe, (np.arange(s, min(s + bs, K)) for s in range(0, K, bs)),
-                                    min(int(k), K), step)
+        lse, best = self._mass_over(probe, None, min(int(k), self.num_classes), step)
         return lse, torch.exp(best - lse[:, None])
 
     def cpk_sample_ids(self, active: np.ndarray) -> np.ndarray:
@@ -700,14 +698,16 @@ class SelectiveSoftmax(ClassifierHead):
         # the j-th class not in A is j + #{i : a_i - i <= j} (a sorted)
         return j + np.searchsorted(a - np.arange(a.size), j, side="right")
 
-    def _mass_over(self, probe: torch.Tensor, blocks: Any, k: int,
+    def _mass_over(self, probe: torch.Tensor, ids: Optional[np.ndarray], k: int,
                    step: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Over the classes of ``blocks`` (id arrays, pulled one at a time): running (logsumexp [P],
+        """Over the classes ``ids`` (None: all K), pulled block_size at a time: running (logsumexp [P],
         top-k logits [P, <=k])."""
         lse = torch.full((probe.shape[0],), -math.inf, dtype=torch.float64, device=probe.device)
         best = torch.empty((probe.shape[0], 0), dtype=torch.float64, device=probe.device)
-        for ids in blocks:
-            w = torch.from_numpy(self._pull(ids, step))
+        n, bs = (self.num_classes if ids is None else ids.size), self.block_size
+        for lo in range(0, n, bs):
+            block = np.arange(lo, min(lo + bs, n)) if ids is None else ids[lo:lo + bs]
+            w = torch.from_numpy(self._pull(block, step))
             w = w.to(device=probe.device, dtype=probe.dtype)                           # [blk, d]
             s = margin_logits(probe, w, None, self.margin, self.scale, self.margin_m).double()   # [P, blk]
             lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
@@ -756,12 +756,11 @@ class SelectiveSoftmax(ClassifierHead):
         a = np.unique(np.asarray(active, dtype=np.int64))                         # sorted [|A|]
         samp = self.cpk_sample_ids(a)                                             # sorted [s]
         k = min(int(k), a.size + samp.size)
-        bs = self.block_size
-        lse_a, best_a = self._mass_over(probe, (a[i:i + bs] for i in range(0, a.size, bs)), k, step)
+        lse_a, best_a = self._mass_over(probe, a, k, step)
         lse = lse_a
         best = best_a
         if samp.size:
-            lse_s, best_s = self._mass_over(probe, (samp[i:i + bs] for i in range(0, samp.size, bs)), k, step)
+            lse_s, best_s = self._mass_over(probe, samp, k, step)
             lse = torch.logaddexp(lse_a, lse_s + math.log((self.num_classes - a.size) / samp.size))
             best = torch.cat([best_a, best_s], dim=1).topk(k, dim=1).values
         return lse, torch.exp(best - lse[:, None])

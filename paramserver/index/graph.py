@@ -340,14 +340,15 @@ class GraphIndex(ClassIndex):
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
+                assign = None if lists is None else lists[0][:, 0]
                 if proc is not None:   # the child's nearest lists (one search of W for both)
                     assign_path = os.path.join(tmp, "assign.npy")
                     while not os.path.exists(assign_path) and proc.is_alive():
                         proc.join(0.2)
                         self._check_cancel()
                     if os.path.exists(assign_path):
-                        lists = (np.load(assign_path)[:, None], None)
-                ivf.build(W, centroids=C, assign=None if lists is None else lists[0][:, 0])
+                        assign = np.load(assign_path)
+                ivf.build(W, centroids=C, assign=assign)
             if proc is not None:
                 while proc.is_alive():   # join releases the GIL; a cancel kills the child
                     proc.join(0.2)
