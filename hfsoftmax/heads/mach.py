@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import ClassifierHead
+from .full import fp32_logits, logits_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -177,25 +178,32 @@ class MachHead(ClassifierHead):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Bucket logits of every meta-classifier: features [N, d] -> [R, N, B]."""
         self.check_features(features)
-        h = features
-        if self.hidden_weight is not None:
-            # [N, d] x [R, H, d] -> [R, N, H]
-            h = F.relu(torch.einsum("nd,rhd->rnh", features, self.hidden_weight) + self.hidden_bias[:, None, :])
-            return torch.einsum("rnh,rbh->rnb", h, self.weight)
-        return torch.einsum("nd,rbd->rnb", h, self.weight)
+        dtype = logits_dtype(features, self.weight)
+        with fp32_logits(features.device):       # fp32 whatever the caller's autocast (heads/full.py)
+            h = features.to(dtype)
+            if self.hidden_weight is not None:
+                # [N, d] x [R, H, d] -> [R, N, H]
+                h = F.relu(torch.einsum("nd,rhd->rnh", h, self.hidden_weight.to(dtype))
+                           + self.hidden_bias[:, None, :].to(dtype))
+                return torch.einsum("rnh,rbh->rnb", h, self.weight.to(dtype))
+            return torch.einsum("nd,rbd->rnb", h, self.weight.to(dtype))
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over r of cross-entropy(logits_r, h_r(y))."""
         if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
             raise ValueError(f"MACH: labels must be [{features.shape[0]}], got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if labels.numel() and labels.device.type == "cpu" and (int(labels.min()) < 0
+                                                               or int(labels.max()) >= self.num_classes):
             # A hash maps any integer somewhere, so an out-of-range label would train silently wrong.
+            # Checked here for host labels only: on an accelerator the two int() would be host syncs
+            # every step; the train loop checks each batch's host labels (train.check_labels) instead.
             raise ValueError(f"MACH: labels must lie in [0, {self.num_classes}), got min {int(labels.min())}, "
                              f"max {int(labels.max())}")
         logits = self.logits(features)                                          # [R, N, B]
         targets = self.buckets(labels)                                          # [R, N]
         # Every r has the same N, so the mean over R * N rows is the mean over r of per-head means.
-        return F.cross_entropy(logits.reshape(-1, self.num_buckets), targets.reshape(-1))
+        with fp32_logits(logits.device):
+            return F.cross_entropy(logits.reshape(-1, self.num_buckets), targets.reshape(-1))
 
     def bucket_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Softmax over buckets per meta-classifier: [R, N, B]."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import ClassifierHead
-from .full import MARGINS, FullSoftmax, margin_logits
+from .full import MARGINS, FullSoftmax, fp32_logits, logits_dtype, margin_logits, margin_param
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +83,19 @@ class RPSoftmax(ClassifierHead):
             raise ConfigError(f"head.rp.proj_dim m = {m} must satisfy 0 < m < model.feature_dim d = {feature_dim} "
                              f"(m >= d gains nothing over full softmax)")
         return cls(num_classes, feature_dim, m, seed=seed, margin=cfg.margin, scale=cfg.scale,
-                   margin_m=cfg.margin_m, device=device)
+                   margin_m=margin_param(cfg), device=device)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [B, m]."""
+        """[B, d] -> [B, m], in fp32 with autocast off (the head's logits are fp32, see heads/full.py)."""
         self.check_features(features)
-        return features @ self.proj
+        dtype = logits_dtype(features, self.proj)
+        with fp32_logits(features.device):
+            return features.to(dtype) @ self.proj.to(dtype)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = margin_logits(self.project(features), self.weight, labels, self.margin, self.scale, self.margin_m)
-        return F.cross_entropy(logits, labels)
+        with fp32_logits(logits.device):
+            return F.cross_entropy(logits, labels)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int) -> torch.Tensor:
         return margin_logits(self.project(features), self.weight[start:end], None, self.margin, self.scale,
