@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -135,6 +136,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False      # also write train/eval scalars to <out_dir>/tensorboard (pip install -e .[tensorboard])
     amp: str = "off"               # off | bf16 | fp16 (autocast for the backbone; head logits in fp32)
+    deterministic: bool = False    # CUDA: deterministic kernels, no cuDNN autotuning (bitwise reruns; slower)
+    tf32: bool = False             # CUDA: fp32 matmuls on TF32 tensor cores (faster, ~1e-3 relative error)
     overwrite: bool = False        # start afresh in an out_dir that already holds a run (its files are removed)
     allow_batch_change: bool = False  # resume with another global batch (batch_size x ranks) than the checkpoint's
 
@@ -235,6 +238,23 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, origin: str) -> None:
             setattr(obj, k, _coerce(v, hints[k], key, origin))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true / false (any case) are bools, so
+    ``train.amp=off`` or ``head.deterministic: on`` stay the strings the keys expect (YAML 1.1 read
+    on / off / yes / no as bools)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_load(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a YAML config, resolving its ``_base_`` chain (bases first, this file wins)."""
     path = os.path.abspath(path)
@@ -244,7 +264,7 @@ def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = _yaml_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -272,7 +292,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

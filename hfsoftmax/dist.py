@@ -50,12 +50,35 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def check_devices(name: str, dev: torch.device, local_rank: int, local_world: int) -> None:
+    """Refuse, in one line, a device layout that NCCL or ``set_device`` would turn into a traceback:
+    one named GPU for several ranks of a node ("Duplicate GPU detected"), or more ranks per node
+    than visible GPUs ("invalid device ordinal")."""
+    if dev.type != "cuda":
+        return
+    from .config import ConfigError
+
+    visible = torch.cuda.device_count()
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{visible} visible GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+    if local_world > 1 and name not in ("auto", "cuda"):
+        raise ConfigError(f"train.device={name} with NPROC={local_world} ranks on this node puts every rank on the "
+                          f"same GPU: use train.device=auto (or cuda), which gives rank i cuda:<LOCAL_RANK>")
+    if dev.index is not None and dev.index >= visible:
+        what = (f"NPROC={local_world} ranks on this node" if name in ("auto", "cuda")
+                else f"train.device={name}")
+        raise ConfigError(f"{what} need GPU index {dev.index}, but this node has {seen}: lower NPROC (or use "
+                          f"another train.device)")
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join the torchrun process group if there is one (idempotent)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     dev = resolve_device(device, local_rank)
+    check_devices(device, dev, local_rank, local_world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -63,6 +86,24 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         logger.info("joined process group: rank %d/%d backend %s device %s", rank, world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+# The ranks wait for rank 0's evaluations (verification .bins, identification) in a barrier of their
+# own: a gloo group whose timeout outlasts any evaluation, where the default group's 600 s (NCCL's
+# watchdog, bounding every training collective) would kill every rank during a long one.
+EVAL_WAIT_S = 6 * 3600.0
+_eval_group: Any = None
+
+
+def wait_for_main() -> None:
+    """Every rank blocks here until rank 0 arrives (after its evaluation); a no-op in one process.
+    Call it on every rank, in the same places (a collective)."""
+    global _eval_group
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if _eval_group is None:
+        _eval_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=EVAL_WAIT_S))
+    dist.barrier(group=_eval_group)
 
 
 def is_main_process() -> bool:
@@ -75,6 +116,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
+    return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Max over ranks (identity in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
 
 
@@ -97,5 +146,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _eval_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _eval_group = None

@@ -13,6 +13,7 @@ checkpoints; every rank runs the same code otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -77,9 +78,11 @@ AMP_MODES = ("off", "bf16", "fp16")
 class Precision:
     """``train.amp``: autocast for the backbone (bf16 or fp16), a GradScaler for fp16.
 
-    Heads compute their logits and softmax in fp32 (as arcface_torch does); the selective head
-    divides its pushed gradient by the loss scale (``grad_scale``) and skips the store update of a
-    step whose scaled gradient overflowed, as the scaler skips the backbone's optimizer step.
+    Heads compute their logits, margins and softmax in fp32 whatever the autocast (heads/full.py, as
+    arcface_torch does); the selective head divides its pushed gradient by the loss scale
+    (``grad_scale``), and the store's update of a step is applied exactly when the scaler lets the
+    backbone's optimizer step (:meth:`step` says whether it did; ``head.end_step(applied=...)``).
+    The scaler's state travels in checkpoints, so an fp16 resume is the uninterrupted run.
     """
 
     def __init__(self, mode: str, device: torch.device) -> None:
@@ -88,13 +91,26 @@ class Precision:
         self.mode, self.device = mode, device
         self.dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+        if self.scaler is not None:
+            # the scale tensor exists from here on (GradScaler creates it at its first scale() call),
+            # so grad_scale() can hand the step-0 scale to the head before the first backward
+            self.scaler.scale(torch.ones((), device=device))
+        if (self.dtype == torch.bfloat16 and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported(including_emulation=False)):
+            logger.warning("train.amp=bf16 on %s, which has no native bf16 (emulated: slower than fp32); use "
+                           "train.amp=fp16 on this GPU", torch.cuda.get_device_name(device))
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
-    def grad_scale(self) -> float | None:
-        """The loss scale the next backward applies (fp16), else None."""
-        return float(self.scaler.get_scale()) if self.scaler is not None else None
+    def grad_scale(self) -> torch.Tensor | float | None:
+        """The loss scale the next backward applies (fp16), else None: the scaler's device tensor
+        when torch exposes it (reading it as a float would wait for the GPU every step)."""
+        if self.scaler is None:
+            return None
+        get = getattr(self.scaler, "_get_scale_async", None)
+        scale = get() if get is not None else None
+        return scale if scale is not None else float(self.scaler.get_scale())
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -103,12 +119,20 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer step (through the scaler for fp16); returns whether it ran: False when the
+        scaler skipped it for inf/NaN gradients (the heads skip their store update then too)."""
         if self.scaler is None:
             optimizer.step()
-            return
-        self.scaler.step(optimizer)
+            return True
+        ran: list[bool] = []
+        hook = optimizer.register_step_post_hook(lambda *_: ran.append(True))
+        try:
+            self.scaler.step(optimizer)     # its own found-inf decision (one host sync, the scaler's)
+        finally:
+            hook.remove()
         self.scaler.update()
+        return bool(ran)
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler is not None else {}
@@ -394,23 +418,37 @@ def load_checkpoint(path: str, cfg: Config, num_classes: int, world_size: int = 
     return ckpt
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This rank's RNG states: torch (CPU), numpy, python, and its own CUDA device's (``cuda_device``),
+    not every visible GPU's: a resume may see fewer GPUs than the run that wrote the checkpoint."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA one on ``device``. Older checkpoints hold every
+    visible GPU's state (``cuda``, a list): the one at this device's index is used, when it exists."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda":
+        return
+    cuda = state.get("cuda_device")
+    if cuda is None and state.get("cuda") is not None:
+        every, index = state["cuda"], device.index or 0
+        cuda = every[index] if index < len(every) else None
+        if cuda is None:
+            logger.warning("the checkpoint holds CUDA RNG states of %d GPU(s), none for %s: its CUDA RNG is not "
+                           "restored (dropout draws differ from the uninterrupted run)", len(every), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimizer: torch.optim.Optimizer,
-                    num_classes: int, keep: bool, rng: list[dict[str, Any]] | None = None) -> str:
+                    num_classes: int, keep: bool, rng: list[dict[str, Any]] | None = None,
+                    scaler: dict[str, Any] | None = None) -> str:
     """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
     store_snapshot = None
     head = model.head
@@ -430,6 +468,7 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimize
         "model": model.backbone.state_dict(),          # unwrapped: no 'module.' prefixes
         "head": head.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler or {},                          # fp16 GradScaler: scale, growth tracker
         "rng": rng if rng is not None else [rng_state()],   # one state per rank
         "store_snapshot": store_snapshot,               # relative to the run dir
         "global_batch": cfg.train.batch_size * hdist.world_size(),
@@ -564,6 +603,50 @@ def git_sha() -> str:
 # --------------------------------------------------------------------------------------------- #
 # The loop.
 
+@contextlib.contextmanager
+def backend_flags(deterministic: bool, tf32: bool) -> Iterator[None]:
+    """``train.deterministic`` / ``train.tf32`` for the run, the previous global settings restored after.
+
+    deterministic: ``torch.use_deterministic_algorithms`` (an op without a deterministic kernel raises,
+    naming itself), cuDNN's deterministic algorithms without autotuning, and the cuBLAS workspace
+    setting its reproducibility needs (``CUBLAS_WORKSPACE_CONFIG``, when not set already; it takes
+    effect if no cuBLAS handle exists yet). Costs speed on CUDA (slower atomics-free kernels, no
+    autotuning: typically 10-30 %); CPU runs are bitwise reproducible without it. Otherwise cuDNN
+    autotunes (``cudnn.benchmark``: the input size is fixed). tf32: fp32 matmuls on tensor cores
+    (~10 bits of mantissa), off by default.
+    """
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        torch.set_float32_matmul_precision(before[3])
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, step: int) -> None:
+    """A batch's host labels lie in [0, K), or a one-line error (checked before the device sees them:
+    on CUDA an out-of-range label is a device-side assert, or, hashed by MACH, a wrong class)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise TrainingError(f"batch of step {step}: labels must lie in [0, num_classes={num_classes}), got "
+                            f"[{int(labels.min())}, {int(labels.max())}]; check the dataset's labels")
+
+
+def check_finite(first_bad: torch.Tensor, lr: float, run_dir: str) -> None:
+    """Stop if any rank saw a non-finite loss since the start (``first_bad``: its first step, else -1).
+    A collective: every rank calls it at the same steps."""
+    bad = int(hdist.all_reduce_max(first_bad))
+    if bad >= 0:
+        raise TrainingError(f"non-finite loss at step {bad} (lr now {lr:.4g}); lower optim.lr or check the data. "
+                            f"Last checkpoint: {find_latest_checkpoint(run_dir) or 'none'}")
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final metrics (on every rank)."""
     if cfg.head.name in ("mach", "rp") and cfg.head.margin != "none":
@@ -575,6 +658,11 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.tensorboard:
         require_tensorboard()
     info = hdist.init_distributed(cfg.train.device)
+    with backend_flags(cfg.train.deterministic, cfg.train.tf32):
+        return _train(cfg, info)
+
+
+def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     if info.is_main:
         check_run_dir(cfg)
     hdist.barrier()
@@ -604,6 +692,7 @@ def train(cfg: Config) -> dict[str, Any]:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                 nesterov=cfg.optim.nesterov)
+    precision = Precision(cfg.train.amp, device)
 
     start_step = 0
     resume = cfg.train.resume
@@ -619,13 +708,14 @@ def train(cfg: Config) -> dict[str, Any]:
                                   f"norm {cfg.model.norm}): {' '.join(first[:2])[:300]}") from None
         model.head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        precision.load_state_dict(ckpt.get("scaler") or {})
         start_step = int(ckpt["step"])
         if ckpt.get("store_snapshot") and getattr(head, "store", None) is not None and info.is_main:
             head.store.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
         states = ckpt.get("rng")
         states = [states] if isinstance(states, dict) else states     # older checkpoints: rank 0's only
         if states and len(states) == info.world_size:
-            set_rng_state(states[info.rank])
+            set_rng_state(states[info.rank], device)
         elif states:
             logger.warning("checkpoint %s holds the RNG states of %d rank(s), this run has %d: RNG not restored "
                            "(dropout draws differ from the uninterrupted run)", resume, len(states), info.world_size)
@@ -663,16 +753,18 @@ def train(cfg: Config) -> dict[str, Any]:
                     info.world_size, device, cfg.train.batch_size * info.world_size)
 
     result: dict[str, Any] = {"num_classes": num_classes, "start_step": start_step}
-    if start_step == 0 and ver_sets and info.is_main:
-        start = verify(backbone, ver_sets, device, cfg.data.image_size)
-        result["start_verification"] = start
-        metrics.log(event="eval", step=0, **{f"{n}_acc": r["accuracy"] for n, r in start.items()})
+    if start_step == 0:
+        if ver_sets and info.is_main:
+            start = verify(backbone, ver_sets, device, cfg.data.image_size)
+            result["start_verification"] = start
+            metrics.log(event="eval", step=0, **{f"{n}_acc": r["accuracy"] for n, r in start.items()})
+        hdist.wait_for_main()
 
     model.train()
     t_start = time.time()
     try:
-        step = _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, ver_sets, metrics, bar,
-                          start_step, num_classes)
+        step = _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, precision, ver_sets, metrics,
+                          bar, start_step, num_classes)
     except (ConnectionError, TimeoutError) as e:
         # The parameter server is gone or silent: say so, and where to resume from.
         raise TrainingError(f"{e}. Last checkpoint: {find_latest_checkpoint(run_dir) or 'none'}; "
@@ -705,21 +797,25 @@ def train(cfg: Config) -> dict[str, Any]:
         metrics.close()
     if hasattr(head, "close"):
         head.close()
-    hdist.barrier()
+    hdist.wait_for_main()          # rank 0's final evaluation may outlast the process group's timeout
     return result
 
 
 
 def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Model, ddp_model: nn.Module,
-               head: ClassifierHead, optimizer: torch.optim.Optimizer, ver_sets: list[VerificationSet],
-               metrics: MetricsLogger | None, bar: Any, start_step: int, num_classes: int) -> int:
-    """Steps start_step .. train.steps - 1: forward, backward, update, logs, evals, checkpoints."""
+               head: ClassifierHead, optimizer: torch.optim.Optimizer, precision: Precision,
+               ver_sets: list[VerificationSet], metrics: MetricsLogger | None, bar: Any, start_step: int,
+               num_classes: int) -> int:
+    """Steps start_step .. train.steps - 1: forward, backward, update, logs, evals, checkpoints.
+
+    No host sync of its own per step: the loss's finiteness accumulates on the device (the first bad
+    step) and is checked, over all ranks, at log steps and before every checkpoint."""
     device, run_dir, total = info.device, cfg.train.out_dir, cfg.train.steps
     backbone = model.backbone
-    precision = Precision(cfg.train.amp, device)
     t_start = t_last = time.time()
     data_time, seen, n_since = 0.0, 0, 0
     loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)   # first step with a non-finite loss
     step = start_step
     if start_step >= total:
         return step
@@ -730,29 +826,31 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         lr = lr_at(step, cfg.optim, total)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        check_labels(labels, num_classes, step)        # on the host: no sync, no device-side assert
         if hasattr(head, "begin_step"):
-            head.begin_step(step, lr, grad_scale=precision.grad_scale())
+            # the host labels: the selective head plans from them without waiting for the forward
+            head.begin_step(step, lr, grad_scale=precision.grad_scale(), labels=labels)
         images = normalize_images(images.to(device, non_blocking=True))   # uint8 from disk datasets
-        labels = labels.to(device, non_blocking=True)
         with precision.autocast():
-            loss = ddp_model(images, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss.item()} at step {step} (lr {lr:.4g}); "
-                                f"lower optim.lr or check the data. Last checkpoint: "
-                                f"{find_latest_checkpoint(run_dir) or 'none'}")
+            loss = ddp_model(images, labels.to(device, non_blocking=True))
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                torch.full_like(first_bad, step), first_bad)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         if cfg.train.grad_clip > 0:
             precision.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        precision.step(optimizer)
+        stepped = precision.step(optimizer)
         if hasattr(head, "end_step"):
-            head.end_step(step)
+            head.end_step(step, applied=stepped)       # W moves exactly when the backbone does
         loss_sum += loss.detach()
         n_since += 1
         seen += images.shape[0] * info.world_size
         done = step + 1
 
+        is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
+        if done % cfg.train.log_every == 0 or done == total or is_ckpt:
+            check_finite(first_bad, lr, run_dir)
         if done % cfg.train.log_every == 0 or done == total:
             mean_loss = float(hdist.all_reduce_mean(loss_sum / n_since))
             now = time.time()
@@ -769,19 +867,21 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             n_since, seen, data_time, t_last = 0, 0, 0.0, now
         if bar is not None:
             bar.update(1)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total and info.is_main and ver_sets:
-            r = verify(backbone, ver_sets, device, cfg.data.image_size)
-            metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
-        is_ckpt = (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total:
+            if info.is_main and ver_sets:
+                r = verify(backbone, ver_sets, device, cfg.data.image_size)
+                metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
+            hdist.wait_for_main()     # every rank; a long evaluation must not trip the 600 s collectives
         if is_ckpt:
             if hasattr(head, "flush"):
                 head.flush()          # the snapshot must hold this step's update
-            rngs = hdist.all_gather_object(rng_state())
+            rngs = hdist.all_gather_object(rng_state(device))
             hdist.barrier()
             if info.is_main:
                 keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
-                save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep, rng=rngs)
-            hdist.barrier()
+                save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep, rng=rngs,
+                                scaler=precision.state_dict())
+            hdist.wait_for_main()     # a large store snapshot may take minutes
         if done >= total:
             break
         t_data = time.time()

@@ -84,13 +84,13 @@ An exact probe costs one pass over all K rows (K*d floats from the store), a sam
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
+import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -114,6 +114,33 @@ _CPK_STREAM = 0x43504B
 
 class ParamServerLostError(ConnectionError):
     """The parameter store stopped answering; training cannot go on (the message names the server)."""
+
+
+class StepGate:
+    """One step's yes/no from the train loop (did the fp16 scaler let the optimizer step?), awaited by
+    the push of that step, which may already be on the background worker when the loop decides."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._applied = False
+
+    def set(self, applied: bool) -> None:
+        self._applied = applied
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self) -> bool:
+        self._event.wait()
+        return self._applied
+
+
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to ``device``: pinned and non-blocking on CUDA (a pageable copy blocks the host)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -382,6 +409,9 @@ class SelectiveSoftmax(ClassifierHead):
             self._worker = Pusher(f"hfsoftmax-pusher-{self.rank}")
         self._job: Any = None                    # the push owed by end_step (not pipelined)
         self._grad_scale: Any = None             # fp16 loss scale of this step (begin_step)
+        self._gate: Optional[StepGate] = None    # fp16: whether the scaler let this step's update through
+        self._host_labels: Optional[torch.Tensor] = None   # this step's labels on the host (begin_step)
+        self._side: dict[int, Any] = {}          # CUDA device index -> the stream gradients leave on
         self._wait_s, self._wait_steps = 0.0, 0  # exposed store wait since the last stats()
         self._staging: Optional[torch.Tensor] = None   # pinned host buffer (CUDA)
         self._staged: Any = None
@@ -410,11 +440,14 @@ class SelectiveSoftmax(ClassifierHead):
         return ParamServerLostError(f"parameter server {self._server_name()} lost during {what} at step "
                                     f"{self._train_step}: {err}")
 
-    def begin_step(self, step: int, lr: float, grad_scale: Any = None) -> None:
+    def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: Optional[torch.Tensor] = None) -> None:
         """Called by the train loop before the forward of ``step`` with that step's lr.
 
         ``grad_scale``: the loss scale of fp16 training (a GradScaler's scale, a float or a device
-        tensor): the active rows' gradient is divided by it before it is pushed."""
+        tensor): the active rows' gradient is divided by it before it is pushed, and the update is
+        applied only if ``end_step(applied=True)`` says the scaler let the optimizer step.
+        ``labels``: this rank's labels on the host (the loader's), so that the forward need not copy
+        the device labels back, which would wait for the whole backbone forward on a GPU."""
         if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"begin_step: lr must be finite and >= 0, got {lr}")
         if self._offset is None:
@@ -428,12 +461,17 @@ class SelectiveSoftmax(ClassifierHead):
                                store_step, step, self._offset)
         self._train_step, self._lr = int(step), float(lr)
         self._grad_scale = grad_scale
+        self._gate = StepGate() if grad_scale is not None else None
+        self._host_labels = labels if labels is not None and labels.device.type == "cpu" else None
         self._forwarded = self._pushed = False
 
-    def end_step(self, step: int) -> None:
+    def end_step(self, step: int, applied: bool = True) -> None:
         """After the optimizer step: send this step's push (now when not pipelined; the background
         worker has it otherwise). An empty update is pushed if no gradient reached the active rows,
-        or the synchronous store would wait for it forever."""
+        or the synchronous store would wait for it forever. ``applied``: whether the optimizer step
+        ran (False: an fp16 GradScaler skipped it; W then stays as it is too, with an empty update)."""
+        if self._gate is not None:
+            self._gate.set(bool(applied))   # releases the pipelined push waiting for the decision
         if self._forwarded and not self._pushed:
             logger.warning("step %d: no gradient reached the active rows; pushing an empty update", step)
             self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=np.float32))
@@ -515,9 +553,10 @@ class SelectiveSoftmax(ClassifierHead):
         if self._staged is not None:
             self._staged.synchronize()        # the previous copy out of the buffer has finished
         self._staging[:n].copy_(t)
-        out = self._staging[:n].to(device, non_blocking=True)
-        self._staged = torch.cuda.Event()
-        self._staged.record()
+        with torch.cuda.device(device):       # the target's stream, not the current device's
+            out = self._staging[:n].to(device, non_blocking=True)
+            self._staged = torch.cuda.Event()
+            self._staged.record(torch.cuda.current_stream(device))
         return out
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -534,7 +573,11 @@ class SelectiveSoftmax(ClassifierHead):
         wait = 0.0
         if training and self._worker is not None:
             wait += self._worker.wait()      # the previous push has left (its error, naming the server, if not)
-        lab = labels.detach().to("cpu", torch.int64).numpy()                        # [b]
+        host = self._host_labels if training else None
+        self._host_labels = None
+        if host is None or host.shape != labels.shape:
+            host = labels.detach().to("cpu")          # a host sync on an accelerator (library use)
+        lab = host.to(torch.int64).numpy()                                          # [b]
         if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
                              f"got range [{lab.min()}, {lab.max()}]")
@@ -600,14 +643,14 @@ class SelectiveSoftmax(ClassifierHead):
             Wa = Wa.to(device=features.device, dtype=dtype)
         else:
             Wa = self._to_device(mine, features.device).to(device=features.device, dtype=dtype)   # [M, d]
-        target = torch.from_numpy(remapped).to(features.device)                     # [b] in 0..M-1
+        target = _host_to(torch.from_numpy(remapped), features.device)              # [b] in 0..M-1
         if training:
             self.last_active = active
             self._forwarded = True
             self._wait_s += wait
             self._wait_steps += 1
             Wa.requires_grad_(True)
-            my_ids, store_dtype, lr_scale = active[part], mine.dtype, self._grad_scale
+            my_ids, store_dtype, lr_scale, gate = active[part], mine.dtype, self._grad_scale, self._gate
 
             def grad_hook(grad: torch.Tensor) -> None:
                 # grad [M, d]: this rank's mean-loss gradient. Only launches work: the reduce-scatter
@@ -623,8 +666,12 @@ class SelectiveSoftmax(ClassifierHead):
                 # one process: g stays where it is (a CUDA -> host copy here would sync the backward)
                 work, slice_sum, flags = self.comm.reduce_scatter_rows(
                     g.to(self.comm.device) if self.comm.distributed else g, flag)
+                event = None
+                if slice_sum.is_cuda:
+                    work, event, slice_sum, flags = self._grad_to_host(work, slice_sum, flags)
                 self._pushed = True
-                job = functools.partial(self._push_job, work, slice_sum, flags, my_ids, step, store_dtype)
+                job = functools.partial(self._push_job, work, event, slice_sum, flags, my_ids, step, store_dtype,
+                                        gate)
                 if self._worker is not None:
                     self._worker.submit(job)
                 else:
@@ -637,22 +684,52 @@ class SelectiveSoftmax(ClassifierHead):
                 self._probe_active(self._probe, Wa.detach())
             return F.cross_entropy(logits, target)
 
-    def _push_job(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray, step: int,
-                  store_dtype: np.dtype) -> None:
-        """Wait for the reduce-scatter, then push this rank's slice of the summed gradient (or, if any
-        rank's gradient was not finite, e.g. an fp16 overflow, an empty update on every rank)."""
-        # the worker thread's current CUDA device is not the rank's by default
-        with torch.cuda.device(slice_sum.device) if slice_sum.is_cuda else contextlib.nullcontext():
+    def _grad_to_host(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor
+                      ) -> tuple[None, Any, torch.Tensor, torch.Tensor]:
+        """CUDA: copy this rank's gradient slice and its flag into pinned host memory on a side stream,
+        ordered after the reduce-scatter (or, in one process, after the kernels that computed them),
+        and return (None, the copy's event, host slice, host flags). The pusher then waits on that
+        event only, never on the training stream, which by then holds the rest of the backward, DDP's
+        all-reduce and the optimizer step (a wait there would count GPU compute as ps_wait_ms)."""
+        dev = slice_sum.device
+        side = self._side.get(dev.index)
+        if side is None:
+            side = self._side[dev.index] = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
             if work is not None:
-                work.wait()                  # orders this thread's stream after the reduce-scatter
-            finite = float(flags.item()) == 0
-            g = np.ascontiguousarray(slice_sum.to("cpu").numpy().astype(store_dtype, copy=False)) if finite else None
+                work.wait()                  # the side stream waits for the collective
+            host = torch.empty(slice_sum.shape, dtype=slice_sum.dtype, pin_memory=True)
+            host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(slice_sum, non_blocking=True)
+            host_flags.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+        slice_sum.record_stream(side)        # not reused by the training stream before the copy is done
+        flags.record_stream(side)
+        return None, event, host, host_flags
+
+    def _push_job(self, work: Any, event: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray,
+                  step: int, store_dtype: np.dtype, gate: Optional["StepGate"] = None) -> None:
+        """Wait for the gradient (a CUDA event of :meth:`_grad_to_host`, or a gloo reduce-scatter), then
+        push this rank's slice of the summed gradient; or an empty update when any rank's gradient
+        was not finite, or when the fp16 scaler skipped the optimizer step (``gate``)."""
+        if event is not None:
+            event.synchronize()              # host copies done: slice_sum and flags are pinned host tensors
+        elif work is not None:
+            work.wait()
+        finite = float(flags.item()) == 0
+        applied = gate.wait() if gate is not None else True
         store = self._push_store or self.store
-        if not finite:
-            logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not updated "
-                           "this step", step)
+        if not (finite and applied):
+            if not finite:
+                logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not "
+                               "updated this step", step)
+            else:
+                logger.debug("step %s: the fp16 scaler skipped the optimizer step; W is not updated either", step)
             self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store)
             return
+        g = np.ascontiguousarray(slice_sum.numpy().astype(store_dtype, copy=False))
         self._push(ids, g, step, store)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int, step: Optional[int] = None) -> torch.Tensor:
@@ -877,6 +954,8 @@ class SelectiveSoftmax(ClassifierHead):
 
     def close(self) -> None:
         """Finish the pushes in flight; stop the local index's background builds; close sockets."""
+        if self._gate is not None and not self._gate.is_set():
+            self._gate.set(False)            # a step that never reached end_step (an error) is not applied
         if self._worker is not None:
             self._worker.close()
             self._worker = None
