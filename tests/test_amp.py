@@ -81,7 +81,7 @@ def test_mach_logits_fp32_under_autocast() -> None:
         assert head.logits(f).dtype == torch.float32
         loss = head(f.bfloat16(), y)
     torch.testing.assert_close(loss, head(f.bfloat16().float(), y), rtol=0, atol=0)
-    assert abs(float(loss) - float(ref)) < 0.05
+    assert abs(float(loss.detach()) - float(ref.detach())) < 0.05
 
 
 def test_arcface_fp16_target_cosine_one_has_finite_gradient() -> None:
@@ -121,3 +121,172 @@ def test_cpk_probe_is_fp32_under_autocast() -> None:
         head(feats.bfloat16(), labels)
     st = head.stats()
     assert 0 < st["cpk_active"] <= 1.0 + 1e-9 and 0 < st["cpk_exact"] <= 1.0 + 1e-9
+
+
+# --------------------------------------------------------------------------------------------- #
+# The train loop: the scaler's skip, its state, RNG states, device layouts, config words.
+
+import os  # noqa: E402
+
+import torch.multiprocessing as mp  # noqa: E402
+
+from hfsoftmax import dist as hdist  # noqa: E402
+from hfsoftmax.config import ConfigError, load_config  # noqa: E402
+from hfsoftmax.heads.selective import SelectiveSoftmax  # noqa: E402
+from hfsoftmax.train import Precision, backend_flags, rng_state, set_rng_state, train  # noqa: E402
+from paramserver.store import WeightStore  # noqa: E402
+
+
+def _tiny_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_precision_step_reports_the_scalers_skip() -> None:
+    prec = Precision("fp16", torch.device("cpu"))
+    model, opt = _tiny_model()
+    scale0 = float(prec.grad_scale())
+    assert scale0 == 65536.0                         # known before the first backward (the head needs it)
+    prec.backward(model(torch.ones(1, 4)).sum())
+    w = model.weight.detach().clone()
+    assert prec.step(opt) is True and not torch.equal(model.weight, w)
+    opt.zero_grad()
+    prec.backward(model(torch.ones(1, 4)).sum())
+    model.weight.grad[0, 0] = float("inf")           # an fp16 overflow somewhere in the backbone
+    w = model.weight.detach().clone()
+    assert prec.step(opt) is False and torch.equal(model.weight, w)
+    assert float(prec.grad_scale()) == scale0 / 2    # the scaler backed off
+    state = prec.state_dict()
+    other = Precision("fp16", torch.device("cpu"))
+    other.load_state_dict(state)
+    assert other.state_dict() == state and float(other.grad_scale()) == scale0 / 2
+    plain = Precision("off", torch.device("cpu"))
+    assert plain.grad_scale() is None and plain.step(opt) is True
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("applied", [False, True])
+def test_store_update_follows_the_scalers_decision(pipeline: bool, applied: bool) -> None:
+    """A finite head gradient on a step the scaler skipped: W stays, the store still completes the step."""
+    K2, D2 = 20, 4
+    store = WeightStore(K2, D2, seed=3, momentum=0.0, weight_decay=0.0)
+    before = store.pull(np.arange(K2))
+    head = SelectiveSoftmax(store, K2, D2, 5, margin="none", index="random", pipeline=pipeline)
+    head.begin_step(0, 0.5, grad_scale=torch.tensor(8.0), labels=torch.tensor([1, 2]))
+    loss = head(torch.randn(2, D2), torch.tensor([1, 2]))
+    (loss * 8.0).backward()
+    head.end_step(0, applied=applied)
+    head.flush()
+    assert store.step == 1
+    assert (not np.array_equal(store.pull(np.arange(K2)), before)) == applied
+    head.close()
+
+
+def test_host_labels_are_used_by_the_head() -> None:
+    """The head plans from the loader's host labels (no device-to-host copy); a mismatch in shape falls
+    back to the labels the forward got."""
+    K2, D2 = 20, 4
+    store = WeightStore(K2, D2, seed=3)
+    head = SelectiveSoftmax(store, K2, D2, 5, margin="none", index="random")
+    head.begin_step(0, 0.0, labels=torch.tensor([3, 4]))
+    head(torch.randn(2, D2), torch.tensor([3, 4]))
+    assert set(head.last_active[:2]) == {3, 4}
+    head.end_step(0)
+
+
+def test_fp16_resume_equals_uninterrupted(tmp_path) -> None:
+    """fp16 with a GradScaler: 3 steps, resume, 3 more == 6 straight, the scaler's state included."""
+    base = ["data.num_classes=20", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=4",
+            "data.val_pairs=20", "model.feature_dim=8", "model.width=4", "train.progress=false",
+            "train.batch_size=8", "train.amp=fp16", "train.steps=6", "optim.lr=0.05", "train.deterministic=true"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(load_config(None, base + [f"train.out_dir={a}", "train.ckpt_every=3", "train.keep_every=3"]))
+    b.mkdir()
+    train(load_config(None, base + [f"train.out_dir={b}", f"train.resume={a / 'ckpt_00000003.pt'}"]))
+    ca = torch.load(a / "ckpt_last.pt", weights_only=False)
+    cb = torch.load(b / "ckpt_last.pt", weights_only=False)
+    c3 = torch.load(a / "ckpt_00000003.pt", weights_only=False)
+    assert ca["scaler"]["scale"] > 0 and ca["scaler"] == cb["scaler"]
+    assert c3["scaler"]["_growth_tracker"] == 3        # three unskipped steps counted toward growth
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert not torch.equal(ca["head"]["weight"], c3["head"]["weight"])
+    assert not torch.are_deterministic_algorithms_enabled()   # train() restored the global flags
+
+
+def test_rng_states_of_more_gpus_than_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written where 9 GPUs were visible (older format: every GPU's state) resumes on
+    cuda:0 (or cuda:3) with that GPU's state; the new format holds the rank's own device's only."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((s, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: (_ for _ in ()).throw(IndexError("all")))
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(9)]
+    old = {**rng_state(), "cuda": states}
+    set_rng_state(old, torch.device("cuda", 0))
+    set_rng_state(old, torch.device("cuda", 3))
+    assert [int(s[0]) for s, _ in calls] == [0, 3] and calls[1][1] == torch.device("cuda", 3)
+    set_rng_state(old, torch.device("cuda", 12))           # no state for it: warned, not restored
+    set_rng_state(old, torch.device("cpu"))
+    assert len(calls) == 2
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((8,), 7, dtype=torch.uint8))
+    new = rng_state(torch.device("cuda", 1))
+    assert int(new["cuda_device"][0]) == 7 and "cuda" not in new
+    set_rng_state(new, torch.device("cuda", 0))
+    assert int(calls[-1][0][0]) == 7
+
+
+@pytest.mark.parametrize("env, device, message", [
+    ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, "cuda:0", "NPROC=2"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"}, "auto", "NPROC=3 ranks on this node need GPU index 2"),
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:4", "train.device=cuda:4 need GPU index 4"),
+])
+def test_device_layouts_nccl_would_refuse(monkeypatch: pytest.MonkeyPatch, env: dict, device: str,
+                                          message: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    for k, v in {"RANK": env["LOCAL_RANK"], "WORLD_SIZE": env["LOCAL_WORLD_SIZE"], **env}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=message) as e:
+        hdist.init_distributed(device)
+    assert "2 visible GPU(s) (CUDA_VISIBLE_DEVICES=0,1)" in str(e.value) or "same GPU" in str(e.value)
+
+
+def test_config_words_off_and_on_are_strings() -> None:
+    cfg = load_config(None, ["train.amp=off", "head.deterministic=on", "train.deterministic=true"])
+    assert cfg.train.amp == "off" and cfg.head.deterministic == "on" and cfg.train.deterministic is True
+    with pytest.raises(ConfigError, match="train.progress"):
+        load_config(None, ["train.progress=yes"])       # bools are true / false
+
+
+def test_backend_flags_set_and_restore() -> None:
+    before = torch.get_float32_matmul_precision()
+    with backend_flags(True, True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    with backend_flags(False, False):
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_float32_matmul_precision() == before
+
+
+def _wait_rank(rank: int, port: int, sleep_s: float) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    try:
+        if rank == 0:
+            time.sleep(sleep_s)                      # rank 0's "evaluation", longer than the group timeout
+        hdist.wait_for_main()
+        dist.barrier()                               # the group still works afterwards
+    finally:
+        hdist.cleanup()
+
+
+def test_ranks_wait_for_rank0s_evaluation_beyond_the_group_timeout() -> None:
+    from test_train import free_port
+    mp.spawn(_wait_rank, args=(free_port(), 4.0), nprocs=2, join=True)

@@ -20,6 +20,11 @@ TINY = ["data.num_classes=40", "data.samples_per_class=4", "data.image_size=16",
         "optim.lr=0.05", "optim.warmup_steps=2"]
 
 
+# The bitwise promises (resume == uninterrupted, worker counts, same seed) hold on CPU as is and on
+# CUDA with deterministic kernels: these tests ask for them, so they mean the same on a GPU machine.
+BITWISE = ["train.deterministic=true"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +71,7 @@ def test_run_sampler_is_the_epoch_samplers_back_to_back_and_resumes_anywhere():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    base = TINY + ["train.steps=6", "head.margin=cosface", "head.scale=8", "head.margin_m=0.2"]
+    base = TINY + BITWISE + ["train.steps=6", "head.margin=cosface", "head.scale=8", "head.margin_m=0.2"]
     a = tmp_path / "a"
     train(load_config(None, base + [f"train.out_dir={a}", "train.ckpt_every=3", "train.keep_every=3"]))
     # a second run dir starting from the step-3 checkpoint of the first
@@ -199,7 +204,8 @@ def test_resume_on_a_rec_dataset_is_exact(tmp_path, head):
     data = _rec_folder(tmp_path / "data")
     base = [f"data.path={data}", "data.image_size=16", "model.feature_dim=16", "model.dropout=0.3",
             "train.progress=false", "train.batch_size=8", "train.steps=8", "train.log_every=4",
-            f"head.name={head}", "head.num_active=10", "store.kind=local", "optim.lr=0.05", "data.num_workers=1"]
+            f"head.name={head}", "head.num_active=10", "store.kind=local", "optim.lr=0.05", "data.num_workers=1",
+            *BITWISE]
     a, b = tmp_path / "a", tmp_path / "b"
     train(load_config(os.path.join(ROOT, "configs", "faces_full.yaml"), base + [
         f"train.out_dir={a}", "train.ckpt_every=3", "train.keep_every=3"]))
@@ -222,7 +228,7 @@ def test_loader_workers_change_nothing_across_epochs(tmp_path):
     loader; one loader for the whole run) train bitwise alike over three epochs with random flips."""
     data = _rec_folder(tmp_path / "data", K=4, per_class=4)       # 16 images: 2 batches an epoch
     base = [f"data.path={data}", "data.image_size=16", "model.feature_dim=8", "train.progress=false",
-            "train.batch_size=8", "train.steps=6", "train.log_every=3", "store.kind=local"]
+            "train.batch_size=8", "train.steps=6", "train.log_every=3", "store.kind=local", *BITWISE]
     runs = {}
     for w in (0, 2):
         out = tmp_path / f"w{w}"
@@ -269,7 +275,7 @@ def test_same_seed_hf_runs_are_equal_through_background_rebuilds(tmp_path):
     """HF with the forest index rebuilt in the background every 2 steps: two runs of the same
     command end bitwise equal (each new index goes live at a step fixed in advance)."""
     from paramserver.store import WeightStore
-    base = TINY + ["head.name=hf", "head.index=forest", "head.num_active=12", "head.candidates=6",
+    base = TINY + BITWISE + ["head.name=hf", "head.index=forest", "head.num_active=12", "head.candidates=6",
                    "head.rebuild_every=2", "store.kind=local", "train.steps=12", "train.batch_size=8"]
     for run in ("a", "b"):
         train(load_config(None, base + [f"train.out_dir={tmp_path / run}"]))
