@@ -14,8 +14,10 @@ with the whole batch. The head therefore needs, per step:
 
 So the parameter server sees one query, M pulled rows and M pushed rows per step whatever R is.
 The collectives run on a process group of their own (``dist.new_group``), so they never interleave
-with DDP's gradient all-reduce; on NCCL they move CUDA tensors, on gloo CPU tensors. With one
-process every method is the identity and no process group is needed.
+with DDP's gradient all-reduce; on NCCL they move CUDA tensors, on gloo CPU tensors. What lives on
+the host (labels, active ids) travels on a gloo group beside an NCCL one: through the GPU it would
+queue behind the backbone's forward on the stream and make the host wait for it. With one process
+every method is the identity and no process group is needed.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class HeadComm:
 
     def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
         self.rank, self.world_size = int(rank), int(world_size)
-        self.group = group
+        self.group = self.host_group = group
         self.device = torch.device("cpu")
         if self.world_size > 1:
             if not (dist.is_available() and dist.is_initialized()):
@@ -56,8 +58,10 @@ class HeadComm:
                                    f"process group (hfsoftmax.dist.init_distributed)")
             if self.group is None:
                 self.group = dist.new_group(list(range(self.world_size)))
+            self.host_group = self.group
             if dist.get_backend(self.group) == "nccl":
                 self.device = torch.device("cuda", torch.cuda.current_device())
+                self.host_group = dist.new_group(list(range(self.world_size)), backend="gloo")
 
     @property
     def distributed(self) -> bool:
@@ -73,27 +77,30 @@ class HeadComm:
 
     # -- the batch -------------------------------------------------------------------------
     def gather_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, ...] on every rank -> [R*b, ...] in global batch order (position i*R + r = rank r's i-th)."""
+        """[b, ...] on every rank -> [R*b, ...] in global batch order (position i*R + r = rank r's i-th).
+        A host tensor stays on the host (the gloo group); others go through the group's device."""
         if not self.distributed:
             return x
-        src = x.detach().to(self.device).contiguous()
-        out = torch.empty((self.world_size,) + tuple(src.shape), dtype=src.dtype, device=self.device)
-        _all_gather(out.view(-1), src.view(-1), self.group)
+        on_host = x.device.type == "cpu"
+        device, group = (torch.device("cpu"), self.host_group) if on_host else (self.device, self.group)
+        src = x.detach().to(device).contiguous()
+        out = torch.empty((self.world_size,) + tuple(src.shape), dtype=src.dtype, device=device)
+        _all_gather(out.view(-1), src.view(-1), group)
         return out.transpose(0, 1).reshape((self.world_size * src.shape[0],) + tuple(src.shape[1:]))
 
     def broadcast_ids(self, ids: Optional[np.ndarray], extra: int = 0) -> tuple[np.ndarray, int]:
         """Rank 0's int64 ids [n] (and one int ``extra``) to every rank; others pass None."""
         if not self.distributed:
             return np.asarray(ids, dtype=np.int64), int(extra)
-        head = torch.zeros(2, dtype=torch.int64, device=self.device)
+        head = torch.zeros(2, dtype=torch.int64)                # host tensors, on the gloo group
         if self.rank == 0:
             head[0], head[1] = len(ids), int(extra)
-        dist.broadcast(head, 0, group=self.group)
+        dist.broadcast(head, 0, group=self.host_group)
         n, extra = int(head[0]), int(head[1])
-        buf = (torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device) if self.rank == 0
-               else torch.empty(n, dtype=torch.int64, device=self.device))
-        dist.broadcast(buf, 0, group=self.group)
-        return buf.cpu().numpy(), extra
+        buf = (torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)) if self.rank == 0
+               else torch.empty(n, dtype=torch.int64))
+        dist.broadcast(buf, 0, group=self.host_group)
+        return buf.numpy(), extra
 
     # -- rows and gradients ----------------------------------------------------------------
     def gather_rows(self, mine: torch.Tensor, m: int) -> torch.Tensor:
