@@ -92,18 +92,19 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
 # own: a gloo group whose timeout outlasts any evaluation, where the default group's 600 s (NCCL's
 # watchdog, bounding every training collective) would kill every rank during a long one.
 EVAL_WAIT_S = 6 * 3600.0
-_eval_group: Any = None
+_eval_groups: dict[int, Any] = {}     # id of the default group -> its long-timeout gloo group
 
 
 def wait_for_main() -> None:
     """Every rank blocks here until rank 0 arrives (after its evaluation); a no-op in one process.
     Call it on every rank, in the same places (a collective)."""
-    global _eval_group
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    if _eval_group is None:
-        _eval_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=EVAL_WAIT_S))
-    dist.barrier(group=_eval_group)
+    key = id(dist.group.WORLD)
+    if key not in _eval_groups:
+        _eval_groups.clear()          # groups of a destroyed default group are gone with it
+        _eval_groups[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=EVAL_WAIT_S))
+    dist.barrier(group=_eval_groups[key])
 
 
 def is_main_process() -> bool:
@@ -146,7 +147,6 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    global _eval_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _eval_group = None
+    _eval_groups.clear()

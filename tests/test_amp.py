@@ -290,3 +290,44 @@ def _wait_rank(rank: int, port: int, sleep_s: float) -> None:
 def test_ranks_wait_for_rank0s_evaluation_beyond_the_group_timeout() -> None:
     from test_train import free_port
     mp.spawn(_wait_rank, args=(free_port(), 4.0), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
+@pytest.mark.parametrize("name", ["full", "random", "mach"])
+def test_no_host_sync_in_a_training_step_on_cuda(name: str) -> None:
+    """One step as the loop runs it (host labels in, fp16 autocast and scaler, optimizer, end_step):
+    no host sync but the scaler's own found-inf read (counted with torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = HeadConfig(name=name, num_active=8)
+    cfg.mach.num_hashes, cfg.mach.num_buckets = 2, 4
+    store = WeightStore(K, D, seed=0) if name == "random" else None
+    head = build_head(cfg, K, D, device=dev, store=store).to(dev)
+    backbone = torch.nn.Linear(D, D).to(dev)
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1)
+    prec = Precision("fp16", dev)
+    x, y = torch.randn(B, D).pin_memory(), torch.randint(0, K, (B,)).pin_memory()
+
+    def step(s: int) -> None:
+        if hasattr(head, "begin_step"):
+            head.begin_step(s, 0.1, grad_scale=prec.grad_scale(), labels=y)
+        with prec.autocast():
+            loss = head(backbone(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        prec.backward(loss)
+        stepped = prec.step(opt)
+        if hasattr(head, "end_step"):
+            head.end_step(s, applied=stepped)
+
+    step(0)                                          # warm-up: allocations, the first H2D buffers
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, [str(w.message)[:120] for w in syncs]
