@@ -23,7 +23,8 @@ def num_classes_of(cfg: Config) -> int:
 
 
 def server_args(cfg: Config, num_clients: int) -> list[str]:
-    from .heads.selective import head_index_name, index_metric
+    from .heads.margin import index_metric
+    from .heads.selective import head_index_name
 
     h = cfg.head
     num_classes = num_classes_of(cfg)

@@ -39,6 +39,7 @@ from .backbones import get_backbone
 from .config import Config, ConfigError, OptimConfig, config_from_dict, load_config, save_config
 from .data.transforms import normalize_images
 from .heads import ClassifierHead, build_head
+from .heads.margin import normalize_margin
 
 logger = logging.getLogger("hfsoftmax.train")
 
@@ -649,12 +650,7 @@ def check_finite(first_bad: torch.Tensor, lr: float, run_dir: str) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final metrics (on every rank)."""
-    if cfg.head.name in ("mach", "rp") and cfg.head.margin != "none":
-        # MACH's bucket softmaxes take no margin, and RP's classifier recovery assumes a plain
-        # softmax: "head.name=mach" on a CosFace config must just work (one config line per head).
-        logger.warning("head.margin=%s does not apply to head.name=%s: training it with a plain softmax "
-                       "(head.margin=none)", cfg.head.margin, cfg.head.name)
-        cfg.head.margin = "none"
+    normalize_margin(cfg.head)        # before the config is saved: the run dir says what it trains
     if cfg.train.tensorboard:
         require_tensorboard()
     info = hdist.init_distributed(cfg.train.device)

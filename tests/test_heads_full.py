@@ -75,7 +75,7 @@ def test_combined_margin_equals_the_direct_formula_and_its_special_cases():
 
     from hfsoftmax.config import HeadConfig
     from hfsoftmax.heads import build_head
-    from hfsoftmax.heads.full import margin_logits
+    from hfsoftmax.heads.margin import margin_logits
     from hfsoftmax.heads.selective import SelectiveSoftmax
     from paramserver.store import WeightStore
 

@@ -312,7 +312,7 @@ def test_make_store_and_build_head_from_config() -> None:
     try:
         assert store.index.stats()["name"] == "forest" and store.index.index.metric == "angular"
         head = build_head(cfg.head, 40, 8, store=store)
-        assert isinstance(head, SelectiveSoftmax) and head.margin == "arcface"
+        assert isinstance(head, SelectiveSoftmax) and head.rule.kind == "arcface"
         head.begin_step(0, 0.1)
         head(torch.randn(5, 8, requires_grad=True), torch.tensor([1, 2, 3, 3, 39])).backward()
         head.end_step(0)

@@ -237,7 +237,7 @@ def check_heads_amp(ctx: Ctx) -> str:
 def check_logits_dtype(ctx: Ctx) -> str:
     from hfsoftmax.config import HeadConfig
     from hfsoftmax.heads import build_head
-    from hfsoftmax.heads.full import margin_logits
+    from hfsoftmax.heads.margin import margin_logits
 
     dev, B, n_cls, d = ctx.device, 8, 40, 16
     g = torch.Generator().manual_seed(0)
@@ -256,8 +256,7 @@ def check_logits_dtype(ctx: Ctx) -> str:
         full = head("full", margin)
         probes[f"full/{margin}"] = lambda f, h=full: h.logits(f, labels)
         rp = head("rp", margin)
-        probes[f"rp/{margin}"] = lambda f, h=rp: margin_logits(h.project(f), h.weight, labels, h.margin, h.scale,
-                                                               h.margin_m)
+        probes[f"rp/{margin}"] = lambda f, h=rp: h.rule.logits(h.project(f), h.weight, labels)
     mach = head("mach")
     probes["mach"] = lambda f: mach.logits(f)
     w = torch.randn(n_cls, d, generator=g).to(dev)
@@ -284,7 +283,7 @@ def check_logits_dtype(ctx: Ctx) -> str:
 def check_arcface_fp16(ctx: Ctx) -> str:
     import torch.nn.functional as F
 
-    from hfsoftmax.heads.full import margin_logits
+    from hfsoftmax.heads.margin import margin_logits
 
     dev, B, n_cls, d = ctx.device, 6, 12, 8
     g = torch.Generator().manual_seed(0)

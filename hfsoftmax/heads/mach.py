@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import ClassifierHead
-from .full import fp32_logits, logits_dtype
+from .margin import fp32_logits, logits_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,6 @@ class MachHead(ClassifierHead):
         if R * B >= num_classes:
             raise ConfigError(f"head.mach: R * B = {R} * {B} = {R * B} is not smaller than K = {num_classes}; "
                              f"MACH gains nothing over full softmax (lower head.mach.num_hashes or num_buckets)")
-        if cfg.margin != "none":
-            raise ConfigError(f"head.margin = '{cfg.margin}' is not supported by MACH (its meta-classifiers are "
-                             f"plain softmaxes over buckets); use head.margin=none")
         return cls(num_classes, feature_dim, num_hashes=R, num_buckets=B, hidden=mc.hidden, seed=seed, device=device)
 
     @staticmethod

@@ -37,7 +37,8 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import ClassifierHead
-from .full import MARGINS, FullSoftmax, fp32_logits, logits_dtype, margin_logits, margin_param
+from .full import FullSoftmax
+from .margin import Margin, MarginParam, fp32_logits, logits_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +51,21 @@ class RPSoftmax(ClassifierHead):
         feature_dim: d, the backbone's feature size.
         proj_dim: m < d, the projected size the classifier sees.
         seed: draws P (and only P).
-        margin, scale, margin_m: as in :class:`~hfsoftmax.heads.full.FullSoftmax`, applied to the
-            projected feature (recovery supports margin="none" only).
+        margin, scale, margin_m: a :class:`~hfsoftmax.heads.margin.Margin`, applied to the projected
+            feature (recovery supports margin="none" only; the train loop trains RP plain).
         init_std: std of the normal initialisation of W [K, m].
         device: where W and P live.
     """
 
     def __init__(self, num_classes: int, feature_dim: int, proj_dim: int, seed: int = 0, margin: str = "none",
-                 scale: float = 64.0, margin_m: float = 0.35, init_std: float = 0.01,
+                 scale: float = 64.0, margin_m: MarginParam = 0.35, init_std: float = 0.01,
                  device: torch.device | str | None = None) -> None:
         super().__init__(num_classes, feature_dim)
         if proj_dim <= 0 or proj_dim >= feature_dim:
             raise ValueError(f"RP softmax: proj_dim m = {proj_dim} must satisfy 0 < m < d = {feature_dim} "
                              f"(m >= d gains nothing over full softmax)")
-        if margin not in MARGINS:
-            raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
+        self.rule = Margin(margin, scale, margin_m)
         self.proj_dim, self.seed = proj_dim, seed
-        self.margin, self.scale, self.margin_m = margin, scale, margin_m
         g = torch.Generator().manual_seed(seed)
         proj = torch.randn(feature_dim, proj_dim, generator=g) / math.sqrt(proj_dim)   # [d, m], E[P P^T] = I
         self.register_buffer("proj", proj.to(device))
@@ -82,8 +81,9 @@ class RPSoftmax(ClassifierHead):
         if m <= 0 or m >= feature_dim:
             raise ConfigError(f"head.rp.proj_dim m = {m} must satisfy 0 < m < model.feature_dim d = {feature_dim} "
                              f"(m >= d gains nothing over full softmax)")
-        return cls(num_classes, feature_dim, m, seed=seed, margin=cfg.margin, scale=cfg.scale,
-                   margin_m=margin_param(cfg), device=device)
+        rule = Margin.from_config(cfg)
+        return cls(num_classes, feature_dim, m, seed=seed, margin=rule.kind, scale=rule.scale, margin_m=rule.m,
+                   device=device)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """[B, d] -> [B, m], in fp32 with autocast off (the head's logits are fp32, see heads/full.py)."""
@@ -93,13 +93,12 @@ class RPSoftmax(ClassifierHead):
             return features.to(dtype) @ self.proj.to(dtype)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = margin_logits(self.project(features), self.weight, labels, self.margin, self.scale, self.margin_m)
+        logits = self.rule.logits(self.project(features), self.weight, labels)
         with fp32_logits(logits.device):
             return F.cross_entropy(logits, labels)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return margin_logits(self.project(features), self.weight[start:end], None, self.margin, self.scale,
-                             self.margin_m)
+        return self.rule.logits(self.project(features), self.weight[start:end])
 
     def param_ratio(self) -> float:
         """Trained classifier parameters relative to full softmax's K * d (P is fixed, not trained)."""
@@ -107,16 +106,16 @@ class RPSoftmax(ClassifierHead):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, proj_dim={self.proj_dim}, "
-                f"margin={self.margin}")
+                f"margin={self.rule.kind}")
 
 
 def _check_recoverable(head: ClassifierHead) -> None:
     if not isinstance(head, (RPSoftmax, FullSoftmax)):
         raise TypeError(f"recover_classifier needs an RPSoftmax (or a FullSoftmax, whose recovery is the "
                         f"identity at its optimum), got {type(head).__name__}")
-    if head.margin != "none":
+    if head.rule.kind != "none":
         raise ValueError(f"recover_classifier: the dual-random-projection recovery holds for the plain "
-                         f"L2-regularised softmax; this head has margin '{head.margin}'")
+                         f"L2-regularised softmax; this head has margin '{head.rule.kind}'")
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ R ranks, each holding b samples of a global batch of R*b (``begin_step(step, lr)
    set itself. Each rank remaps its own labels into 0..M-1.
 2. Rank r pulls a disjoint slice of ceil(M/R) active rows (``store.pull(ids, step=s)``: the
    server answers once step s-1 is applied) and the ranks all-gather them: Wa [M, d] on every
-   rank, M rows off the server per step whatever R is. logits = ``margin_logits`` (the very
+   rank, M rows off the server per step whatever R is. logits = ``Margin.logits`` (the very
    function of :class:`FullSoftmax`), in fp32 even under autocast; CE over M, the mean over the
    rank's b samples (DDP's average makes the backbone's gradient that of the global mean).
 3. backward: a hook on Wa launches an asynchronous reduce-scatter of ``dL/dWa / R`` (and of a
@@ -99,7 +99,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from .base import ClassifierHead
 from .collective import HeadComm
-from .full import MARGINS, margin_logits, margin_param
+from .margin import Margin, index_metric
 from .pusher import Pusher
 
 logger = logging.getLogger(__name__)
@@ -145,13 +145,6 @@ def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- #
 # Pure rules (testable on their own).
-
-def index_metric(margin: str) -> str:
-    """Index metric for a head's logits: inner product for plain linear, cosine for margin heads."""
-    if margin not in MARGINS:
-        raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
-    return "dot" if margin == "none" else "angular"
-
 
 def choose_num_active(curve: np.ndarray, tau_cp: float, m_min: int, m_max: int, num_classes: int) -> int:
     """Smallest M with mean CPK(M) >= tau_cp, clipped to [m_min, min(m_max, K)].
@@ -314,7 +307,7 @@ class SelectiveSoftmax(ClassifierHead):
         num_classes: K.
         feature_dim: d (must equal ``store.dim``).
         num_active: M (the starting M when ``adaptive``).
-        margin, scale, margin_m: logits as in :func:`hfsoftmax.heads.full.margin_logits`.
+        margin, scale, margin_m: the logit rule, a :class:`~hfsoftmax.heads.margin.Margin`.
         index: index name; "random" = random-sampling baseline (no query, see module docstring).
         candidates: classes asked of the index per sample.
         cpk_every: P, probe CPK every P steps (0 = off).
@@ -342,8 +335,7 @@ class SelectiveSoftmax(ClassifierHead):
                  block_size: int = 65536, pipeline: bool = False, comm: Optional[HeadComm] = None,
                  cpk_sample: int = 200_000) -> None:
         super().__init__(num_classes, feature_dim)
-        if margin not in MARGINS:
-            raise ValueError(f"unknown margin '{margin}' (choose from {', '.join(MARGINS)})")
+        self.rule = Margin(margin, scale, margin_m)
         if int(store.num_classes) != num_classes or int(store.dim) != feature_dim:
             raise ConfigError(f"SelectiveSoftmax: the store holds W of num_classes={store.num_classes} x "
                              f"dim={store.dim}, but the head has num_classes={num_classes} x "
@@ -367,10 +359,8 @@ class SelectiveSoftmax(ClassifierHead):
                               else (torch.distributed.get_world_size() if dist_on else 1))
         self.store = store
         self.num_active = int(num_active)
-        self.margin, self.scale = margin, float(scale)
-        self.margin_m = tuple(float(v) for v in margin_m) if isinstance(margin_m, (tuple, list)) else float(margin_m)
         self.index_name = index
-        self.metric = index_metric(margin)
+        self.metric = self.rule.metric
         self.candidates = int(candidates)
         self.cpk_every, self.cpk_probe = int(cpk_every), int(cpk_probe)
         self.adaptive, self.tau_cp = bool(adaptive), float(tau_cp)
@@ -425,8 +415,9 @@ class SelectiveSoftmax(ClassifierHead):
         if cfg.num_active > num_classes:
             logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
                            cfg.num_active, num_classes)
-        return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=cfg.margin,
-                   scale=cfg.scale, margin_m=margin_param(cfg), index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
+        rule = Margin.from_config(cfg)
+        return cls(store, num_classes, feature_dim, min(int(cfg.num_active), num_classes), margin=rule.kind,
+                   scale=rule.scale, margin_m=rule.m, index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
                    cpk_every=cfg.cpk_every, cpk_sample=cfg.cpk_sample, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
                    m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size,
                    pipeline=pipeline)
@@ -679,7 +670,7 @@ class SelectiveSoftmax(ClassifierHead):
 
             Wa.register_hook(grad_hook)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            logits = margin_logits(features.to(dtype), Wa, target, self.margin, self.scale, self.margin_m)   # [b, M]
+            logits = self.rule.logits(features, Wa, target)                                      # [b, M] fp32
             if probe_step and (not central or self.comm.rank == 0):
                 self._probe_active(self._probe, Wa.detach())
             return F.cross_entropy(logits, target)
@@ -740,7 +731,7 @@ class SelectiveSoftmax(ClassifierHead):
             raise ValueError(f"scores_block: need 0 <= start < end <= {self.num_classes}, got [{start}, {end})")
         w = torch.from_numpy(self._pull(np.arange(start, end, dtype=np.int64), step))
         w = w.to(device=features.device, dtype=features.dtype)                   # [end - start, d]
-        return margin_logits(features, w, None, self.margin, self.scale, self.margin_m)
+        return self.rule.logits(features, w)
 
     @torch.no_grad()
     def scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -786,7 +777,7 @@ class SelectiveSoftmax(ClassifierHead):
             block = np.arange(lo, min(lo + bs, n)) if ids is None else ids[lo:lo + bs]
             w = torch.from_numpy(self._pull(block, step))
             w = w.to(device=probe.device, dtype=probe.dtype)                           # [blk, d]
-            s = margin_logits(probe, w, None, self.margin, self.scale, self.margin_m).double()   # [P, blk]
+            s = self.rule.logits(probe, w).double()                                    # [P, blk]
             lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
             cat = torch.cat([best, s], dim=1)
             best = cat.topk(min(k, cat.shape[1]), dim=1).values
@@ -873,7 +864,7 @@ class SelectiveSoftmax(ClassifierHead):
     def _probe_active(self, probe: torch.Tensor, Wa: torch.Tensor) -> None:
         """CPK of the selected active set on the probe, and the T rule when adaptive."""
         with torch.no_grad():
-            s = margin_logits(probe, Wa, None, self.margin, self.scale, self.margin_m).double()   # [P, M]
+            s = self.rule.logits(probe, Wa).double()                                           # [P, M]
             mass = torch.exp(torch.logsumexp(s, dim=1) - self._probe_lse).mean().item()
         self._cpk["cpk_active"] = float(mass)
         if self.adaptive:
@@ -969,5 +960,5 @@ class SelectiveSoftmax(ClassifierHead):
             self.store.close()
 
     def extra_repr(self) -> str:
-        return (f"K={self.num_classes}, d={self.feature_dim}, M={self.num_active}, margin={self.margin}, "
+        return (f"K={self.num_classes}, d={self.feature_dim}, M={self.num_active}, margin={self.rule.kind}, "
                 f"index={self.index_name}, rank={self.rank}/{self.world_size}")
