@@ -6,9 +6,9 @@ Usage::
     torchrun --nproc_per_node 2 -m hfsoftmax.train --config ... train.out_dir=runs/x
 
 The loop is step-based (``train.steps``), the lr is a pure function of the step, and the data order is
-a pure function of (seed, epoch, rank), so stopping and resuming from a checkpoint continues exactly
-where an uninterrupted run would be. Rank 0 alone writes the config, logs, progress bar and
-checkpoints; every rank runs the same code otherwise.
+a pure function of (seed, epoch, rank) (``data/sampler.py``), so stopping and resuming from a checkpoint
+(``checkpoint.py``) continues exactly where an uninterrupted run would be. Rank 0 alone writes the
+config, logs (``metrics.py``), progress bar and checkpoints; every rank runs the same code otherwise.
 """
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import random
-import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,16 +28,18 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-from paramserver.store import prune_run_snapshots
+from torch.utils.data import Dataset
 
 from . import dist as hdist
 from .backbones import get_backbone
-from .config import Config, ConfigError, OptimConfig, config_from_dict, load_config, save_config
+from .checkpoint import (CheckpointError, find_latest_checkpoint, git_sha, load_checkpoint, load_pretrained,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import Config, ConfigError, OptimConfig, load_config, save_config
+from .data.sampler import batches_from
 from .data.transforms import normalize_images
 from .heads import ClassifierHead, build_head
 from .heads.margin import normalize_margin
+from .metrics import LineProgress, MetricsLogger, require_tensorboard
 
 logger = logging.getLogger("hfsoftmax.train")
 
@@ -48,8 +48,25 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, lost parameter server...); the message says why."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the run (other K or d, other head) or cannot be read."""
+def check_run_dir(cfg: Config) -> None:
+    """A run directory holds one run: starting afresh (no train.resume) where a run already wrote its
+    checkpoint or metrics is refused, unless train.overwrite=true, which removes that run's files."""
+    run_dir = cfg.train.out_dir
+    if cfg.train.resume or not os.path.isdir(run_dir):
+        return
+    ours = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) + glob.glob(os.path.join(run_dir, "store_*"))
+            + [os.path.join(run_dir, "metrics.jsonl")] if os.path.exists(p)]
+    if not ours:
+        return
+    if not cfg.train.overwrite:
+        raise TrainingError(f"train.out_dir={run_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in ours)[:3])}"
+                            f"{', ...' if len(ours) > 3 else ''}): continue it with train.resume=auto, start afresh "
+                            f"with train.overwrite=true (its files are removed), or choose another train.out_dir")
+    import shutil
+    ours += [p for p in (os.path.join(run_dir, "tensorboard"),) if os.path.isdir(p)]   # its event files too
+    for p in ours:
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    logger.warning("train.overwrite=true: removed %d files of the previous run in %s", len(ours), run_dir)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -144,98 +161,6 @@ class Precision:
 
 
 # --------------------------------------------------------------------------------------------- #
-# Data order: a pure function of (seed, epoch, rank) so resume continues exactly.
-
-class EpochSampler(Sampler[int]):
-    """This rank's indices for one epoch: a seeded permutation, cut to whole global batches.
-
-    Rank r takes positions r, r + R, r + 2R, ... of each global batch, so R ranks with batch b see
-    exactly the samples one process with batch R*b sees, in the same steps. ``start_batch`` skips
-    the batches already trained on (resume).
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 start_batch: int = 0) -> None:
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-        self.start_batch = start_batch
-        self.batches = num_samples // (batch_size * world_size)
-        if self.batches == 0:
-            raise ConfigError(f"dataset of {num_samples} samples is smaller than one global batch "
-                              f"({batch_size} x {world_size} ranks); lower train.batch_size")
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.num_samples, generator=g)[: self.batches * self.batch_size * self.world_size]
-        mine = perm.view(self.batches, self.batch_size * self.world_size)[:, self.rank::self.world_size]
-        return iter(mine[self.start_batch:].reshape(-1).tolist())
-
-    def __len__(self) -> int:
-        return (self.batches - self.start_batch) * self.batch_size
-
-
-class RunSampler(Sampler[tuple[int, int]]):
-    """Every (epoch, index) key this rank trains on from ``start_step`` on, epoch after epoch, forever.
-
-    The order is :class:`EpochSampler`'s, epoch by epoch, so one DataLoader serves the whole run:
-    its workers start once and live until training ends (persistent across epochs by construction).
-    The epoch travels with each index so a worker keys the item's random flip by it (see
-    :class:`EpochKeyed`); nothing has to reach the workers when an epoch turns.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_step: int = 0) -> None:
-        self.args = (num_samples, batch_size, rank, world_size, seed)
-        self.start_step = start_step
-        self.per_epoch = EpochSampler(*self.args, epoch=0).batches
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset = divmod(self.start_step, self.per_epoch)
-        while True:
-            for i in EpochSampler(*self.args, epoch=epoch, start_batch=offset):
-                yield epoch, i
-            epoch, offset = epoch + 1, 0
-
-
-class EpochKeyed(Dataset):
-    """``dataset[(epoch, i)]`` = ``dataset[i]`` with the flips of that epoch (``set_epoch``, in whichever
-    process loads it), so an item's augmentation is a pure function of (seed, epoch, index) whatever
-    the worker count, and a resumed run sees exactly what an uninterrupted one would."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-        self._epoch: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        if epoch != self._epoch and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.seed, epoch)
-            self._epoch = epoch
-        return self.dataset[index]
-
-
-def batches_from(dataset: Dataset, cfg: Config, info: hdist.DistInfo, start_step: int) -> Iterator[tuple[int, Any]]:
-    """Yield (step, batch) from ``start_step`` on, epoch after epoch, forever.
-
-    One DataLoader for the whole run (workers started once; ``data.num_workers`` of them, each with
-    ``data.prefetch_factor`` batches in flight). Disk datasets hand over uint8 images; the train
-    loop normalises them on the device (``transforms.normalize_images``).
-    """
-    workers = cfg.data.num_workers
-    sampler = RunSampler(len(dataset), cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed, start_step)
-    loader = DataLoader(EpochKeyed(dataset, cfg.train.seed), batch_size=cfg.train.batch_size, sampler=sampler,
-                        drop_last=True, num_workers=workers, pin_memory=info.device.type == "cuda",
-                        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
-                        # its own generator: starting the loader (also on resume) must not draw from
-                        # the global RNG the model's dropout uses
-                        generator=torch.Generator().manual_seed(cfg.train.seed * 7919 + info.rank))
-    yield from enumerate(loader, start_step)
-
-
-# --------------------------------------------------------------------------------------------- #
 # Building the pieces from the config.
 
 @dataclass
@@ -305,197 +230,6 @@ class Model(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- #
-# Checkpoints: atomic, unwrapped, self-describing.
-
-def checkpoint_path(run_dir: str, step: int | None = None) -> str:
-    return os.path.join(run_dir, "ckpt_last.pt" if step is None else f"ckpt_{step:08d}.pt")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def find_latest_checkpoint(run_dir: str) -> str | None:
-    """Newest complete checkpoint in the run dir: ckpt_last.pt, else the highest ckpt_<step>.pt.
-
-    Writes are atomic, so a file with the final name is complete; one that still fails to open
-    (a damaged disk, a copy cut short) is skipped with a warning rather than blocking the resume.
-    """
-    last = os.path.join(run_dir, "ckpt_last.pt")
-    numbered = sorted((p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if re.search(r"ckpt_\d+\.pt$", p)),
-                      reverse=True)
-    for p in ([last] if os.path.exists(last) else []) + numbered:
-        try:
-            torch.load(p, map_location="cpu", weights_only=False, mmap=True)
-            return p
-        except Exception as e:
-            logger.warning("skipping unreadable checkpoint %s: %s", p, e)
-    return None
-
-
-def load_pretrained(backbone: nn.Module, path: str) -> None:
-    """Backbone weights for fine-tuning: an hfsoftmax checkpoint ('model') or a bare state dict,
-    arcface_torch IResNet and MobileFaceNet names mapped (hfsoftmax.backbones.convert); a mismatch is one line."""
-    from .backbones.convert import backbone_state
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"model.pretrained={path}: cannot read it ({type(e).__name__}: {e})") from None
-    try:
-        backbone.load_state_dict(backbone_state(obj)[0])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"model.pretrained={path} does not fit model.backbone: "
-                              f"{str(e).strip().splitlines()[0][:300]}") from None
-    logger.info("backbone initialised from %s", path)
-
-
-def check_run_dir(cfg: Config) -> None:
-    """A run directory holds one run: starting afresh (no train.resume) where a run already wrote its
-    checkpoint or metrics is refused, unless train.overwrite=true, which removes that run's files."""
-    run_dir = cfg.train.out_dir
-    if cfg.train.resume or not os.path.isdir(run_dir):
-        return
-    ours = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) + glob.glob(os.path.join(run_dir, "store_*"))
-            + [os.path.join(run_dir, "metrics.jsonl")] if os.path.exists(p)]
-    if not ours:
-        return
-    if not cfg.train.overwrite:
-        raise TrainingError(f"train.out_dir={run_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in ours)[:3])}"
-                            f"{', ...' if len(ours) > 3 else ''}): continue it with train.resume=auto, start afresh "
-                            f"with train.overwrite=true (its files are removed), or choose another train.out_dir")
-    import shutil
-    ours += [p for p in (os.path.join(run_dir, "tensorboard"),) if os.path.isdir(p)]   # its event files too
-    for p in ours:
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    logger.warning("train.overwrite=true: removed %d files of the previous run in %s", len(ours), run_dir)
-
-
-def load_checkpoint(path: str, cfg: Config, num_classes: int, world_size: int = 1,
-                    auto: bool = False) -> dict[str, Any]:
-    """Load and check a checkpoint against the run: same K, d and head (and, for ``resume=auto``,
-    the same dataset), the same global batch unless allowed, or a one-line refusal naming both."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    for key in ("model", "step", "config"):
-        if key not in ckpt:
-            raise CheckpointError(f"checkpoint {path} has no '{key}' entry (not written by hfsoftmax.train?)")
-    k_ck, d_ck = ckpt.get("num_classes"), ckpt["config"]["model"]["feature_dim"]
-    if k_ck != num_classes:
-        raise CheckpointError(f"checkpoint {path} was trained with num_classes={k_ck}, "
-                              f"but this run has num_classes={num_classes}")
-    if d_ck != cfg.model.feature_dim:
-        raise CheckpointError(f"checkpoint {path} was trained with feature_dim={d_ck}, "
-                              f"but this run has model.feature_dim={cfg.model.feature_dim}")
-    h_ck = ckpt["config"]["head"]["name"]
-    if h_ck != cfg.head.name:
-        raise CheckpointError(f"checkpoint {path} was trained with head.name={h_ck}, "
-                              f"but this run has head.name={cfg.head.name}")
-    data_ck = ckpt["config"].get("data", {}).get("path", "")
-    same_data = (os.path.abspath(data_ck) == os.path.abspath(cfg.data.path)) if (data_ck and cfg.data.path) \
-        else data_ck == cfg.data.path
-    if auto and not same_data:
-        raise CheckpointError(f"train.resume=auto: the run in {os.path.dirname(path)} was trained on data.path="
-                              f"{data_ck or '(synthetic)'}, this run has data.path={cfg.data.path or '(synthetic)'}; "
-                              f"choose another train.out_dir, or name the checkpoint (train.resume={path}) to start "
-                              f"from it on purpose")
-    gb_ck = ckpt.get("global_batch")
-    gb = cfg.train.batch_size * world_size
-    if gb_ck is not None and gb_ck != gb:
-        if not cfg.train.allow_batch_change:
-            raise CheckpointError(f"checkpoint {path} was trained with a global batch of {gb_ck} "
-                                  f"({ckpt.get('world_size', '?')} ranks), this run has {gb} "
-                                  f"({cfg.train.batch_size} x {world_size} ranks): pass train.allow_batch_change=true "
-                                  f"to resume anyway (the lr is not rescaled), or use the checkpoint's layout")
-        logger.warning("resuming a global batch of %d with %d (train.allow_batch_change=true): optim.lr=%g is kept; "
-                       "the linear scaling rule would use %g", gb_ck, gb, cfg.optim.lr, cfg.optim.lr * gb / gb_ck)
-    return ckpt
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This rank's RNG states: torch (CPU), numpy, python, and its own CUDA device's (``cuda_device``),
-    not every visible GPU's: a resume may see fewer GPUs than the run that wrote the checkpoint."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        state["cuda_device"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore :func:`rng_state`'s states; the CUDA one on ``device``. Older checkpoints hold every
-    visible GPU's state (``cuda``, a list): the one at this device's index is used, when it exists."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device is None or device.type != "cuda":
-        return
-    cuda = state.get("cuda_device")
-    if cuda is None and state.get("cuda") is not None:
-        every, index = state["cuda"], device.index or 0
-        cuda = every[index] if index < len(every) else None
-        if cuda is None:
-            logger.warning("the checkpoint holds CUDA RNG states of %d GPU(s), none for %s: its CUDA RNG is not "
-                           "restored (dropout draws differ from the uninterrupted run)", len(every), device)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def save_checkpoint(run_dir: str, step: int, cfg: Config, model: Model, optimizer: torch.optim.Optimizer,
-                    num_classes: int, keep: bool, rng: list[dict[str, Any]] | None = None,
-                    scaler: dict[str, Any] | None = None) -> str:
-    """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
-    store_snapshot = None
-    head = model.head
-    if getattr(head, "store", None) is not None:
-        store_snapshot = f"store_{step:08d}"
-        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd;
-        # a remote server prunes the older ones itself, on its own machine (the run dir may not be shared)
-        snap_path = os.path.abspath(os.path.join(run_dir, store_snapshot))
-        if hasattr(head.store, "addresses"):
-            head.store.snapshot(snap_path, prune_keep=sorted(_kept_store_snapshots(run_dir) | {store_snapshot}))
-        else:
-            head.store.snapshot(snap_path)
-    state = {
-        "step": step,
-        "num_classes": num_classes,
-        "config": cfg.to_dict(),
-        "model": model.backbone.state_dict(),          # unwrapped: no 'module.' prefixes
-        "head": head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler or {},                          # fp16 GradScaler: scale, growth tracker
-        "rng": rng if rng is not None else [rng_state()],   # one state per rank
-        "store_snapshot": store_snapshot,               # relative to the run dir
-        "global_batch": cfg.train.batch_size * hdist.world_size(),
-        "world_size": hdist.world_size(),
-        "git_sha": git_sha(),
-    }
-    path = checkpoint_path(run_dir)
-    atomic_torch_save(state, path)
-    if keep:
-        atomic_torch_save(state, checkpoint_path(run_dir, step))
-    if store_snapshot is not None and not hasattr(head.store, "addresses"):
-        # after the checkpoint naming the new snapshot is on disk (a crash before keeps the old pair)
-        prune_run_snapshots(snap_path, _kept_store_snapshots(run_dir) | {store_snapshot})
-    return path
-
-
-def _kept_store_snapshots(run_dir: str) -> set[str]:
-    names = set()
-    for p in glob.glob(os.path.join(run_dir, "ckpt_[0-9]*.pt")):
-        m = re.search(r"ckpt_(\d+)\.pt$", p)
-        if m:
-            names.add(f"store_{int(m.group(1)):08d}")
-    return names
-
-
-# --------------------------------------------------------------------------------------------- #
 # Evaluation and logging.
 
 def verify(backbone: nn.Module, sets: list[VerificationSet], device: torch.device,
@@ -532,73 +266,6 @@ def identify(backbone: nn.Module, head: ClassifierHead, images: torch.Tensor, la
     hits = top == torch.as_tensor(labels).view(-1, 1)
     return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(dim=1).float().mean()),
             "samples": int(len(labels))}
-
-
-class LineProgress:
-    """tqdm's update / set_postfix / close for a stdout that is not a terminal: set_postfix (called
-    every log_every steps) prints one line with the step, the figures and the ETA."""
-
-    def __init__(self, total: int, initial: int) -> None:
-        self.total, self.n, self.n0, self.t0 = int(total), int(initial), int(initial), time.time()
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-
-    def set_postfix(self, **fields: Any) -> None:
-        done = self.n + 1
-        rate = (done - self.n0) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        print(f"train step {done}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items())
-              + f" eta {eta:.0f}s", file=sys.stdout, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class MetricsLogger:
-    """JSON lines, one object per event, on rank 0 only; with ``tensorboard_dir`` the numbers of the
-    ``train`` and ``eval`` records also go to TensorBoard as scalars ``<event>/<key>`` at their step."""
-
-    def __init__(self, path: str, tensorboard_dir: str | None = None) -> None:
-        self.f = open(path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter   # checked by tensorboard_available()
-            self.tb = SummaryWriter(tensorboard_dir)
-
-    def log(self, **record: Any) -> None:
-        record.setdefault("time", time.time())
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        if self.tb is not None and record.get("event") in ("train", "eval") and "step" in record:
-            for key, value in record.items():
-                if key not in ("event", "step", "time") and isinstance(value, (int, float)) \
-                        and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
-            self.tb.flush()
-
-    def close(self) -> None:
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def require_tensorboard() -> None:
-    """train.tensorboard=true without the package: a one-line error saying what to install."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package: "
-                          "pip install -e '.[tensorboard]' (or pip install tensorboard)") from None
-
-
-def git_sha() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -759,7 +426,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     model.train()
     t_start = time.time()
     try:
-        step = _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, precision, ver_sets, metrics,
+        _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, precision, ver_sets, metrics,
                           bar, start_step, num_classes)
     except (ConnectionError, TimeoutError) as e:
         # The parameter server is gone or silent: say so, and where to resume from.

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hfsoftmax.config import OptimConfig, load_config
-from hfsoftmax.train import EpochSampler, RunSampler, lr_at, train
+from hfsoftmax.data.sampler import EpochSampler, RunSampler
+from hfsoftmax.train import lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

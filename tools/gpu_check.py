@@ -36,7 +36,7 @@ Checks (in this order):
                    a "done" record in metrics.jsonl, no server left behind
   eval_rp_recover  python -m hfsoftmax.eval verify and tools/rp_recover.py on a fresh rp checkpoint
                    (--device cuda, or cpu)
-  uint8_workers    a JPEG image list through hfsoftmax.train.batches_from with 2 workers (pinned on CUDA):
+  uint8_workers    a JPEG image list through hfsoftmax.data.sampler.batches_from with 2 workers (pinned on CUDA):
                    uint8 batches equal to 0 workers', and a resumed loader continues them exactly
 
 ``--quick`` shrinks the runs (the CPU test); ``--verbose`` shows the project's logs and warnings.
@@ -699,7 +699,7 @@ def loader_batches(ctx: Ctx, folder: str, workers: int, start: int, stop: int) -
     from hfsoftmax.config import load_config
     from hfsoftmax.data.datasets import dataset_from_path
     from hfsoftmax.dist import DistInfo
-    from hfsoftmax.train import batches_from
+    from hfsoftmax.data.sampler import batches_from
 
     cfg = load_config(None, [f"data.path={folder}", "data.image_size=16", f"data.num_workers={workers}",
                              "train.batch_size=8", "train.seed=3"])

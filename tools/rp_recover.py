@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hfsoftmax.backbones import get_backbone  # noqa: E402
+from hfsoftmax.checkpoint import read_checkpoint  # noqa: E402
 from hfsoftmax.heads.rp import RPSoftmax, recover_classifier  # noqa: E402
 
 logger = logging.getLogger("rp_recover")
@@ -34,16 +35,7 @@ logger = logging.getLogger("rp_recover")
 
 def load_rp_checkpoint(path: str) -> dict[str, Any]:
     """Load a training checkpoint and check that it holds an RP-softmax head."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only=False: our own checkpoints carry RNG states (numpy tuples) beside the tensors.
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ValueError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
-    for key in ("model", "head", "config"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no '{key}' entry (not written by hfsoftmax.train?)")
+    ckpt = read_checkpoint(path, need=("model", "head", "config"))     # CheckpointError: a ValueError
     name = ckpt["config"].get("head", {}).get("name")
     if name != "rp":
         raise ValueError(f"checkpoint {path} was trained with head.name={name!r}; recovery needs an RP-softmax "

@@ -17,7 +17,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -42,14 +41,11 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     Returns:
         (model in eval mode on CPU, image_size, the checkpoint config or {}).
     """
-    if not os.path.isfile(model_path):
-        raise EvalError(f"checkpoint not found: {model_path}")
+    from hfsoftmax.checkpoint import CheckpointError, read_checkpoint
     try:
-        ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise EvalError(f"{model_path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict):
-        raise EvalError(f"{model_path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        ckpt = read_checkpoint(model_path, need=())      # a bare state dict is a checkpoint here too
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from None
     cfg: dict[str, Any] = dict(ckpt.get("config") or {})
     if isinstance(ckpt.get("step"), int):
         cfg["_step"] = ckpt["step"]          # for titles (not a config key)
