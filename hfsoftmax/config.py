@@ -15,7 +15,6 @@ file it came from), so a misspelling never silently trains something else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -358,7 +357,3 @@ def save_config(cfg: Config, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     os.replace(tmp, path)
-
-
-def config_summary(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=False)

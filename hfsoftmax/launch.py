@@ -24,11 +24,11 @@ def num_classes_of(cfg: Config) -> int:
 
 def server_args(cfg: Config, num_clients: int) -> list[str]:
     from .heads.margin import index_metric
-    from .heads.selective import head_index_name
+    from .heads.selective import head_index_name, head_queries
 
     h = cfg.head
     num_classes = num_classes_of(cfg)
-    index = head_index_name(h, num_classes)
+    index = head_index_name(h, num_classes) if head_queries(h, num_classes) else "none"
     metric = index_metric(h.margin)
     args = ["--num-classes", str(num_classes), "--dim", str(cfg.model.feature_dim),
             "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
@@ -38,8 +38,9 @@ def server_args(cfg: Config, num_clients: int) -> list[str]:
             "--deterministic", h.deterministic]
     if cfg.optim.nesterov:
         args.append("--nesterov")
-    from paramserver.index import index_cli_args
-    args += index_cli_args(index, h)
+    if index != "none":
+        from paramserver.index import index_cli_args
+        args += index_cli_args(index, h)
     return args
 
 

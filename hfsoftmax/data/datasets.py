@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfsoftmax.data.recordio import (RecordIOReader, RecordIOError, class_of, read_insightface_layout,
+from hfsoftmax.data.recordio import (RecordIOReader, class_of, read_insightface_layout,
                                      read_property, unpack)
 from hfsoftmax.data.transforms import decode_image, hflip, keyed_coin, random_hflip, to_tensor_normalized, to_tensor_uint8
 

@@ -29,16 +29,6 @@ import torch
 import torch.distributed as dist
 
 
-def _all_gather(out: torch.Tensor, x: torch.Tensor, group: Any, async_op: bool = False) -> Any:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, x, group=group, async_op=async_op)
-
-
-def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group: Any, async_op: bool = False) -> Any:
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, x, group=group, async_op=async_op)
-
-
 class HeadComm:
     """Collectives of one selective head.
 
@@ -85,7 +75,7 @@ class HeadComm:
         device, group = (torch.device("cpu"), self.host_group) if on_host else (self.device, self.group)
         src = x.detach().to(device).contiguous()
         out = torch.empty((self.world_size,) + tuple(src.shape), dtype=src.dtype, device=device)
-        _all_gather(out.view(-1), src.view(-1), group)
+        dist.all_gather_into_tensor(out.view(-1), src.view(-1), group=group)
         return out.transpose(0, 1).reshape((self.world_size * src.shape[0],) + tuple(src.shape[1:]))
 
     def broadcast_ids(self, ids: Optional[np.ndarray], extra: int = 0) -> tuple[np.ndarray, int]:
@@ -111,7 +101,7 @@ class HeadComm:
         buf = torch.zeros(c, d, dtype=mine.dtype, device=self.device)
         buf[: mine.shape[0]].copy_(mine, non_blocking=True)
         out = torch.empty(self.world_size * c, d, dtype=mine.dtype, device=self.device)
-        _all_gather(out, buf, self.group)
+        dist.all_gather_into_tensor(out, buf, group=self.group)
         return out[:m]
 
     def reduce_scatter_rows(self, g: torch.Tensor, flag: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -130,6 +120,6 @@ class HeadComm:
         flag_row[0, 0, 0] = flag.to(device=self.device, dtype=g.dtype)
         full = torch.cat([padded.view(R, c, d), flag_row.expand(R, 1, d)], dim=1)     # [R, c + 1, d]
         out = torch.empty(c + 1, d, dtype=g.dtype, device=self.device)
-        work = _reduce_scatter(out, full.view(-1, d), self.group, async_op=True)
+        work = dist.reduce_scatter_tensor(out, full.view(-1, d), group=self.group, async_op=True)
         s = self.my_slice(m)
         return work, out[: s.stop - s.start], out[c, :1]

@@ -184,6 +184,14 @@ def head_index_name(head_cfg: Any, num_classes: int) -> str:
     return str(head_cfg.index)
 
 
+def head_queries(head_cfg: Any, num_classes: int) -> bool:
+    """Whether a selective head ever asks the store's class index for candidates: not the random head
+    (a uniform fill keyed by the step), and not at M = K without adaptive allocation (every class is
+    active). A store behind a head that never queries keeps no index (none to build every T steps)."""
+    return (head_index_name(head_cfg, num_classes) != "random"
+            and (bool(head_cfg.adaptive) or int(head_cfg.num_active) < num_classes))
+
+
 def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
     """An IndexManager over a K x d store for this head config (built by the caller)."""
     from paramserver.index import IndexManager, index_options, make_index
@@ -215,13 +223,13 @@ def resolve_token(token: str, token_file: str) -> Optional[str]:
 def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
     """The parameter store of a selective head, from the full :class:`hfsoftmax.config.Config`.
 
-    ``store.kind=local``: an in-process WeightStore with the optimizer of ``cfg.optim`` and an
-    IndexManager attached (first build synchronous up to 16 MiB of W, else in the background with a random
+    ``store.kind=local``: an in-process WeightStore with the optimizer of ``cfg.optim`` and, when the
+    head queries (:func:`head_queries`), an IndexManager attached (first build synchronous up to 16 MiB of W, else in the background with a random
     fill until it is live; later ones in the background every
     ``head.rebuild_every`` steps). ``store.kind=remote``: a RemoteStore on the comma-separated shard
     addresses, client id = this rank; the servers must hold K = ``num_classes`` rows of
-    d = ``model.feature_dim`` (checked, the error names the server) and, when the head queries (not
-    random, M < K), own a class index (``paramserver.py --index ... --metric ...``; checked too).
+    d = ``model.feature_dim`` (checked, the error names the server) and, when the head queries, own a
+    class index (``paramserver.py --index ... --metric ...``; checked too).
 
     Args:
         cfg: the Config.
@@ -245,9 +253,10 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
                             nesterov=cfg.optim.nesterov, sparse_momentum=cfg.optim.sparse_momentum,
                             num_clients=1, seed=cfg.train.seed,
                             sync_timeout=float(cfg.store.timeout))
-        manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
-        manager.start(store.rows_view(), step=0)
-        store.attach_index(manager)
+        if head_queries(cfg.head, num_classes):
+            manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
+            manager.start(store.rows_view(), step=0)
+            store.attach_index(manager)
         return store
     if kind == "remote":
         from paramserver.client import RemoteStore
@@ -283,8 +292,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
             store.register()   # a restarted rank: the server drops its dead predecessor's pending push
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
-        needs_query = head_index_name(cfg.head, num_classes) != "random" and int(cfg.head.num_active) < num_classes
-        if needs_query:
+        if head_queries(cfg.head, num_classes):
             bare = [a for a, inf in zip(addresses, infos) if not inf.get("index")]
             if bare:
                 store.close()
