@@ -22,8 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramserver.store import prune_run_snapshots
-
 from . import dist as hdist
 from .config import Config
 
@@ -171,15 +169,14 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, opti
     """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
     store_snapshot = None
     head = model.head
-    if getattr(head, "store", None) is not None:
+    if head.store is not None:
         store_snapshot = f"store_{step:08d}"
-        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd;
-        # a remote server prunes the older ones itself, on its own machine (the run dir may not be shared)
+        # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd.
+        # The store prunes the older snapshots where it wrote them (a server: on its own machine, the run
+        # dir may not be shared), keeping those of kept checkpoints and the newest older one, which
+        # ckpt_last.pt still names until it is replaced below (a crash in between loses nothing).
         snap_path = os.path.abspath(os.path.join(run_dir, store_snapshot))
-        if hasattr(head.store, "addresses"):
-            head.store.snapshot(snap_path, prune_keep=sorted(_kept_store_snapshots(run_dir) | {store_snapshot}))
-        else:
-            head.store.snapshot(snap_path)
+        head.store.snapshot(snap_path, prune_keep=sorted(_kept_store_snapshots(run_dir) | {store_snapshot}))
     state = {
         "step": step,
         "num_classes": num_classes,
@@ -198,9 +195,6 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, opti
     atomic_torch_save(state, path)
     if keep:
         atomic_torch_save(state, checkpoint_path(run_dir, step))
-    if store_snapshot is not None and not hasattr(head.store, "addresses"):
-        # after the checkpoint naming the new snapshot is on disk (a crash before keeps the old pair)
-        prune_run_snapshots(snap_path, _kept_store_snapshots(run_dir) | {store_snapshot})
     return path
 
 

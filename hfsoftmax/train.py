@@ -256,8 +256,7 @@ def identify(backbone: nn.Module, head: ClassifierHead, images: torch.Tensor, la
     classes, scored by the trained head (its rows pulled from the store for selective heads)."""
     from .eval.extract import extract_features
 
-    if hasattr(head, "flush"):
-        head.flush()                 # every push has landed
+    head.flush()                     # every push has landed
     feats = extract_features(backbone, images, batch_size=256, flip=True, device=device, progress=False)
     was_training = head.training
     head.eval()
@@ -373,7 +372,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt["optimizer"])
         precision.load_state_dict(ckpt.get("scaler") or {})
         start_step = int(ckpt["step"])
-        if ckpt.get("store_snapshot") and getattr(head, "store", None) is not None and info.is_main:
+        if ckpt.get("store_snapshot") and head.store is not None and info.is_main:
             head.store.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
         states = ckpt.get("rng")
         states = [states] if isinstance(states, dict) else states     # older checkpoints: rank 0's only
@@ -458,8 +457,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     if info.is_main:
         metrics.log(event="done", **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         metrics.close()
-    if hasattr(head, "close"):
-        head.close()
+    head.close()
     hdist.wait_for_main()          # rank 0's final evaluation may outlast the process group's timeout
     return result
 
@@ -490,9 +488,8 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         for g in optimizer.param_groups:
             g["lr"] = lr
         check_labels(labels, num_classes, step)        # on the host: no sync, no device-side assert
-        if hasattr(head, "begin_step"):
-            # the host labels: the selective head plans from them without waiting for the forward
-            head.begin_step(step, lr, grad_scale=precision.grad_scale(), labels=labels)
+        # the host labels: the selective head plans from them without waiting for the forward
+        head.begin_step(step, lr, grad_scale=precision.grad_scale(), labels=labels)
         images = normalize_images(images.to(device, non_blocking=True))   # uint8 from disk datasets
         with precision.autocast():
             loss = ddp_model(images, labels.to(device, non_blocking=True))
@@ -504,8 +501,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             precision.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         stepped = precision.step(optimizer)
-        if hasattr(head, "end_step"):
-            head.end_step(step, applied=stepped)       # W moves exactly when the backbone does
+        head.end_step(step, applied=stepped)           # W moves exactly when the backbone does
         loss_sum += loss.detach()
         n_since += 1
         seen += images.shape[0] * info.world_size
@@ -521,8 +517,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             if info.is_main:
                 rec = {"event": "train", "step": done, "loss": mean_loss, "lr": lr, "samples_per_s": rate,
                        "data_time_s": data_time, "elapsed_s": now - t_start}
-                if hasattr(head, "stats"):
-                    rec.update(head.stats())
+                rec.update(head.stats())
                 metrics.log(**rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}")
@@ -536,8 +531,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
                 metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
             hdist.wait_for_main()     # every rank; a long evaluation must not trip the 600 s collectives
         if is_ckpt:
-            if hasattr(head, "flush"):
-                head.flush()          # the snapshot must hold this step's update
+            head.flush()              # the snapshot must hold this step's update
             rngs = hdist.all_gather_object(rng_state(device))
             hdist.barrier()
             if info.is_main:
@@ -561,7 +555,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 # Errors that are the user's input, reported on one line without a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from paramserver.store import StoreError
+    from paramserver.api import StoreError
 
     from .data.recordio import RecordIOError
     return (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError, TimeoutError,

@@ -24,7 +24,8 @@ import numpy as np
 import zmq
 
 from paramserver.protocol import WIRE_DTYPES, ProtocolError, decode, encode, from_bf16, to_bf16
-from paramserver.store import BadRequestError, StaleStepError, StoreError, SyncTimeoutError, shard_ranges
+from paramserver.api import BadRequestError, StaleStepError, StoreError, SyncTimeoutError
+from paramserver.store import shard_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ _KIND_TO_EXC = {"bad_request": BadRequestError, "stale_step": StaleStepError, "s
 
 
 class RemoteStore:
-    """Client of S ``paramserver.py`` shards with the methods of :class:`paramserver.store.WeightStore`.
+    """Client of S ``paramserver.py`` shards: a :class:`paramserver.api.Store`, as
+    :class:`paramserver.store.WeightStore` is.
 
     Args:
         addresses: one ZeroMQ address per shard, in shard order (a single string is one shard).
@@ -333,10 +335,17 @@ class RemoteStore:
         c._dtype = self._dtype
         return c
 
+    @property
+    def name(self) -> str:
+        return ", ".join(self.addresses)
+
     def stats(self) -> dict:
-        """Summed rows/bytes/pushes/pulls over the shards, min step, and the per-shard dicts."""
+        """Summed rows/bytes/pushes/pulls over the shards, min step, the per-shard dicts, and the first
+        shard's class index stats as ``index`` (every shard rebuilds on the same steps)."""
         shards = [h["stats"] for h in self._all({"op": "stats"})]
         out: dict[str, Any] = {"step": min(s["step"] for s in shards), "shards": shards}
+        if isinstance(shards[0].get("index"), dict):
+            out["index"] = shards[0]["index"]
         for key in ("rows", "bytes", "pushes", "pulls", "rows_pushed", "rows_pulled"):
             out[key] = sum(s[key] for s in shards)
         return out

@@ -48,6 +48,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from paramserver.api import BadRequestError, IndexHook, StaleStepError, StoreError, SyncTimeoutError  # noqa: F401
 from paramserver.optim import Scratch, SGDConfig, sgd_update_indexed
 from paramserver.shm import alloc_shared, release_shared, shared_source
 
@@ -65,22 +66,6 @@ INIT_BLOCK_ROWS = 4096
 SNAPSHOT_FORMAT = "hfsoftmax-paramserver-snapshot"
 SNAPSHOT_VERSION = 1
 MATRICES = ("W", "momentum")
-
-
-class StoreError(Exception):
-    """Base class of the errors a store reports to its caller (and a server to its client)."""
-
-
-class BadRequestError(StoreError, ValueError):
-    """Malformed arguments: ids, shapes, dtypes, non-finite values, steps. Nothing was modified."""
-
-
-class StaleStepError(BadRequestError):
-    """A push for a step the store has already applied (or too far ahead)."""
-
-
-class SyncTimeoutError(StoreError, TimeoutError):
-    """A pull waited for a step longer than its timeout; the message names the missing clients."""
 
 
 def shard_ranges(num_classes: int, num_shards: int) -> list[tuple[int, int]]:
@@ -675,14 +660,10 @@ class WeightStore:
         # The index follows W; a failure there (e.g. a build process killed by the OOM killer) must
         # not lose the applied step or take the server down: logged, counted, the live index kept.
         try:
-            if self._index is not None and uniq.size:
-                changed = getattr(self._index, "rows_changed", None)
-                if changed is not None:
-                    changed(uniq + self._offset, self._W[uniq], self._step)  # a copy of the updated rows
             if self._index is not None:
-                rebuild = getattr(self._index, "maybe_rebuild", None)
-                if rebuild is not None:
-                    rebuild(self, self._step)
+                if uniq.size:
+                    self._index.rows_changed(uniq + self._offset, self._W[uniq], self._step)   # a copy of the rows
+                self._index.maybe_rebuild(self, self._step)
         except Exception as e:
             self._counts["index_errors"] += 1
             logger.error("step %d: index update failed (%s: %s); serving on with the live index",
@@ -715,18 +696,32 @@ class WeightStore:
         with self._cond:
             (self._W if matrix == "W" else self._M)[loc] = rows
             if matrix == "W" and self._index is not None and len(loc):
-                changed = getattr(self._index, "rows_changed", None)
-                if changed is not None:
-                    changed(loc + self._offset, np.array(rows), self._step)
+                self._index.rows_changed(loc + self._offset, np.array(rows), self._step)
 
     # ------------------------------------------------------------------ index hook
-    def attach_index(self, manager: Any) -> None:
-        """Attach a class index (``query(features, n)``, optional ``rows_changed``/``maybe_rebuild``)."""
+    def attach_index(self, manager: IndexHook) -> None:
+        """Attach a class index (:class:`paramserver.api.IndexHook`: an IndexManager)."""
         self._index = manager
 
     @property
-    def index(self) -> Any:
+    def index(self) -> Optional[IndexHook]:
         return self._index
+
+    @property
+    def name(self) -> str:
+        return "in-process store"
+
+    def register(self) -> None:
+        """Nothing to do in one process (the Store protocol's rejoin of a restarted client)."""
+
+    def clone(self) -> "WeightStore":
+        """This store itself: it is thread-safe, and a second thread needs no handle of its own."""
+        return self
+
+    def close(self) -> None:
+        """Stop the attached index's background builds (idempotent)."""
+        if self._index is not None:
+            self._index.close()
 
     def _new_rows(self, shared: bool) -> np.ndarray:
         """An uninitialised K x d matrix; ``shared``: in shared memory when this machine allows (see
@@ -745,10 +740,6 @@ class WeightStore:
         v = self._W.view()
         v.flags.writeable = False
         return v
-
-    def weights(self) -> np.ndarray:
-        """Alias of :meth:`rows_view` (the name index builders use). Row i is global id class_offset + i."""
-        return self.rows_view()
 
     def query(self, features: np.ndarray, n: int, labels: Optional[np.ndarray] = None, step: Optional[int] = None,
               timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -784,9 +775,11 @@ class WeightStore:
                 "init": self.init_desc, "files": {m: f"{m}.npy" for m in self._matrices()},
                 "created_unix": time.time()}
 
-    def snapshot(self, path: str, fsync: bool = False) -> dict:
+    def snapshot(self, path: str, prune_keep: Optional[Any] = None, fsync: bool = False) -> dict:
         """Write W, momentum and the manifest to directory ``path`` atomically; returns the manifest.
 
+        ``prune_keep``: then remove the older ``store_NNNNNNNN`` siblings of ``path`` but these names
+        and the newest older one (:func:`prune_run_snapshots`; a server does the same for its client).
         ``fsync`` also forces the data to disk (survives power loss, not only a killed process).
         """
         self.wait_rows()
@@ -826,6 +819,8 @@ class WeightStore:
             raise
         logger.info("snapshot of step %d written to %s (%.1f MB)", man["step"], path,
                     self._nbytes() / 1e6)
+        if prune_keep is not None:
+            prune_run_snapshots(path, {os.path.basename(path), *prune_keep}, keep_previous=True)
         return man
 
     def _matrices(self) -> dict:
@@ -873,7 +868,7 @@ class WeightStore:
         # The attached index was built over the old rows: drop it and rebuild over the restored ones
         # (in the background for a large W: restore answers at once; selection falls back to a
         # random fill until the new index is live; a build still running is retired).
-        if self._index is not None and hasattr(self._index, "reset"):
+        if self._index is not None:
             self._index.reset(self.rows_view(), self._step)
         return man
 
@@ -881,7 +876,7 @@ class WeightStore:
         """Set the attached index's minimum rebuild period T (adaptive allocation tunes it)."""
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise BadRequestError(f"set_rebuild_every: steps must be an integer >= 1, got {steps!r}")
-        if self._index is None or not hasattr(self._index, "rebuild_every"):
+        if self._index is None:
             raise BadRequestError("set_rebuild_every: no rebuilding class index is attached to this store")
         self._index.rebuild_every = int(steps)
 
@@ -925,4 +920,4 @@ class WeightStore:
                 "num_clients": self.num_clients, "pending_clients": len(self._pending.get(self._step, {})),
                 **self._counts, "pushes_per_s": self._counts["pushes"] / el,
                 "updates_per_s": self._counts["updates"] / el, "uptime_s": el,
-                **({"index": _finite_or_none(self._index.stats())} if hasattr(self._index, "stats") else {})}
+                **({"index": _finite_or_none(self._index.stats())} if self._index is not None else {})}

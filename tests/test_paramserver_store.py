@@ -361,6 +361,18 @@ class FakeIndex:
     def maybe_rebuild(self, store, step) -> None:
         self.rebuilds.append(step)
 
+    # the rest of paramserver.api.IndexHook: no rebuilds of its own
+    rebuild_every = 0
+
+    def reset(self, W, step) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self, timeout=None) -> None:
+        pass
+
 
 def test_index_hooks_and_query() -> None:
     store = WeightStore(20, 4, num_clients=1)

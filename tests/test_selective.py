@@ -347,3 +347,29 @@ def test_make_store_and_build_head_from_config() -> None:
     cfg.store.kind = "nfs"
     with pytest.raises(ValueError, match="unknown store.kind 'nfs'"):
         make_store(cfg, 40, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_a_late_background_push_uses_its_own_steps_lr() -> None:
+    """A pipelined push that leaves after the next step began (a slow reduce-scatter, a loaded
+    machine) carries its own step's lr, not the lr the training thread has moved on to (the flake of
+    test_multirank's 2-ranks-equal-1 test: with halving lrs, W came out halved)."""
+    import threading
+
+    K, d = 20, 4
+    stores = [WeightStore(K, d, momentum=0.0, weight_decay=0.0, seed=3) for _ in range(2)]
+    feats, labels = torch.randn(3, d, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 5, 7])
+    for store, pipelined in zip(stores, (True, False)):
+        head = SelectiveSoftmax(store, K, d, 6, index="random", pipeline=pipelined)
+        release = threading.Event()
+        if pipelined:
+            push_job = head._push_job
+            head._push_job = lambda *a: (release.wait(), push_job(*a))     # the push leaves late
+        head.begin_step(0, 0.5)
+        head(feats.clone().requires_grad_(), labels).backward()
+        head.end_step(0)
+        head.begin_step(1, 0.1)                   # the next step has begun (its lr) ...
+        release.set()                             # ... before step 0's push leaves
+        head.flush()
+        assert store.step == 1
+        head.close()
+    np.testing.assert_array_equal(stores[0].pull(np.arange(K)), stores[1].pull(np.arange(K)))

@@ -1,18 +1,25 @@
 """The one interface every classifier head follows.
 
-``loss = head(features, labels)`` trains; ``head.scores(features)`` / ``head.topk(features, k)``
-evaluate. ``scores`` returns a [B, K] tensor and is meant for small K; ``topk`` walks the classes in
+``loss = head(features, labels)`` trains, between ``begin_step`` and ``end_step`` (the train loop's
+calls; no-ops here, the selective head plans, pushes and waits in them); ``head.scores(features)`` /
+``head.topk(features, k)`` evaluate. ``scores`` returns a [B, K] tensor and is meant for small K; ``topk`` walks the classes in
 blocks of ``block_size`` so that a [B, K] tensor never exists at once, which is what large-K
 evaluation needs. Subclasses implement ``forward`` and ``scores_block``.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 
 class ClassifierHead(nn.Module):
-    """Base class: a loss over K classes on d-dim features."""
+    """Base class: a loss over K classes on d-dim features.
+
+    ``store``: where W lives when not in this module (a :class:`paramserver.api.Store`), else None."""
+
+    store: Any = None
 
     def __init__(self, num_classes: int, feature_dim: int) -> None:
         super().__init__()
@@ -51,6 +58,23 @@ class ClassifierHead(nn.Module):
                 best_v, sel = v.topk(min(k, v.shape[1]), dim=1)  # block_size < k: fewer so far
                 best_i = i.gather(1, sel)
         return best_v, best_i
+
+    # -- the train loop's step protocol (defaults for heads whose W is an ordinary parameter) -----
+    def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: torch.Tensor | None = None) -> None:
+        """Before the forward of ``step``: its lr, the fp16 loss scale, the host labels."""
+
+    def end_step(self, step: int, applied: bool = True) -> None:
+        """After the optimizer step; ``applied``: whether it ran (False: the fp16 scaler skipped it)."""
+
+    def flush(self) -> None:
+        """Wait until this head's updates of W have landed (before a snapshot or an evaluation)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the metrics log (num_active, CPK, ...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the head holds beyond its parameters (a store's sockets, workers)."""
 
     def check_features(self, features: torch.Tensor) -> None:
         if features.dim() != 2 or features.shape[1] != self.feature_dim:

@@ -96,6 +96,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from paramserver.api import BadRequestError, Store
+
 from ..config import ConfigError
 from .base import ClassifierHead
 from .collective import HeadComm
@@ -220,7 +222,7 @@ def resolve_token(token: str, token_file: str) -> Optional[str]:
     return os.environ.get("PARAMSERVER_TOKEN") or None
 
 
-def make_store(cfg: Any, num_classes: int, info: Any) -> Any:
+def make_store(cfg: Any, num_classes: int, info: Any) -> Store:
     """The parameter store of a selective head, from the full :class:`hfsoftmax.config.Config`.
 
     ``store.kind=local``: an in-process WeightStore with the optimizer of ``cfg.optim`` and, when the
@@ -334,7 +336,7 @@ class SelectiveSoftmax(ClassifierHead):
         comm: the head's collectives (default: a new :class:`HeadComm` when world_size > 1).
     """
 
-    def __init__(self, store: Any, num_classes: int, feature_dim: int, num_active: int, *, margin: str = "none",
+    def __init__(self, store: Store, num_classes: int, feature_dim: int, num_active: int, *, margin: str = "none",
                  scale: float = 64.0, margin_m: float = 0.35, index: str = "forest", candidates: int = 64,
                  cpk_every: int = 0, adaptive: bool = False, tau_cp: float = 0.9, m_min: int = 100,
                  m_max: int = 10000, rebuild_every: int = 100, seed: int = 0, rank: Optional[int] = None,
@@ -400,10 +402,9 @@ class SelectiveSoftmax(ClassifierHead):
         self.comm = comm if comm is not None else HeadComm(self.rank, self.world_size)
         self.pipeline = bool(pipeline)
         self._worker: Optional[Pusher] = None
-        self._push_store: Any = None
+        # A remote store serialises its calls: the worker gets its own handle (its own sockets).
+        self._push_store: Store = store.clone() if self.pipeline else store
         if self.pipeline:
-            # A remote store serialises its calls: the worker gets its own sockets.
-            self._push_store = store.clone() if hasattr(store, "clone") else None
             self._worker = Pusher(f"hfsoftmax-pusher-{self.rank}")
         self._job: Any = None                    # the push owed by end_step (not pipelined)
         self._grad_scale: Any = None             # fp16 loss scale of this step (begin_step)
@@ -416,7 +417,7 @@ class SelectiveSoftmax(ClassifierHead):
         self._grown = 0                          # training steps whose M grew to the unique labels
 
     @classmethod
-    def from_config(cls, cfg: Any, store: Any, num_classes: int, feature_dim: int, *, seed: int = 0,
+    def from_config(cls, cfg: Any, store: Store, num_classes: int, feature_dim: int, *, seed: int = 0,
                     rank: Optional[int] = None, world_size: Optional[int] = None,
                     pipeline: bool = False) -> "SelectiveSoftmax":
         """From a :class:`hfsoftmax.config.HeadConfig` (``name`` hf or random). M is capped at K."""
@@ -431,12 +432,8 @@ class SelectiveSoftmax(ClassifierHead):
                    pipeline=pipeline)
 
     # -- step protocol ------------------------------------------------------------------------
-    def _server_name(self) -> str:
-        addrs = getattr(self.store, "addresses", None)
-        return ", ".join(addrs) if addrs else "in-process store"
-
     def _lost(self, what: str, err: BaseException) -> ParamServerLostError:
-        return ParamServerLostError(f"parameter server {self._server_name()} lost during {what} at step "
+        return ParamServerLostError(f"parameter server {self.store.name} lost during {what} at step "
                                     f"{self._train_step}: {err}")
 
     def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: Optional[torch.Tensor] = None) -> None:
@@ -493,11 +490,14 @@ class SelectiveSoftmax(ClassifierHead):
             raise RuntimeError("SelectiveSoftmax: call head.begin_step(step, lr) before a training forward")
         return self._train_step + self._offset
 
-    def _push(self, ids: np.ndarray, grads: np.ndarray, step: Optional[int] = None, store: Any = None) -> None:
-        """Push this rank's row gradients for store step ``step`` (default: the current one)."""
+    def _push(self, ids: np.ndarray, grads: np.ndarray, step: Optional[int] = None, store: Optional[Store] = None,
+              lr: Optional[float] = None) -> None:
+        """Push this rank's row gradients for store step ``step`` with that step's ``lr`` (default: the
+        current step and lr). A background push passes both: by the time it runs, the training thread
+        may have begun the next step, whose lr differs."""
         try:
-            (store or self.store).push(ids, grads, self.store_step if step is None else step, self._lr,
-                                       client_id=self.rank)
+            (store or self.store).push(ids, grads, self.store_step if step is None else step,
+                                       self._lr if lr is None else lr, client_id=self.rank)
         except _LOST as e:
             raise self._lost("push", e) from None
 
@@ -649,7 +649,7 @@ class SelectiveSoftmax(ClassifierHead):
             self._wait_s += wait
             self._wait_steps += 1
             Wa.requires_grad_(True)
-            my_ids, store_dtype, lr_scale, gate = active[part], mine.dtype, self._grad_scale, self._gate
+            my_ids, store_dtype, lr_scale, gate, lr = active[part], mine.dtype, self._grad_scale, self._gate, self._lr
 
             def grad_hook(grad: torch.Tensor) -> None:
                 # grad [M, d]: this rank's mean-loss gradient. Only launches work: the reduce-scatter
@@ -669,8 +669,8 @@ class SelectiveSoftmax(ClassifierHead):
                 if slice_sum.is_cuda:
                     work, event, slice_sum, flags = self._grad_to_host(work, slice_sum, flags)
                 self._pushed = True
-                job = functools.partial(self._push_job, work, event, slice_sum, flags, my_ids, step, store_dtype,
-                                        gate)
+                job = functools.partial(self._push_job, work, event, slice_sum, flags, my_ids, step, lr,
+                                        store_dtype, gate)
                 if self._worker is not None:
                     self._worker.submit(job)
                 else:
@@ -709,7 +709,7 @@ class SelectiveSoftmax(ClassifierHead):
         return None, event, host, host_flags
 
     def _push_job(self, work: Any, event: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray,
-                  step: int, store_dtype: np.dtype, gate: Optional["StepGate"] = None) -> None:
+                  step: int, lr: float, store_dtype: np.dtype, gate: Optional["StepGate"] = None) -> None:
         """Wait for the gradient (a CUDA event of :meth:`_grad_to_host`, or a gloo reduce-scatter), then
         push this rank's slice of the summed gradient; or an empty update when any rank's gradient
         was not finite, or when the fp16 scaler skipped the optimizer step (``gate``)."""
@@ -719,17 +719,18 @@ class SelectiveSoftmax(ClassifierHead):
             work.wait()
         finite = float(flags.item()) == 0
         applied = gate.wait() if gate is not None else True
-        store = self._push_store or self.store
+        store = self._push_store
         if not (finite and applied):
             if not finite:
                 logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not "
                                "updated this step", step)
             else:
                 logger.debug("step %s: the fp16 scaler skipped the optimizer step; W is not updated either", step)
-            self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store)
+            self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store,
+                       lr)
             return
         g = np.ascontiguousarray(slice_sum.numpy().astype(store_dtype, copy=False))
-        self._push(ids, g, step, store)
+        self._push(ids, g, step, store, lr)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int, step: Optional[int] = None) -> torch.Tensor:
         """Scores [B, end - start] of classes [start, end) (eval logits, no margin), rows pulled now
@@ -879,18 +880,10 @@ class SelectiveSoftmax(ClassifierHead):
             self._adapt_rebuild_period(mass)
 
     def _index_stats(self) -> dict[str, Any]:
-        idx = getattr(self.store, "index", None)
-        if idx is not None and hasattr(idx, "stats"):
-            return dict(idx.stats())
-        if hasattr(self.store, "addresses"):
-            try:
-                st = self.store.stats()
-            except _LOST as e:
-                raise self._lost("stats", e) from None
-            for src in [st] + list(st.get("shards", []))[:1]:
-                if isinstance(src.get("index"), dict):
-                    return dict(src["index"])
-        return {}
+        try:
+            return dict(self.store.stats().get("index") or {})
+        except _LOST as e:
+            raise self._lost("stats", e) from None
 
     def _adapt_rebuild_period(self, cpk_active: float) -> None:
         builds = self._index_stats().get("builds")
@@ -915,15 +908,14 @@ class SelectiveSoftmax(ClassifierHead):
         self._period_builds, self._period_first, self._period_last = builds, cpk_active, cpk_active
 
     def _apply_rebuild_every(self) -> None:
-        idx = getattr(self.store, "index", None)
-        if idx is not None and hasattr(idx, "rebuild_every"):
-            idx.rebuild_every = self.rebuild_every
-        elif hasattr(self.store, "set_rebuild_every"):
+        try:
             self.store.set_rebuild_every(self.rebuild_every)
-        elif not self._warned_remote_t:
-            logger.warning("the store has no set_rebuild_every: the adapted T=%d is logged but not applied",
-                           self.rebuild_every)
-            self._warned_remote_t = True
+        except BadRequestError as e:           # no class index attached: T is tracked and logged only
+            if not self._warned_remote_t:
+                logger.warning("the adapted T=%d is logged but not applied: %s", self.rebuild_every, e)
+                self._warned_remote_t = True
+        except _LOST as e:
+            raise self._lost("set_rebuild_every", e) from None
 
     # -- bookkeeping --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -952,20 +944,15 @@ class SelectiveSoftmax(ClassifierHead):
             self._apply_rebuild_every()
 
     def close(self) -> None:
-        """Finish the pushes in flight; stop the local index's background builds; close sockets."""
+        """Finish the pushes in flight; close the store (sockets, index builds) and the worker's handle."""
         if self._gate is not None and not self._gate.is_set():
             self._gate.set(False)            # a step that never reached end_step (an error) is not applied
         if self._worker is not None:
             self._worker.close()
             self._worker = None
-        if self._push_store is not None:
+        if self._push_store is not self.store:
             self._push_store.close()
-            self._push_store = None
-        idx = getattr(self.store, "index", None)
-        if idx is not None and hasattr(idx, "close"):
-            idx.close()
-        if hasattr(self.store, "addresses") and hasattr(self.store, "close"):
-            self.store.close()
+        self.store.close()
 
     def extra_repr(self) -> str:
         return (f"K={self.num_classes}, d={self.feature_dim}, M={self.num_active}, margin={self.rule.kind}, "
