@@ -24,6 +24,12 @@ from typing import Any
 
 import yaml
 
+from paramserver.open import IndexSpec, StoreSpec, defaults
+
+# The store's and its index's defaults are declared once, in paramserver/open.py; the config's
+# matching keys take theirs from there, so the trainer and the server's flags cannot disagree.
+_STORE, _INDEX = defaults(StoreSpec), defaults(IndexSpec)
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
@@ -85,14 +91,14 @@ class HeadConfig:
     num_active: int = 1000         # M
     index: str = "auto"            # auto (forest below 100K classes, graph above) | forest | ivf | graph | hnsw | exact | random
     candidates: int = 64           # nearest classes asked of the index per sample
-    rebuild_every: int = 100       # T (a minimum period: builds never queue)
-    deterministic: str = "auto"    # index swaps at multiples of T from a copy of W (bitwise reruns; clients wait for a
+    rebuild_every: int = _INDEX["rebuild_every"]   # T (a minimum period: builds never queue)
+    deterministic: str = _INDEX["deterministic"]   # index swaps at multiples of T from a copy of W (bitwise reruns; clients wait for a
                                    # late build): auto = on up to 64 MiB of W, on, off (builds go live when done)
-    ntrees: int = 50
-    search_k: int = -1
-    nlist: int = 0                 # IVF lists; 0 -> about sqrt(K)
-    nprobe: int = 8                # IVF lists probed per feature (graph: per cold sample)
-    degree: int = 32               # graph index: neighbours kept per class
+    ntrees: int = _INDEX["ntrees"]
+    search_k: int = _INDEX["search_k"]
+    nlist: int = _INDEX["nlist"]   # IVF lists; 0 -> about sqrt(K)
+    nprobe: int = _INDEX["nprobe"]  # IVF lists probed per feature (graph: per cold sample)
+    degree: int = _INDEX["degree"]  # graph index: neighbours kept per class
     cpk_every: int = 0             # P: log CPK(M) on a probe batch every P steps (0 = off)
     cpk_sample: int = 200_000      # classes a CPK probe scores: all K up to this, else the active set + a uniform sample
     adaptive: bool = False         # adaptive allocation of M and T from CPK
@@ -106,12 +112,12 @@ class HeadConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    momentum: float = _STORE["momentum"]          # the backbone's SGD and the store's
+    weight_decay: float = _STORE["weight_decay"]
+    nesterov: bool = _STORE["nesterov"]
     # Selective heads' classifier rows in the store: "unrolled" (each touch applies the whole momentum
     # series lr/(1-m) at once) or "lazy" (torch.optim.SGD on the touched rows). See paramserver/optim.py.
-    sparse_momentum: str = "unrolled"
+    sparse_momentum: str = _STORE["sparse_momentum"]
     schedule: str = "cosine"       # constant | step | cosine
     warmup_steps: int = 0
     milestones: list[int] = field(default_factory=list)   # step schedule: steps where lr *= gamma

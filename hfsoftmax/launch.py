@@ -23,25 +23,11 @@ def num_classes_of(cfg: Config) -> int:
 
 
 def server_args(cfg: Config, num_clients: int) -> list[str]:
-    from .heads.margin import index_metric
-    from .heads.selective import head_index_name, head_queries
+    """paramserver.py's flags for the store and index this run would open in-process (the same specs)."""
+    from .heads.selective import index_spec, store_spec
 
-    h = cfg.head
     num_classes = num_classes_of(cfg)
-    index = head_index_name(h, num_classes) if head_queries(h, num_classes) else "none"
-    metric = index_metric(h.margin)
-    args = ["--num-classes", str(num_classes), "--dim", str(cfg.model.feature_dim),
-            "--num-clients", str(num_clients), "--seed", str(cfg.train.seed),
-            "--momentum", str(cfg.optim.momentum), "--weight-decay", str(cfg.optim.weight_decay),
-            "--sparse-momentum", cfg.optim.sparse_momentum,
-            "--index", index, "--metric", metric, "--rebuild-every", str(h.rebuild_every),
-            "--deterministic", h.deterministic]
-    if cfg.optim.nesterov:
-        args.append("--nesterov")
-    if index != "none":
-        from paramserver.index import index_cli_args
-        args += index_cli_args(index, h)
-    return args
+    return store_spec(cfg, num_classes, num_clients).cli_args() + index_spec(cfg.head, num_classes).cli_args()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,14 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import signal  # noqa: E402
-import threading  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
+from paramserver.open import INDEX_NAMES, IndexSpec, StoreSpec, defaults, open_store  # noqa: E402
 from paramserver.server import ParamServer, read_token_file, resolve_snapshot  # noqa: E402
-from paramserver.store import WeightStore, shard_ranges  # noqa: E402
+from paramserver.store import WeightStore  # noqa: E402
+
+STORE, INDEX = defaults(StoreSpec), defaults(IndexSpec)     # the one place defaults are declared
 
 logger = logging.getLogger("paramserver")
 
@@ -51,22 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZeroMQ address; port 0 or * picks a free one; non-loopback needs --token")
     p.add_argument("--num-classes", type=int, help="K of the whole matrix (not needed with --restore)")
     p.add_argument("--dim", type=int, help="feature dimension d (not needed with --restore)")
-    p.add_argument("--num-clients", type=int, default=1, help="R: clients whose pushes make one synchronous step")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="serve shard i of S (ids split by range)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--init", default="normal", choices=["normal", "uniform", "zeros"])
-    p.add_argument("--init-std", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--num-clients", type=int, default=STORE["num_clients"], help="R: clients whose pushes make one synchronous step")
+    p.add_argument("--shard", type=parse_shard, default=STORE["shard"], help="serve shard i of S (ids split by range)")
+    p.add_argument("--dtype", default=STORE["dtype"], choices=["float32", "float64"])
+    p.add_argument("--init", default=STORE["init"], choices=["normal", "uniform", "zeros"])
+    p.add_argument("--init-std", type=float, default=STORE["init_std"])
+    p.add_argument("--seed", type=int, default=STORE["seed"])
+    p.add_argument("--momentum", type=float, default=STORE["momentum"])
+    p.add_argument("--weight-decay", type=float, default=STORE["weight_decay"])
     p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--sparse-momentum", default="unrolled", choices=["lazy", "unrolled"],
+    p.add_argument("--sparse-momentum", default=STORE["sparse_momentum"], choices=["lazy", "unrolled"],
                    help="momentum of rows touched on few steps: unrolled = each push moves its rows by the "
                         "whole series lr/(1-m) at once (default; see paramserver/optim.py), lazy = torch.optim.SGD "
                         "on the touched rows")
     p.add_argument("--exact-rounding", action="store_true",
                    help="round like torch's fused CPU kernels (bit-identical to torch.optim.SGD, slower)")
-    p.add_argument("--sync-timeout", type=float, default=60.0, help="longest wait of a pull for its step (s)")
+    p.add_argument("--sync-timeout", type=float, default=STORE["sync_timeout"], help="longest wait of a pull for its step (s)")
     p.add_argument("--snapshot-dir", help="directory of step-NNNNNNNNN snapshots (+ 'latest')")
     p.add_argument("--snapshot-every", type=int, default=0, help="snapshot every N applied steps (0: never)")
     p.add_argument("--no-final-snapshot", action="store_true", help="no snapshot on SIGINT/SIGTERM/shutdown")
@@ -77,21 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None, help="file (mode 0600) holding the shared secret")
     p.add_argument("--max-message-mb", type=int, default=2048,
                    help="largest request accepted and reply sent, in MiB (a bigger pull is refused by name)")
-    p.add_argument("--index", default="none", choices=["none", "exact", "forest", "hnsw", "ivf", "graph", "random"],
+    p.add_argument("--index", default=INDEX["name"], choices=list(INDEX_NAMES),
                    help="class index for HF-softmax's query op (paramserver/index/), built over this "
                         "shard's rows at start and rebuilt in the background; none: no query op")
-    p.add_argument("--metric", default="angular", choices=["angular", "dot"],
+    p.add_argument("--metric", default=INDEX["metric"], choices=["angular", "dot"],
                    help="index metric: angular for CosFace/ArcFace heads, dot for a plain linear head")
-    p.add_argument("--rebuild-every", type=int, default=100, help="T: minimum applied steps between index builds")
-    p.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--rebuild-every", type=int, default=INDEX["rebuild_every"], help="T: minimum applied steps between index builds")
+    p.add_argument("--deterministic", default=INDEX["deterministic"], choices=["auto", "on", "off"],
                    help="index swaps at multiples of T from a copy of W taken at the build's start (bitwise "
                         "reproducible runs; every client waits for a build that outlasts T steps); auto: on "
                         "up to 64 MiB of W; off: builds go live when done")
-    p.add_argument("--ntrees", type=int, default=50, help="forest: Annoy trees")
-    p.add_argument("--search-k", type=int, default=-1, help="forest: Annoy search_k (-1: ntrees * n)")
-    p.add_argument("--nlist", type=int, default=0, help="ivf, graph: k-means lists (0: about sqrt(rows))")
-    p.add_argument("--degree", type=int, default=32, help="graph: neighbours kept per class")
-    p.add_argument("--nprobe", type=int, default=8,
+    p.add_argument("--ntrees", type=int, default=INDEX["ntrees"], help="forest: Annoy trees")
+    p.add_argument("--search-k", type=int, default=INDEX["search_k"], help="forest: Annoy search_k (-1: ntrees * n)")
+    p.add_argument("--nlist", type=int, default=INDEX["nlist"], help="ivf, graph: k-means lists (0: about sqrt(rows))")
+    p.add_argument("--degree", type=int, default=INDEX["degree"], help="graph: neighbours kept per class")
+    p.add_argument("--nprobe", type=int, default=INDEX["nprobe"],
                    help="ivf: lists probed per query; graph: per sample whose label row is still cold")
     p.add_argument("--ready-file", help="write the bound address here (atomically) once listening")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between throughput lines")
@@ -99,67 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_store(args: argparse.Namespace) -> WeightStore:
-    i, s = args.shard
-    if args.restore:
-        path = resolve_snapshot(args.restore)
-        store = WeightStore.from_snapshot(path, num_clients=args.num_clients, sync_timeout=args.sync_timeout,
-                                          shared_rows=args.index != "none")
-        K = store.total_classes
-        lo, hi = shard_ranges(K, s)[i]
-        if store.class_range != (lo, hi):
-            raise SystemExit(f"--restore {path}: holds classes {store.class_range}, shard {i}/{s} of K={K} is {(lo, hi)}")
-        for name, val, have in (("--num-classes", args.num_classes, K), ("--dim", args.dim, store.dim)):
-            if val is not None and val != have:
-                raise SystemExit(f"--restore {path}: snapshot has {name[2:]}={have}, command line says {name} {val}")
-        asked = {"momentum": args.momentum, "weight_decay": args.weight_decay, "nesterov": args.nesterov,
-                 "sparse_momentum": args.sparse_momentum}
-        have = store.opt.to_dict()
-        differ = {k: (have[k], v) for k, v in asked.items() if have[k] != v}
-        if differ:  # the snapshot's optimizer wins (its momentum matrix was made by it)
-            logger.warning("--restore %s: the snapshot's optimizer is used; it differs from the command line in %s "
-                        "(snapshot, command line)", path, differ)
-        return store
-    if args.num_classes is None or args.dim is None:
+def specs(args: argparse.Namespace) -> tuple[StoreSpec, IndexSpec]:
+    """The command line as the specs every store is opened from (paramserver/open.py)."""
+    store = StoreSpec(**{f: getattr(args, f) for f in STORE if f not in ("num_classes", "dim")},
+                      num_classes=args.num_classes or 0, dim=args.dim or 0)
+    index = IndexSpec(**{f: getattr(args, f) for f in INDEX if f != "name"}, name=args.index)
+    return store, index
+
+
+def open_from_args(args: argparse.Namespace) -> WeightStore:
+    """The shard's store with its index attached (first build started), as ``main`` serves it; bad
+    input is a one-line SystemExit naming the flag or the snapshot."""
+    store_spec, index_spec = specs(args)
+    if not args.restore and (args.num_classes is None or args.dim is None):
         raise SystemExit("--num-classes and --dim are required unless --restore is given")
-    lo, hi = shard_ranges(args.num_classes, s)[i]
-    # defer_init: the server binds and answers at once while the rows are drawn (parked meanwhile);
-    # shared_rows: W in shared memory, so an index build in a child process maps it (paramserver/shm.py)
-    return WeightStore(hi - lo, args.dim, dtype=args.dtype, init=args.init, init_std=args.init_std, seed=args.seed,
-                       momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-                       exact_rounding=args.exact_rounding, sparse_momentum=args.sparse_momentum,
-                       num_clients=args.num_clients,
-                       sync_timeout=args.sync_timeout, class_offset=lo, total_classes=args.num_classes,
-                       init_threads=os.cpu_count() or 1, defer_init=True, shared_rows=args.index != "none")
-
-
-def attach_index(store: WeightStore, args: argparse.Namespace) -> None:
-    """Attach an IndexManager for ``--index`` to the shard's store and start its first build
-    (synchronous only for a small W; the server binds and answers meanwhile, with a random fill)."""
-    if args.index == "none":
-        return
-    from paramserver.index import IndexManager, index_options, make_index
-    from paramserver.index.manager import DETERMINISTIC_MODES
-
-    opts = index_options(args.index, args)
-    lo, _ = store.class_range
-
-    def factory():  # type: ignore[no-untyped-def]
-        return make_index(args.index, store.dim, args.metric, class_offset=lo, seed=args.seed, **opts)
-
     try:
-        factory()  # bad options fail here, with the option named
-        manager = IndexManager(factory, rebuild_every=args.rebuild_every, background=True,
-                               deterministic=DETERMINISTIC_MODES[args.deterministic])
+        # defer_init: the server binds and answers at once while the rows are drawn (parked meanwhile)
+        return open_store(store_spec, index_spec, restore=resolve_snapshot(args.restore) if args.restore else None,
+                          defer_init=True, init_threads=os.cpu_count() or 1)
     except ValueError as e:
-        raise SystemExit(f"--index {args.index}: {e}") from None
-    store.attach_index(manager)
-    if store.rows_ready:
-        manager.start(store.rows_view(), step=store.step)   # in the background for a large W: the server answers at once
-    else:   # the first build starts once the deferred init has drawn the rows
-        threading.Thread(target=lambda: (store.wait_rows(math.inf), manager.start(store.rows_view(), step=store.step)),
-                         name="index-first-build", daemon=True).start()
-    logger.info("index %s (%s) attached, rebuilt every >= %d steps", args.index, args.metric, args.rebuild_every)
+        raise SystemExit(f"--{'restore' if args.restore else 'index ' + args.index}: {e}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -174,8 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             or os.environ.get("PARAMSERVER_TOKEN") or None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    store = make_store(args)
-    attach_index(store, args)
+    store = open_from_args(args)
     server = ParamServer(store, bind=args.bind, token=token, snapshot_dir=args.snapshot_dir,
                          snapshot_every=args.snapshot_every, final_snapshot=not args.no_final_snapshot,
                          log_every=args.log_every, shard=args.shard, max_message_bytes=args.max_message_mb << 20)

@@ -76,12 +76,11 @@ def thread_server(*args: str) -> Iterator[str]:
     address; always stopped."""
     import threading
 
-    from paramserver.paramserver import attach_index, build_parser, make_store
+    from paramserver.paramserver import build_parser, open_from_args
     from paramserver.server import ParamServer
 
     ns = build_parser().parse_args(["--bind", "tcp://127.0.0.1:0", "--log-every", "0", *args])
-    store = make_store(ns)
-    attach_index(store, ns)
+    store = open_from_args(ns)
     server = ParamServer(store, bind=ns.bind, log_every=0)
     address = server.bind()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -91,6 +90,4 @@ def thread_server(*args: str) -> Iterator[str]:
     finally:
         server.stop()
         thread.join(timeout=10)
-        index = store.index
-        if index is not None and hasattr(index, "close"):
-            index.close()
+        store.close()

@@ -15,7 +15,7 @@ import torch
 from hfsoftmax.config import Config
 from hfsoftmax.dist import DistInfo
 from hfsoftmax.heads import FullSoftmax, build_head
-from hfsoftmax.heads.selective import (SelectiveSoftmax, choose_num_active, make_index_manager, make_store,
+from hfsoftmax.heads.selective import (SelectiveSoftmax, choose_num_active, index_spec, make_store,
                                        next_rebuild_period)
 from paramserver.index import IndexManager, make_index
 from paramserver.store import WeightStore
@@ -335,15 +335,14 @@ def test_make_store_and_build_head_from_config() -> None:
     # head.deterministic reaches both the embedded manager and the server's flags
     for mode, want in (("auto", None), ("on", True), ("off", False)):
         cfg.head.deterministic = mode
-        assert make_index_manager(cfg.head, 40, 8).deterministic is want
+        assert index_spec(cfg.head, 40).manager(8).deterministic is want
         args = server_args(cfg, 1)
         assert args[args.index("--deterministic") + 1] == mode
     cfg.head.deterministic = "auto"
     cfg.head.name, cfg.head.index, cfg.head.nlist = "random", "ivf", 0
-    mgr = make_index_manager(cfg.head, 40, 8)
-    assert mgr.factory().name == "random"
+    assert index_spec(cfg.head, 40).name == "none"          # the random head never queries: no index
     cfg.head.name, cfg.head.margin = "hf", "none"
-    assert make_index_manager(cfg.head, 40, 8).factory().metric == "dot"
+    assert index_spec(cfg.head, 40).manager(8).factory().metric == "dot"
     cfg.store.kind = "nfs"
     with pytest.raises(ValueError, match="unknown store.kind 'nfs'"):
         make_store(cfg, 40, DistInfo(0, 1, 0, torch.device("cpu")))

@@ -97,6 +97,7 @@ import torch
 import torch.nn.functional as F
 
 from paramserver.api import BadRequestError, Store
+from paramserver.open import IndexSpec, StoreSpec, open_store
 
 from ..config import ConfigError
 from .base import ClassifierHead
@@ -194,21 +195,24 @@ def head_queries(head_cfg: Any, num_classes: int) -> bool:
             and (bool(head_cfg.adaptive) or int(head_cfg.num_active) < num_classes))
 
 
-def make_index_manager(head_cfg: Any, num_classes: int, dim: int, seed: int = 0, background: bool = True) -> Any:
-    """An IndexManager over a K x d store for this head config (built by the caller)."""
-    from paramserver.index import IndexManager, index_options, make_index
-    from paramserver.index.manager import DETERMINISTIC_MODES
+def index_spec(head_cfg: Any, num_classes: int) -> IndexSpec:
+    """The class index of a head's store, from its :class:`hfsoftmax.config.HeadConfig` ("none" for a
+    head that never queries)."""
+    if not head_queries(head_cfg, num_classes):
+        return IndexSpec(name="none")
+    return IndexSpec(name=head_index_name(head_cfg, num_classes), metric=index_metric(head_cfg.margin),
+                     rebuild_every=int(head_cfg.rebuild_every), deterministic=head_cfg.deterministic,
+                     ntrees=int(head_cfg.ntrees), search_k=int(head_cfg.search_k), nlist=int(head_cfg.nlist),
+                     nprobe=int(head_cfg.nprobe), degree=int(head_cfg.degree))
 
-    name = head_index_name(head_cfg, num_classes)
-    metric = index_metric(head_cfg.margin)
-    opts = index_options(name, head_cfg)
 
-    def factory() -> Any:
-        return make_index(name, dim, metric, class_offset=0, seed=seed, **opts)
-
-    factory()  # fail now on a bad name or option, not at the first build
-    return IndexManager(factory, rebuild_every=int(head_cfg.rebuild_every), background=background,
-                        deterministic=DETERMINISTIC_MODES[head_cfg.deterministic])
+def store_spec(cfg: Any, num_classes: int, num_clients: int = 1) -> StoreSpec:
+    """The store of a run (K x ``model.feature_dim``, ``optim.*``'s SGD rule, seeded by ``train.seed``)."""
+    o = cfg.optim
+    return StoreSpec(num_classes=int(num_classes), dim=int(cfg.model.feature_dim), seed=int(cfg.train.seed),
+                     momentum=float(o.momentum), weight_decay=float(o.weight_decay), nesterov=bool(o.nesterov),
+                     sparse_momentum=o.sparse_momentum, num_clients=int(num_clients),
+                     sync_timeout=float(cfg.store.timeout))
 
 
 def resolve_token(token: str, token_file: str) -> Optional[str]:
@@ -249,17 +253,10 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Store:
             raise ConfigError(f"store.kind=local keeps W inside one process, but this run has world_size="
                              f"{info.world_size} ranks: start a parameter server (paramserver/paramserver.py "
                              f"--num-clients {info.world_size}) and use store.kind=remote store.address=tcp://...")
-        from paramserver.store import WeightStore
-
-        store = WeightStore(num_classes, d, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                            nesterov=cfg.optim.nesterov, sparse_momentum=cfg.optim.sparse_momentum,
-                            num_clients=1, seed=cfg.train.seed,
-                            sync_timeout=float(cfg.store.timeout))
-        if head_queries(cfg.head, num_classes):
-            manager = make_index_manager(cfg.head, num_classes, d, seed=cfg.train.seed)
-            manager.start(store.rows_view(), step=0)
-            store.attach_index(manager)
-        return store
+        try:
+            return open_store(store_spec(cfg, num_classes), index_spec(cfg.head, num_classes))
+        except ValueError as e:   # an index option the index refuses: name it
+            raise ConfigError(f"head: {e}") from None
     if kind == "remote":
         from paramserver.client import RemoteStore
 
@@ -277,8 +274,7 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Store:
         except _LOST as e:
             raise ParamServerLostError(f"parameter server {cfg.store.address} did not answer: {e}") from None
         infos = store.info()
-        want = {"momentum": float(cfg.optim.momentum), "weight_decay": float(cfg.optim.weight_decay),
-                "nesterov": bool(cfg.optim.nesterov), "sparse_momentum": cfg.optim.sparse_momentum}
+        want = store_spec(cfg, num_classes).optimizer()
         for a, inf in zip(addresses, infos):
             have = inf.get("optimizer") or {}
             differ = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
