@@ -26,7 +26,9 @@ compare it with, all behind one interface (`ClassIndex.build(W)`, `ClassIndex.qu
 
 `IndexManager` owns the live index of one store shard: it rebuilds in a background thread (Annoy's
 build, hnswlib's add and all faiss calls release the GIL), never queues builds, swaps the new index
-in atomically, and reports build time, achieved rebuild period and staleness.
+in atomically (each build an explicit record: building -> ready -> live), and reports build time,
+achieved rebuild period and staleness. Builds whose loops hold the GIL (the forest's, the graph's)
+run in a spawned child (`spawn.ChildBuild`), which maps W from shared memory when it lives there.
 
 `select_active` turns per-feature candidates into exactly M unique active class ids (labels first)
 and remaps the labels into 0..M-1.

@@ -7,23 +7,20 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from .base import ClassIndex, _sort_desc
+from .spawn import run_in_child
 
 
-def _annoy_build_worker(w_path: str, out_path: str, dim: int, metric: str, ntrees: int, seed: int,
-                        n_jobs: int, nice: int) -> None:
-    """Subprocess body of HashingForest.build: rows from an .npy file -> Annoy index file."""
+def _annoy_build_worker(W: np.ndarray, workdir: str, dim: int, metric: str, ntrees: int, seed: int,
+                        n_jobs: int) -> None:
+    """Child body of HashingForest.build (spawn.py): the rows W (mapped) -> ``workdir/forest.ann``."""
     import annoy
 
-    if nice and hasattr(os, "nice"):
-        os.nice(nice)
-
-    W = np.load(w_path, mmap_mode="r")
     index = annoy.AnnoyIndex(dim, metric)
     index.set_seed(seed)
     for i in range(W.shape[0]):
         index.add_item(i, W[i])
     index.build(ntrees, n_jobs=n_jobs)
-    index.save(out_path)
+    index.save(os.path.join(workdir, "forest.ann"))
 
 
 class HashingForest(ClassIndex):
@@ -34,8 +31,9 @@ class HashingForest(ClassIndex):
 
     Annoy has no bulk add: one Python call per row (~31 s at 1M x 512), holding the GIL, which in a
     background thread stalls the trainer's thread at every GIL hand-off. With subprocess=True
-    (default) the build runs in a spawned process: the rows go to a temp .npy, the child adds and
-    builds and saves, and the parent memory-maps the saved index (Annoy's load is an mmap).
+    the build runs in a spawned process (spawn.py: the child maps the store's rows when they are in
+    shared memory, else reads a temp .npy), adds and builds and saves, and the parent memory-maps
+    the saved index (Annoy's load is an mmap).
     subprocess=None (default) picks the subprocess only from ``SUBPROCESS_MIN_ROWS`` rows on: below
     that the add loop takes milliseconds and starting a Python process would cost far more.
     """
@@ -73,36 +71,16 @@ class HashingForest(ClassIndex):
         self.num_classes = W.shape[0]
 
     def _build_in_subprocess(self, W: np.ndarray, n_jobs: int) -> Any:
-        import multiprocessing
-        import shutil
-        import tempfile
-
         import annoy
 
-        tmp = tempfile.mkdtemp(prefix="hf_forest_")
-        try:
-            w_path, out_path = os.path.join(tmp, "W.npy"), os.path.join(tmp, "forest.ann")
-            np.save(w_path, W)
-            # spawn, not fork: the parent has threads (trainer, ZeroMQ, OpenMP) that fork would copy
-            # mid-lock.
-            proc = multiprocessing.get_context("spawn").Process(
-                target=_annoy_build_worker, name="hf-forest-build",
-                args=(w_path, out_path, self.dim, self.metric, self.ntrees, self.seed, n_jobs,
-                      self.build_nice))
-            proc.start()
-            while proc.is_alive():  # join releases the GIL; a cancel kills the child
-                proc.join(0.2)
-                if self._cancel.is_set():
-                    proc.kill()
-                    proc.join()
-                    self._check_cancel()
-            if proc.exitcode != 0:
-                raise RuntimeError(f"forest build subprocess failed with exit code {proc.exitcode}")
+        def load(workdir: str) -> Any:
             index = annoy.AnnoyIndex(self.dim, self.metric)
-            index.load(out_path)  # mmap; the mapping outlives the file's unlink below
+            index.load(os.path.join(workdir, "forest.ann"))  # mmap; the mapping outlives the file's removal
             return index
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        return run_in_child(self.name, _annoy_build_worker, W,
+                            (self.dim, self.metric, self.ntrees, self.seed, n_jobs),
+                            load=load, nice=self.build_nice, cancel=self._cancel)
 
     def query(self, F: np.ndarray, n: int, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         F = self._check_query(F, n)

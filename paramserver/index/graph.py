@@ -1,19 +1,19 @@
 """GraphIndex: each class's nearest classes, scored against the feature of a sample of that label."""
 from __future__ import annotations
 
-import atexit
+import contextlib
 import math
 import os
-import shutil
 import threading
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
 from .base import (_EPS, HNSW_LISTS, ClassIndex, _default_nlist, _faiss_threads, _normalize_rows, _sort_desc,
                    kmeans_centroids)
-from ..shm import open_shared, shared_source
+from ..shm import shared_source
 from .ivf import IVFIndex
+from .spawn import ChildBuild
 
 
 def _unit(X: np.ndarray) -> np.ndarray:
@@ -160,31 +160,20 @@ def _neighbour_graph(W: np.ndarray, nlist: int, probe: int, degree: int, niter: 
 _ROW_BLOCK = 65536     # rows per block of the whole-K passes of a build
 
 
-_BUILD_DIRS: set = set()  # temp dirs of graph builds in flight (a build thread is a daemon)
-
-
-@atexit.register
-def _remove_build_dirs() -> None:
-    for path in list(_BUILD_DIRS):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _graph_build_worker(rows: Any, out_path: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
-                        seed: int, threads: Optional[int], nice: int, c_path: str, assign_path: str) -> None:
-    """Subprocess body of GraphIndex.build: rows (a temp .npy path, or the (path, shape, dtype) of the
-    parent's shared W) and unit centroids (.npy) -> each row's own list in ``assign_path`` (as soon
-    as known: the parent's cold-path IVF is built from it meanwhile), then the graph arrays in an .npz."""
-    if nice and hasattr(os, "nice"):
-        os.nice(nice)
-    X = np.load(rows, mmap_mode="r") if isinstance(rows, str) else open_shared(*rows)
-    C = np.load(c_path)
+def _graph_build_worker(X: np.ndarray, workdir: str, nlist: int, probe: int, degree: int, niter: int, tppc: int,
+                        seed: int, threads: Optional[int]) -> None:
+    """Child body of GraphIndex.build (spawn.py): the rows X (mapped) and the unit centroids
+    (``workdir/C.npy``) -> each row's own list in ``assign.npy`` (as soon as known: the parent's
+    cold-path IVF is built from it meanwhile), then the graph arrays in ``graph.npz``."""
+    C = np.load(os.path.join(workdir, "C.npy"))
     with _faiss_threads(threads):
         lists = _nearest_lists(X, C, min(probe, C.shape[0]), seed)
+    assign_path = os.path.join(workdir, "assign.npy")
     with open(assign_path + ".part", "wb") as f:
         np.save(f, lists[0][:, 0])
-    os.replace(assign_path + ".part", assign_path)
+    os.replace(assign_path + ".part", assign_path)   # whole or absent: the parent polls for it
     graph, C, reps = _neighbour_graph(X, nlist, probe, degree, niter, tppc, seed, threads, centroids=C, lists=lists)
-    np.savez(out_path, graph=graph, C=C, reps=reps)
+    np.savez(os.path.join(workdir, "graph.npz"), graph=graph, C=C, reps=reps)
 
 
 class GraphIndex(ClassIndex):
@@ -296,40 +285,28 @@ class GraphIndex(ClassIndex):
         shared = shared_source(W)    # the store's W in shared memory: a child maps it, no copy at any size
         use_subprocess = self.subprocess if self.subprocess is not None else \
             K >= self.SUBPROCESS_MIN_ROWS and (shared is not None or W.nbytes <= self.SUBPROCESS_MAX_BYTES)
-        proc = tmp = None
         # One k-means for the graph's lists and the cold-path IVF's (it dominated a 10M build twice over).
         with _faiss_threads(self.build_threads):
             C = _normalize_rows(kmeans_centroids(W, nlist, self.niter, self.train_points_per_centroid, self.seed,
                                                  None, True, _unit))
         self._check_cancel()
-        if use_subprocess:
-            # The per-list loop holds the GIL between its numpy calls; in a background thread that
-            # stalls the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so
-            # graphs are built in a spawned process while this thread builds the IVF. The child maps
-            # the store's W when it is in shared memory (paramserver/shm.py: any size), else reads a
-            # temp .npy (removed at once) up to SUBPROCESS_MAX_BYTES; above that, without shared
-            # memory, the build reads W in place in this thread: a temp copy of a 10 GB matrix costs
-            # more than the GIL hand-offs.
-            import multiprocessing
-            import tempfile
-
-            tmp = tempfile.mkdtemp(prefix="hf_graph_")
-            _BUILD_DIRS.add(tmp)  # removed at exit if the process ends mid-build
-            if shared is None:
-                np.save(os.path.join(tmp, "W.npy"), W)
-            np.save(os.path.join(tmp, "C.npy"), C)
-            # daemon: a build still running when the trainer or server exits is terminated, not awaited
-            proc = multiprocessing.get_context("spawn").Process(
-                target=_graph_build_worker, name="hf-graph-build", daemon=True,
-                args=(shared or os.path.join(tmp, "W.npy"), os.path.join(tmp, "graph.npz"), *args, self.build_nice,
-                      os.path.join(tmp, "C.npy"), os.path.join(tmp, "assign.npy")))
-            proc.start()
-        lists = None
-        if proc is None:   # in this thread: each row's nearest lists once, for the IVF and the graph
-            with _faiss_threads(self.build_threads):
-                lists = _nearest_lists(W, C, min(self.probe, C.shape[0]), self.seed)
-            self._check_cancel()
-        try:
+        # The per-list loop holds the GIL between its numpy calls; in a background thread that stalls
+        # the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so graphs are
+        # built in a spawned process (spawn.py) while this thread builds the IVF. The child maps the
+        # store's W when it is in shared memory (paramserver/shm.py: any size), else reads a temp .npy
+        # up to SUBPROCESS_MAX_BYTES; above that, without shared memory, the build reads W in place in
+        # this thread: a temp copy of a 10 GB matrix costs more than the GIL hand-offs.
+        child = ChildBuild(self.name, _graph_build_worker, W, args, nice=self.build_nice,
+                           cancel=self._cancel) if use_subprocess else None
+        with child if child is not None else contextlib.nullcontext():
+            lists = None
+            if child is not None:
+                np.save(child.path("C.npy"), C)
+                child.start()
+            else:   # in this thread: each row's nearest lists once, for the IVF and the graph
+                with _faiss_threads(self.build_threads):
+                    lists = _nearest_lists(W, C, min(self.probe, C.shape[0]), self.seed)
+                self._check_cancel()
             ivf = None
             inherited = self._inherit_ivf is not None and self._inherit_ivf.num_classes == K
             if inherited:
@@ -340,32 +317,15 @@ class GraphIndex(ClassIndex):
                                nprobe=self.cold_nprobe, niter=self.niter,
                                train_points_per_centroid=self.train_points_per_centroid, codec=self.cold_codec)
                 ivf.build_threads = self.build_threads
-                assign = None if lists is None else lists[0][:, 0]
-                if proc is not None:   # the child's nearest lists (one search of W for both)
-                    assign_path = os.path.join(tmp, "assign.npy")
-                    while not os.path.exists(assign_path) and proc.is_alive():
-                        proc.join(0.2)
-                        self._check_cancel()
-                    if os.path.exists(assign_path):
-                        assign = np.load(assign_path)
+                # the child's nearest lists: one search of W for the IVF and the graph
+                assign = lists[0][:, 0] if child is None else np.load(child.wait_file("assign.npy"))
                 ivf.build(W, centroids=C, assign=assign)
-            if proc is not None:
-                while proc.is_alive():   # join releases the GIL; a cancel kills the child
-                    proc.join(0.2)
-                    self._check_cancel()
-                if proc.exitcode != 0:
-                    raise RuntimeError(f"graph build subprocess failed with exit code {proc.exitcode}")
-                with np.load(os.path.join(tmp, "graph.npz")) as z:
+            if child is not None:
+                child.join()
+                with np.load(child.path("graph.npz")) as z:
                     graph, C, reps = z["graph"], z["C"], z["reps"]
             else:
                 graph, C, reps = _neighbour_graph(W, *args, check=self._check_cancel, centroids=C, lists=lists)
-        finally:
-            if proc is not None and proc.is_alive():
-                proc.kill()
-                proc.join()
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                _BUILD_DIRS.discard(tmp)
         with self._lock:
             self._rows, self._graph, self._centroids, self._reps = W, graph, C, reps
             self._ivf = ivf
