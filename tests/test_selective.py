@@ -209,7 +209,7 @@ def test_adaptive_m_follows_tau_and_grows_for_labels() -> None:
     assert head.num_active == want and head.stats()["num_active"] == want
     assert head.stats()["cpk_exact"] >= 0.8
     # A batch with more unique labels than the adapted M grows M for that step.
-    head.m_max = head.m_min = 2
+    head.adapt.m_max = head.adapt.m_min = 2       # the adaptive rule (heads/cpk.py)
     labels = torch.arange(B)
     head.begin_step(1, 0.0)
     head(feats.clone().requires_grad_(), labels).backward()

@@ -1,11 +1,12 @@
 """Selective softmax on a parameter store: HF-softmax (Zhang et al., AAAI 2018, "Accelerated Training
 for Massive Classification via Dynamic Class Selection") and its random-sampling baseline.
 
-The K x d classifier W lives in a parameter store (``paramserver.store.WeightStore`` in-process, or
-``paramserver.client.RemoteStore`` for a ZeroMQ server; the same methods). One training step s of
-R ranks, each holding b samples of a global batch of R*b (``begin_step(step, lr)``,
-``loss = head(F, labels)``, ``loss.backward()``, ``end_step``), collectives in
-:mod:`hfsoftmax.heads.collective`:
+The K x d classifier W lives in a :class:`paramserver.api.Store` (``WeightStore`` in-process, or
+``RemoteStore`` for ZeroMQ servers; the head never asks which). One training step s of R ranks,
+each holding b samples of a global batch of R*b (``begin_step(step, lr)``, ``loss = head(F,
+labels)``, ``loss.backward()``, ``end_step``), collectives in :mod:`hfsoftmax.heads.collective`,
+is :meth:`SelectiveSoftmax.plan` (1., an :class:`ActiveSet`), :meth:`~SelectiveSoftmax.fetch` (2.,
+the rows) and :meth:`~SelectiveSoftmax.loss`, with the hook :meth:`~SelectiveSoftmax._on_grad` (3.):
 
 1. The ranks all-gather their labels, and their features when the selection reads them, back into
    global batch order. ONE selection for the global batch: rank 0 sends the features and labels
@@ -23,11 +24,12 @@ R ranks, each holding b samples of a global batch of R*b (``begin_step(step, lr)
    rank's b samples (DDP's average makes the backbone's gradient that of the global mean).
 3. backward: a hook on Wa launches an asynchronous reduce-scatter of ``dL/dWa / R`` (and of a
    finiteness flag) and returns; rank r's slice of the sum is pushed for store step s with the
-   step's lr (``store.push(ids_r, g_r, s, lr, client_id=r)``), from a background worker when
+   step's lr, fixed at its forward (``store.push(ids_r, g_r, s, lr, client_id=r)``), from a background worker when
    ``pipeline`` (``store.pipeline``, the training default) or in ``end_step`` otherwise. The store
    collects the R disjoint slices of step s and applies one row-sparse SGD update of M rows.
    With fp16 loss scaling the gradient is divided by the scale (``begin_step(grad_scale=...)``),
-   and a step whose gradient is not finite on any rank pushes empty updates on every rank.
+   and a step whose gradient is not finite on any rank, or whose optimizer step the scaler skipped
+   (``end_step(applied=False)``), pushes empty updates on every rank.
 4. The next step's first store call waits for this rank's worker (so an error in a push stops the
    run at the next step, naming the server); ``flush()`` waits for it before a snapshot.
 
@@ -51,13 +53,14 @@ server's on a ``restore`` request) drops its attached index and rebuilds it over
 at once for a small W (up to 16 MiB), else in the background, the selection falling back to a random
 fill until it is live (``fallback_queries`` in the index stats).
 
-CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it).
+CPK and adaptive allocation (the paper's Sec. "Adaptive allocation"; its code never released it;
+the objects are in :mod:`hfsoftmax.heads.cpk`).
 Every P = ``cpk_every`` steps, on rank 0, on a probe of up to ``cpk_probe`` samples of the current
 global batch (the M it chooses reaches every rank with the active set), the
 class probabilities are computed in blocks of rows pulled from the store (no B x K tensor; eval
 logits, i.e. without the margin): a running logsumexp and a running top-k of the logits over blocks.
 With K <= ``cpk_sample`` over all K classes (exact); above, from a sample of classes (``cpk_sampled``
-= 1 in the metrics; :meth:`SelectiveSoftmax.sampled_mass` states the estimator and its error): the
+= 1 in the metrics; :meth:`CPKProbe.sampled_mass` states the estimator and its error): the
 active set A that the current M selects this step plus a uniform sample of the other classes,
 ``cpk_sample`` rows per probe instead of K. Logged:
 
@@ -90,7 +93,8 @@ import math
 import os
 import threading
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -102,6 +106,7 @@ from paramserver.open import IndexSpec, StoreSpec, open_store
 from ..config import ConfigError
 from .base import ClassifierHead
 from .collective import HeadComm
+from .cpk import AdaptiveAllocation, CPKProbe, choose_num_active, next_rebuild_period  # noqa: F401 (re-exported)
 from .margin import Margin, index_metric
 from .pusher import Pusher
 
@@ -110,9 +115,6 @@ logger = logging.getLogger(__name__)
 # Errors of a store that mean "the parameter server is gone" (RemoteStore raises TimeoutError naming
 # the address; SyncTimeoutError is a TimeoutError too, naming the clients that did not push).
 _LOST = (TimeoutError, ConnectionError)
-# Stream tag of the CPK probe's class sample (Generator keyed by (seed, train step, tag)): apart from
-# the selection's fill, keyed by (seed, train step).
-_CPK_STREAM = 0x43504B
 
 
 class ParamServerLostError(ConnectionError):
@@ -148,28 +150,6 @@ def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- #
 # Pure rules (testable on their own).
-
-def choose_num_active(curve: np.ndarray, tau_cp: float, m_min: int, m_max: int, num_classes: int) -> int:
-    """Smallest M with mean CPK(M) >= tau_cp, clipped to [m_min, min(m_max, K)].
-
-    Args:
-        curve: [k] mean over samples of the top-m probability mass for m = 1..k (non-decreasing).
-    """
-    hi = max(1, min(int(m_max), int(num_classes)))
-    lo = max(1, min(int(m_min), hi))
-    reached = np.flatnonzero(np.asarray(curve) >= tau_cp)
-    m = int(reached[0]) + 1 if reached.size else hi
-    return int(min(max(m, lo), hi))
-
-
-def next_rebuild_period(period: int, cpk_start: float, cpk_end: float, cpk_drop: float,
-                        t_min: int, t_max: int) -> int:
-    """T after one rebuild period: halve (>= t_min) if cpk_active fell by more than cpk_drop, else
-    double (<= t_max)."""
-    if cpk_start - cpk_end > cpk_drop:
-        return max(int(t_min), int(period) // 2)
-    return min(int(t_max), int(period) * 2)
-
 
 # --------------------------------------------------------------------------------------------- #
 # The store.
@@ -305,6 +285,30 @@ def make_store(cfg: Any, num_classes: int, info: Any) -> Store:
 # --------------------------------------------------------------------------------------------- #
 # The head.
 
+@dataclass
+class ActiveSet:
+    """One step's plan (:meth:`SelectiveSoftmax.plan`): what :meth:`~SelectiveSoftmax.fetch` pulls and
+    :meth:`~SelectiveSoftmax.loss` computes over."""
+    ids: np.ndarray                  # [M] active class ids, every label of the global batch first
+    target: np.ndarray               # [b] this rank's labels remapped into 0..M-1
+    part: slice                      # this rank's slice of ids: what it pulls and pushes
+    step: Optional[int]              # the store step whose rows it reads (None: the latest; evaluation)
+    gathered: bool = False           # R > 1 ranks: the slices are all-gathered, gradients reduce-scattered
+    probe: Optional[torch.Tensor] = None   # [P, d] this step's CPK probe (rank 0 / one process), else None
+    wait_s: float = 0.0              # store wait spent planning and fetching
+
+
+@dataclass
+class _Push:
+    """What the push of one step needs, fixed at its forward (the worker may run it after the next
+    step has begun)."""
+    ids: np.ndarray                  # this rank's slice of the active ids
+    step: Optional[int]              # the store step it updates
+    lr: Optional[float]              # that step's lr
+    dtype: np.dtype                  # the store's dtype
+    scale: Any                       # fp16 loss scale to divide out (None: none)
+    gate: Optional[StepGate]         # fp16: the scaler's decision for that step
+
 class SelectiveSoftmax(ClassifierHead):
     """Softmax over M active classes chosen per batch (HF-softmax), W in a parameter store.
 
@@ -368,17 +372,13 @@ class SelectiveSoftmax(ClassifierHead):
         self.index_name = index
         self.metric = self.rule.metric
         self.candidates = int(candidates)
-        self.cpk_every, self.cpk_probe = int(cpk_every), int(cpk_probe)
-        self.adaptive, self.tau_cp = bool(adaptive), float(tau_cp)
-        self.m_min, self.m_max = int(m_min), int(m_max)
         self.rebuild_every = int(rebuild_every)
-        self.cpk_drop = float(cpk_drop)
-        self.t_min = int(t_min) if t_min is not None else max(1, self.rebuild_every // 8)
-        self.t_max = int(t_max) if t_max is not None else self.rebuild_every * 8
         self.seed = int(seed)
         self.shortcut_full = bool(shortcut_full)
         self.block_size = int(block_size)
-        self.cpk_sample = int(cpk_sample)
+        self.cpk = CPKProbe(num_classes, self.rule, cpk_every, cpk_probe, cpk_sample, block_size, seed)
+        self.adapt = (AdaptiveAllocation(tau_cp, m_min, m_max, rebuild_every, cpk_drop, t_min, t_max)
+                      if adaptive else None)
         # Step state: the train step and lr of begin_step; store step = train step + offset.
         self._train_step: Optional[int] = None
         self._lr: Optional[float] = None
@@ -386,14 +386,10 @@ class SelectiveSoftmax(ClassifierHead):
         self._forwarded = False      # a training forward happened this step (a push is owed)
         self._pushed = False
         self.last_active: Optional[np.ndarray] = None   # [M] ids of the last training forward
-        # CPK / adaptive state.
+        # CPK: the last probe's figures, and its log partition [P] (exact or estimated)
         self._cpk: dict[str, float] = {}
-        self._period_builds: Optional[int] = None
-        self._period_first: Optional[float] = None
-        self._period_last: Optional[float] = None
+        self._probe_lse: Optional[torch.Tensor] = None
         self._warned_remote_t = False
-        self._probe_lse: Optional[torch.Tensor] = None   # [P] log partition (exact or estimated) of the last probe
-        self._probe: Optional[torch.Tensor] = None       # [P, d] the last probe's features (global batch)
         # Multi-rank and pipelining state.
         self.comm = comm if comm is not None else HeadComm(self.rank, self.world_size)
         self.pipeline = bool(pipeline)
@@ -527,7 +523,7 @@ class SelectiveSoftmax(ClassifierHead):
     def _needs_features(self, probe: bool) -> bool:
         """Whether the selection reads features (identical on every rank: decides a collective)."""
         return probe or (self.index_name != "random"
-                         and (self.adaptive or self.num_active < self.num_classes or not self.shortcut_full))
+                         and (self.adapt is not None or self.num_active < self.num_classes or not self.shortcut_full))
 
     # -- forward ------------------------------------------------------------------------------
     def _pull(self, ids: np.ndarray, step: Optional[int]) -> np.ndarray:
@@ -554,52 +550,38 @@ class SelectiveSoftmax(ClassifierHead):
             self._staged.record(torch.cuda.current_stream(device))
         return out
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the M active classes; backward pushes dL/dWa to the store.
-
-        Training with R ranks: one active set for the global batch (module docstring); the loss is
-        the mean over this rank's samples (DDP's gradient average makes it the global mean)."""
-        self.check_features(features)
-        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(f"labels must be [B={features.shape[0]}], got {tuple(labels.shape)}")
-        training = torch.is_grad_enabled()
+    # -- one step: plan (the active set), fetch (its rows), loss -------------------------------
+    def plan(self, labels: np.ndarray, features: torch.Tensor, training: bool) -> ActiveSet:
+        """The active set of this step (module docstring, 1.): every label of the global batch, then
+        the index's candidates, then the random fill, to exactly M; this rank's labels remapped.
+        On a CPK probe step (rank 0, or one process) the probe runs here and may choose M."""
         coll = training and self.comm.distributed            # the global-batch path (collectives)
         step = self.store_step if training else None
         wait = 0.0
-        if training and self._worker is not None:
-            wait += self._worker.wait()      # the previous push has left (its error, naming the server, if not)
-        host = self._host_labels if training else None
-        self._host_labels = None
-        if host is None or host.shape != labels.shape:
-            host = labels.detach().to("cpu")          # a host sync on an accelerator (library use)
-        lab = host.to(torch.int64).numpy()                                          # [b]
-        if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
-                             f"got range [{lab.min()}, {lab.max()}]")
-        probe_step = bool(training and self.cpk_every and self._train_step % self.cpk_every == 0)
+        probe_step = training and self.cpk.due(self._train_step)
         need_feats = self._needs_features(probe_step)
-        glab = (self.comm.gather_batch(torch.from_numpy(lab)).cpu().numpy() if coll else lab)   # [R*b]
+        glab = self.comm.gather_batch(torch.from_numpy(labels)).numpy() if coll else labels       # [R*b]
         n_unique = int(np.unique(glab).size)
         feats32 = features.detach().float()
         central = coll and need_feats                        # rank 0 selects, the others receive
-        active = remap_g = None
+        active = remap_g = probe = None
         if not central or self.comm.rank == 0:
             gfeat = (self.comm.gather_batch(feats32) if central else feats32) if need_feats else None
             M = self.num_active
             feats_np = gfeat.cpu().numpy() if gfeat is not None else None
             pre = None       # (M, selection) a sampled probe was built on; reused if M stays
             if probe_step:
-                self._probe = gfeat[: self.cpk_probe]
-                if self.num_classes > self.cpk_sample:
+                probe = gfeat[: self.cpk.probe_size]                                      # [P, d]
+                if self.cpk.sampled:
                     # The sampled probe scores the active set that the current M selects (the classes
                     # the index found); if the adaptive rule changes M, the step selects again below.
                     m0 = max(M, n_unique)
                     t0 = time.perf_counter()
                     pre = (m0, self.select(feats_np, glab, m0, step))
                     wait += time.perf_counter() - t0
-                    M = self._probe_cpk(self._probe, step, active=pre[1][0])          # adaptive: new M
+                    M = self._probe_cpk(probe, step, active=pre[1][0])                    # adaptive: new M
                 else:
-                    M = self._probe_cpk(self._probe, step)                           # adaptive: new M
+                    M = self._probe_cpk(probe, step)                                      # adaptive: new M
             if M < n_unique:
                 # Every label must be active (Partial FC keeps its positives too): M grows for this
                 # step only, logged the first time and counted (m_grown_steps in the metrics).
@@ -613,7 +595,7 @@ class SelectiveSoftmax(ClassifierHead):
                 active, remap_g = pre[1]
             else:
                 t0 = time.perf_counter()
-                active, remap_g = self.select(feats_np, glab, M, step)                # [M], [R*b]
+                active, remap_g = self.select(feats_np, glab, M, step)                    # [M], [R*b]
                 wait += time.perf_counter() - t0
         elif need_feats:
             self.comm.gather_batch(feats32)                   # rank 0's gather needs every rank
@@ -625,59 +607,93 @@ class SelectiveSoftmax(ClassifierHead):
             remapped = remap_g[self.comm.rank::self.comm.world_size] if coll else remap_g      # [b]
         else:
             order = np.argsort(active, kind="stable")
-            remapped = order[np.searchsorted(active, lab, sorter=order)].astype(np.int64)
-        remapped = np.ascontiguousarray(remapped, dtype=np.int64)
+            remapped = order[np.searchsorted(active, labels, sorter=order)]
         M = len(active)
-        part = self.comm.my_slice(M) if coll else slice(0, M)
+        return ActiveSet(ids=active, target=np.ascontiguousarray(remapped, dtype=np.int64),
+                         part=self.comm.my_slice(M) if coll else slice(0, M), step=step, gathered=coll,
+                         probe=probe, wait_s=wait)
+
+    def fetch(self, plan: ActiveSet, features: torch.Tensor) -> tuple[torch.Tensor, np.dtype]:
+        """The active rows Wa [M, d] on the features' device, in fp32 (fp64 for fp64 features) whatever
+        the autocast: this rank pulls its slice (at the plan's store step) and, with R ranks, the
+        slices are all-gathered. Returns (Wa, the store's dtype)."""
         t0 = time.perf_counter()
-        mine = self._pull(active[part], step)                                        # [~M/R, d]
-        wait += time.perf_counter() - t0
-        dtype = torch.promote_types(features.dtype, torch.float32)   # logits in fp32 under autocast
-        if coll:
-            Wa = self.comm.gather_rows(self._to_device(mine, self.comm.device), M)
-            Wa = Wa.to(device=features.device, dtype=dtype)
+        mine = self._pull(plan.ids[plan.part], plan.step)                                # [~M/R, d]
+        plan.wait_s += time.perf_counter() - t0
+        device, dtype = features.device, torch.promote_types(features.dtype, torch.float32)
+        if plan.gathered:
+            Wa = self.comm.gather_rows(self._to_device(mine, self.comm.device), len(plan.ids))
         else:
-            Wa = self._to_device(mine, features.device).to(device=features.device, dtype=dtype)   # [M, d]
-        target = _host_to(torch.from_numpy(remapped), features.device)              # [b] in 0..M-1
-        if training:
-            self.last_active = active
-            self._forwarded = True
-            self._wait_s += wait
-            self._wait_steps += 1
-            Wa.requires_grad_(True)
-            my_ids, store_dtype, lr_scale, gate, lr = active[part], mine.dtype, self._grad_scale, self._gate, self._lr
+            Wa = self._to_device(mine, device)
+        return Wa.to(device=device, dtype=dtype), mine.dtype
 
-            def grad_hook(grad: torch.Tensor) -> None:
-                # grad [M, d]: this rank's mean-loss gradient. Only launches work: the reduce-scatter
-                # is asynchronous and the push is a job (worker thread, or end_step).
-                if self._pushed:
-                    raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one "
-                                       f"backward per forward and step; gradient accumulation is not supported)")
-                g = grad.detach().float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.detach()
-                flag = (~torch.isfinite(g)).any().to(g.dtype)          # device scalar: no host sync
-                if lr_scale is not None:
-                    g = g / lr_scale
-                g = g / self.world_size if self.world_size > 1 else g
-                # one process: g stays where it is (a CUDA -> host copy here would sync the backward)
-                work, slice_sum, flags = self.comm.reduce_scatter_rows(
-                    g.to(self.comm.device) if self.comm.distributed else g, flag)
-                event = None
-                if slice_sum.is_cuda:
-                    work, event, slice_sum, flags = self._grad_to_host(work, slice_sum, flags)
-                self._pushed = True
-                job = functools.partial(self._push_job, work, event, slice_sum, flags, my_ids, step, lr,
-                                        store_dtype, gate)
-                if self._worker is not None:
-                    self._worker.submit(job)
-                else:
-                    self._job = job
-
-            Wa.register_hook(grad_hook)
+    def loss(self, features: torch.Tensor, Wa: torch.Tensor, target: torch.Tensor, plan: ActiveSet) -> torch.Tensor:
+        """Mean cross-entropy of features [b, d] over the active rows Wa [M, d] (fp32 logits and margin),
+        and on a probe step the active set's CPK mass."""
         with torch.autocast(device_type=features.device.type, enabled=False):
             logits = self.rule.logits(features, Wa, target)                                      # [b, M] fp32
-            if probe_step and (not central or self.comm.rank == 0):
-                self._probe_active(self._probe, Wa.detach())
+            if plan.probe is not None:
+                self._probe_active(plan.probe, Wa.detach())
             return F.cross_entropy(logits, target)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the M active classes: :meth:`plan`, :meth:`fetch`, :meth:`loss`;
+        the backward's hook on Wa (:meth:`_on_grad`) sends dL/dWa to the store.
+
+        Training with R ranks: one active set for the global batch (module docstring); the loss is
+        the mean over this rank's samples (DDP's average makes it the global mean)."""
+        self.check_features(features)
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels must be [B={features.shape[0]}], got {tuple(labels.shape)}")
+        training = torch.is_grad_enabled()
+        wait = 0.0
+        if training and self._worker is not None:
+            wait += self._worker.wait()      # the previous push has left (its error, naming the server, if not)
+        host = self._host_labels if training else None
+        self._host_labels = None
+        if host is None or host.shape != labels.shape:
+            host = labels.detach().to("cpu")          # a host sync on an accelerator (library use)
+        lab = host.to(torch.int64).numpy()                                          # [b]
+        if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
+                             f"got range [{lab.min()}, {lab.max()}]")
+        plan = self.plan(lab, features, training)
+        Wa, store_dtype = self.fetch(plan, features)
+        target = _host_to(torch.from_numpy(plan.target), features.device)          # [b] in 0..M-1
+        if training:
+            self.last_active = plan.ids
+            self._forwarded = True
+            self._wait_s += wait + plan.wait_s
+            self._wait_steps += 1
+            Wa.requires_grad_(True)
+            Wa.register_hook(functools.partial(self._on_grad, _Push(
+                ids=plan.ids[plan.part], step=plan.step, lr=self._lr, dtype=store_dtype,
+                scale=self._grad_scale, gate=self._gate)))
+        return self.loss(features, Wa, target, plan)
+
+    def _on_grad(self, push: "_Push", grad: torch.Tensor) -> None:
+        """The hook on Wa: grad [M, d] is this rank's mean-loss gradient. It only launches work: the
+        reduce-scatter is asynchronous and the push is a job (the worker thread's, or end_step's)."""
+        if self._pushed:
+            raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was already pushed (one "
+                               f"backward per forward and step; gradient accumulation is not supported)")
+        g = grad.detach().float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.detach()
+        flag = (~torch.isfinite(g)).any().to(g.dtype)          # device scalar: no host sync
+        if push.scale is not None:
+            g = g / push.scale
+        g = g / self.world_size if self.world_size > 1 else g
+        # one process: g stays where it is (a CUDA -> host copy here would sync the backward)
+        work, slice_sum, flags = self.comm.reduce_scatter_rows(g.to(self.comm.device) if self.comm.distributed
+                                                               else g, flag)
+        event = None
+        if slice_sum.is_cuda:
+            work, event, slice_sum, flags = self._grad_to_host(work, slice_sum, flags)
+        self._pushed = True
+        job = functools.partial(self._push_job, work, event, slice_sum, flags, push)
+        if self._worker is not None:
+            self._worker.submit(job)
+        else:
+            self._job = job
 
     def _grad_to_host(self, work: Any, slice_sum: torch.Tensor, flags: torch.Tensor
                       ) -> tuple[None, Any, torch.Tensor, torch.Tensor]:
@@ -704,29 +720,27 @@ class SelectiveSoftmax(ClassifierHead):
         flags.record_stream(side)
         return None, event, host, host_flags
 
-    def _push_job(self, work: Any, event: Any, slice_sum: torch.Tensor, flags: torch.Tensor, ids: np.ndarray,
-                  step: int, lr: float, store_dtype: np.dtype, gate: Optional["StepGate"] = None) -> None:
+    def _push_job(self, work: Any, event: Any, slice_sum: torch.Tensor, flags: torch.Tensor, push: "_Push") -> None:
         """Wait for the gradient (a CUDA event of :meth:`_grad_to_host`, or a gloo reduce-scatter), then
-        push this rank's slice of the summed gradient; or an empty update when any rank's gradient
-        was not finite, or when the fp16 scaler skipped the optimizer step (``gate``)."""
+        push this rank's slice of the summed gradient with its step's lr; or an empty update when any
+        rank's gradient was not finite, or when the fp16 scaler skipped the optimizer step (the gate)."""
         if event is not None:
             event.synchronize()              # host copies done: slice_sum and flags are pinned host tensors
         elif work is not None:
             work.wait()
         finite = float(flags.item()) == 0
-        applied = gate.wait() if gate is not None else True
-        store = self._push_store
+        applied = push.gate.wait() if push.gate is not None else True
         if not (finite and applied):
             if not finite:
                 logger.warning("step %s: non-finite gradient of the active rows (fp16 overflow?); W is not "
-                               "updated this step", step)
+                               "updated this step", push.step)
             else:
-                logger.debug("step %s: the fp16 scaler skipped the optimizer step; W is not updated either", step)
-            self._push(np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=store_dtype), step, store,
-                       lr)
-            return
-        g = np.ascontiguousarray(slice_sum.numpy().astype(store_dtype, copy=False))
-        self._push(ids, g, step, store, lr)
+                logger.debug("step %s: the fp16 scaler skipped the optimizer step; W is not updated either",
+                             push.step)
+            ids, g = np.empty(0, dtype=np.int64), np.empty((0, self.feature_dim), dtype=push.dtype)
+        else:
+            ids, g = push.ids, np.ascontiguousarray(slice_sum.numpy().astype(push.dtype, copy=False))
+        self._push(ids, g, push.step, self._push_store, push.lr)
 
     def scores_block(self, features: torch.Tensor, start: int, end: int, step: Optional[int] = None) -> torch.Tensor:
         """Scores [B, end - start] of classes [start, end) (eval logits, no margin), rows pulled now
@@ -748,131 +762,47 @@ class SelectiveSoftmax(ClassifierHead):
     def topk(self, features: torch.Tensor, k: int = 5, block_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return super().topk(features, k, block_size or self.block_size)
 
-    # -- CPK ----------------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- CPK (heads/cpk.py) ---------------------------------------------------------------------
+    def _rows(self, step: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda ids: self._pull(ids, step)
+
     def exact_mass(self, probe: torch.Tensor, k: int, step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
+        """CPK over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
         self.check_features(probe)
-        lse, best = self._mass_over(probe, None, min(int(k), self.num_classes), step)
-        return lse, torch.exp(best - lse[:, None])
+        return self.cpk.exact_mass(probe, self._rows(step), k)
 
     def cpk_sample_ids(self, active: np.ndarray) -> np.ndarray:
-        """The uniform class sample S of a sampled probe: sorted ids [s] drawn without replacement from
-        the classes not in ``active`` (sorted unique ids), s = min(K - |A|, max(cpk_sample - |A|,
-        cpk_sample // 4, 1)). Keyed by (seed, train step) on a stream of its own (not the selection's
-        fill): the same on every rank and on a rerun."""
-        a = np.asarray(active, dtype=np.int64)
-        n_c = self.num_classes - a.size
-        s = min(n_c, max(self.cpk_sample - a.size, self.cpk_sample // 4, 1))
-        if s <= 0:
-            return np.empty(0, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self._train_step or 0, _CPK_STREAM])
-        j = np.sort(rng.choice(n_c, size=s, replace=False))              # positions in the complement
-        # the j-th class not in A is j + #{i : a_i - i <= j} (a sorted)
-        return j + np.searchsorted(a - np.arange(a.size), j, side="right")
+        """This step's uniform class sample of a sampled probe (:meth:`CPKProbe.sample_ids`)."""
+        return self.cpk.sample_ids(active, self._train_step or 0)
 
-    def _mass_over(self, probe: torch.Tensor, ids: Optional[np.ndarray], k: int,
-                   step: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Over the classes ``ids`` (None: all K), pulled block_size at a time: running (logsumexp [P],
-        top-k logits [P, <=k])."""
-        lse = torch.full((probe.shape[0],), -math.inf, dtype=torch.float64, device=probe.device)
-        best = torch.empty((probe.shape[0], 0), dtype=torch.float64, device=probe.device)
-        n, bs = (self.num_classes if ids is None else ids.size), self.block_size
-        for lo in range(0, n, bs):
-            block = np.arange(lo, min(lo + bs, n)) if ids is None else ids[lo:lo + bs]
-            w = torch.from_numpy(self._pull(block, step))
-            w = w.to(device=probe.device, dtype=probe.dtype)                           # [blk, d]
-            s = self.rule.logits(probe, w).double()                                    # [P, blk]
-            lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
-            cat = torch.cat([best, s], dim=1)
-            best = cat.topk(min(k, cat.shape[1]), dim=1).values
-        return lse, best
-
-    @torch.no_grad()
     def sampled_mass(self, probe: torch.Tensor, k: int, active: np.ndarray,
                      step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`exact_mass` estimated from the active set A plus a uniform sample S of the rest:
-        (log partition estimate [P], top-k probabilities [P, min(k, |A| + |S|)] sorted desc).
-
-        For one probe sample with x_j = exp(logit_j), N = K - |A| classes outside A, s = |S|
-        (:meth:`cpk_sample_ids`), the partition estimate is
-
-            Zhat = sum_{j in A} x_j + (N / s) * sum_{j in S} x_j      (float64, in log space).
-
-        (a) Zhat is unbiased for Z (A is fixed before S is drawn), with relative standard error
-
-                se(Zhat) / Z = P_C * CV_C * sqrt((1 - s/N) / s)
-                             <= sqrt(P_C * p_C * N (N - s) / ((N - 1) s))   ~ sqrt(P_C * N p_C / s),
-
-            P_C = the probability mass outside A, CV_C = std / mean of x over those N classes (std
-            with divisor N - 1), p_C = the largest probability outside A (the bound: sum x^2 <=
-            max x * sum x). A flat remainder (N p_C ~ P_C) gives ~ P_C / sqrt(s); one strong class
-            outside A makes it large. The log (what cpk_active divides by) has the same s.e. to first
-            order. S is shared by the probe's samples, so their errors are correlated and the mean
-            over the probe does not average them out.
-        (b) The top-k are the k largest logits of A u S, each exp(logit) / Zhat: with T the true top-k,
-            the result is (CPK_k - delta) * Z / Zhat with 0 <= delta <= p(T outside A u S) <= p(T outside A).
-            So it is exact up to Z / Zhat (the s.e. of (a)) when T lies in A (a good index, k <= |A|),
-            and low otherwise (for the random index the top-k beyond the labels are mostly missed):
-            cpk_exact, and the adaptive M it drives, err on the conservative side. It never exceeds 1
-            (N / s >= 1, so Zhat >= the sum over A u S).
-        (c) Cost: |A| + s rows pulled (cpk_sample while |A| <= 3/4 cpk_sample) and P x (|A| + s)
-            logits per probe, instead of K.
-
-        Args:
-            probe: [P, d] features.
-            k: the largest m of CPK(m) wanted.
-            active: the active ids of this step (any order).
-            step: the store step the pulled rows must reflect.
-        """
+        """:meth:`exact_mass` estimated around the active set (:meth:`CPKProbe.sampled_mass`)."""
         self.check_features(probe)
-        a = np.unique(np.asarray(active, dtype=np.int64))                         # sorted [|A|]
-        samp = self.cpk_sample_ids(a)                                             # sorted [s]
-        k = min(int(k), a.size + samp.size)
-        lse_a, best_a = self._mass_over(probe, a, k, step)
-        lse = lse_a
-        best = best_a
-        if samp.size:
-            lse_s, best_s = self._mass_over(probe, samp, k, step)
-            lse = torch.logaddexp(lse_a, lse_s + math.log((self.num_classes - a.size) / samp.size))
-            best = torch.cat([best_a, best_s], dim=1).topk(k, dim=1).values
-        return lse, torch.exp(best - lse[:, None])
+        return self.cpk.sampled_mass(probe, self._rows(step), k, active, self._train_step or 0)
 
     def _probe_cpk(self, probe: torch.Tensor, step: Optional[int] = None,
                    active: Optional[np.ndarray] = None) -> int:
         """CPK of the exact top-M on the probe (estimated around ``active`` when K > cpk_sample); with
         adaptive allocation also choose M. Returns M."""
-        k = max(self.num_active, min(self.m_max, self.num_classes)) if self.adaptive else self.num_active
-        sampled = self.num_classes > self.cpk_sample
-        if sampled:
-            if active is None:
-                raise ValueError(f"a CPK probe at K={self.num_classes} > cpk_sample={self.cpk_sample} "
-                                 f"needs this step's active ids")
-            lse, probs = self.sampled_mass(probe, k, active, step)
-        else:
-            lse, probs = self.exact_mass(probe, k, step)
-        curve = probs.cumsum(dim=1).mean(dim=0).cpu().numpy()                   # [k] mean CPK(m)
-        if curve.size < k:
-            # sampled with k > |A u S|: CPK(m) beyond is taken as CPK(|A u S|), a lower value
-            curve = np.pad(curve, (0, k - curve.size), mode="edge")
-        self._probe_lse = lse
-        if self.adaptive:
-            new_m = choose_num_active(curve, self.tau_cp, self.m_min, self.m_max, self.num_classes)
+        adapt = self.adapt
+        k = max(self.num_active, min(adapt.m_max, self.num_classes)) if adapt is not None else self.num_active
+        self._probe_lse, curve = self.cpk.curve(probe, self._rows(step), k, active, self._train_step or 0)
+        if adapt is not None:
+            new_m = adapt.choose_m(curve, self.num_classes)
             if new_m != self.num_active:
                 logger.info("adaptive allocation at step %d: M %d -> %d (tau_cp %.3f)", self._train_step,
-                            self.num_active, new_m, self.tau_cp)
+                            self.num_active, new_m, adapt.tau_cp)
             self.num_active = new_m
         self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step),
-                     "cpk_sampled": 1.0 if sampled else 0.0}
+                     "cpk_sampled": 1.0 if self.cpk.sampled else 0.0}
         return self.num_active
 
     def _probe_active(self, probe: torch.Tensor, Wa: torch.Tensor) -> None:
         """CPK of the selected active set on the probe, and the T rule when adaptive."""
-        with torch.no_grad():
-            s = self.rule.logits(probe, Wa).double()                                           # [P, M]
-            mass = torch.exp(torch.logsumexp(s, dim=1) - self._probe_lse).mean().item()
-        self._cpk["cpk_active"] = float(mass)
-        if self.adaptive:
+        mass = self.cpk.active_mass(probe, Wa, self._probe_lse)
+        self._cpk["cpk_active"] = mass
+        if self.adapt is not None:
             self._adapt_rebuild_period(mass)
 
     def _index_stats(self) -> dict[str, Any]:
@@ -885,23 +815,10 @@ class SelectiveSoftmax(ClassifierHead):
         builds = self._index_stats().get("builds")
         if builds is None:
             return
-        if self._period_builds is None or builds == self._period_builds:
-            if self._period_builds is None:
-                self._period_builds = builds
-            if self._period_first is None:
-                self._period_first = cpk_active
-            self._period_last = cpk_active
-            return
-        # A new build went live: judge the period that just ended, then start a new one.
-        if self._period_first is not None and self._period_last is not None:
-            new_t = next_rebuild_period(self.rebuild_every, self._period_first, self._period_last, self.cpk_drop,
-                                        self.t_min, self.t_max)
-            if new_t != self.rebuild_every:
-                logger.info("adaptive rebuild period at step %d: T %d -> %d (cpk_active %.3f -> %.3f)",
-                            self._train_step, self.rebuild_every, new_t, self._period_first, self._period_last)
-                self.rebuild_every = new_t
-                self._apply_rebuild_every()
-        self._period_builds, self._period_first, self._period_last = builds, cpk_active, cpk_active
+        new_t = self.adapt.observe(cpk_active, builds, self.rebuild_every)
+        if new_t != self.rebuild_every:
+            self.rebuild_every = new_t
+            self._apply_rebuild_every()
 
     def _apply_rebuild_every(self) -> None:
         try:
@@ -934,7 +851,7 @@ class SelectiveSoftmax(ClassifierHead):
         return {"num_active": self.num_active, "rebuild_every": self.rebuild_every}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.adaptive:  # a fixed M / T comes from the config, which may have been changed on resume
+        if self.adapt is not None:   # a fixed M / T comes from the config, which may have been changed on resume
             self.num_active = int(state["num_active"])
             self.rebuild_every = int(state["rebuild_every"])
             self._apply_rebuild_every()
