@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from paramserver.snapshot import run_snapshot_name
+
 from . import dist as hdist
 from .config import Config
 
@@ -54,6 +56,12 @@ def checkpoint_path(run_dir: str, step: int | None = None) -> str:
     return os.path.join(run_dir, "ckpt_last.pt" if step is None else f"ckpt_{step:08d}.pt")
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The step of a kept checkpoint ``ckpt_<step>.pt`` (:func:`checkpoint_path`), None for any other file."""
+    m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -71,8 +79,8 @@ def find_latest_checkpoint(run_dir: str) -> str | None:
     (a damaged disk, a copy cut short) is skipped with a warning rather than blocking the resume.
     """
     last = os.path.join(run_dir, "ckpt_last.pt")
-    numbered = sorted((p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if re.search(r"ckpt_\d+\.pt$", p)),
-                      reverse=True)
+    numbered = sorted((p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")) if checkpoint_step(p) is not None),
+                      key=checkpoint_step, reverse=True)
     for p in ([last] if os.path.exists(last) else []) + numbered:
         try:
             read_checkpoint(p, need=(), mmap=True)
@@ -170,7 +178,7 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, opti
     store_snapshot = None
     head = model.head
     if head.store is not None:
-        store_snapshot = f"store_{step:08d}"
+        store_snapshot = run_snapshot_name(step)
         # absolute: a server started by hand elsewhere would resolve a relative path against its own cwd.
         # The store prunes the older snapshots where it wrote them (a server: on its own machine, the run
         # dir may not be shared), keeping those of kept checkpoints and the newest older one, which
@@ -199,12 +207,9 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, opti
 
 
 def _kept_store_snapshots(run_dir: str) -> set[str]:
-    names = set()
-    for p in glob.glob(os.path.join(run_dir, "ckpt_[0-9]*.pt")):
-        m = re.search(r"ckpt_(\d+)\.pt$", p)
-        if m:
-            names.add(f"store_{int(m.group(1)):08d}")
-    return names
+    """The store snapshots the kept checkpoints ``ckpt_<step>.pt`` of ``run_dir`` name."""
+    steps = (checkpoint_step(p) for p in glob.glob(os.path.join(run_dir, "ckpt_[0-9]*.pt")))
+    return {run_snapshot_name(s) for s in steps if s is not None}
 
 
 def git_sha() -> str:

@@ -25,6 +25,7 @@ import zmq
 
 from paramserver.protocol import WIRE_DTYPES, ProtocolError, decode, encode, from_bf16, to_bf16
 from paramserver.api import BadRequestError, StaleStepError, StoreError, SyncTimeoutError
+from paramserver.snapshot import shard_dir, shard_level
 from paramserver.store import shard_ranges
 
 logger = logging.getLogger(__name__)
@@ -301,20 +302,16 @@ class RemoteStore:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # [B, n]
         return np.take_along_axis(ids, top, axis=1), np.take_along_axis(scores, top, axis=1)
 
-    def _shard_path(self, path: str, i: int) -> str:
-        s = len(self.addresses)
-        return path if s == 1 else os.path.join(path, f"shard-{i:03d}-of-{s:03d}")
-
     def snapshot(self, path: str, prune_keep: Optional[Sequence[str]] = None) -> list[dict]:
         """Every shard writes its snapshot on its own machine: ``path`` (S = 1) or
         ``path/shard-III-of-SSS``. Returns the per-shard replies (path, step). ``prune_keep``: each
         server then removes, on its machine, the older ``store_NNNNNNNN`` siblings of ``path``
         except these names (the trainer's run directory may live on another machine)."""
         def header(i: int) -> dict:
-            h: dict[str, Any] = {"op": "snapshot", "path": self._shard_path(path, i)}
+            h: dict[str, Any] = {"op": "snapshot", "path": shard_dir(path, i, len(self.addresses))}
             if prune_keep is not None:
                 h["prune_keep"] = sorted({os.path.basename(path), *prune_keep})
-                h["prune_level"] = int(len(self.addresses) > 1)
+                h["prune_level"] = shard_level(len(self.addresses))
             return h
 
         reps = self._call({i: (header(i), ()) for i in range(len(self.addresses))})
@@ -322,7 +319,7 @@ class RemoteStore:
 
     def restore(self, path: str) -> list[dict]:
         """Every shard loads its part of a snapshot written by :meth:`snapshot` (paths as there)."""
-        reps = self._call({i: ({"op": "restore", "path": self._shard_path(path, i)}, ())
+        reps = self._call({i: ({"op": "restore", "path": shard_dir(path, i, len(self.addresses))}, ())
                            for i in range(len(self.addresses))})
         return [{"path": reps[i][0]["path"], "step": reps[i][0]["step"]} for i in range(len(self.addresses))]
 

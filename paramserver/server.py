@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -25,8 +24,9 @@ import zmq
 
 from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
                                   get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
-from paramserver.store import (BadRequestError, StaleStepError, StoreError, WeightStore, prune_run_snapshots,
-                               recover_snapshot)
+from paramserver import snapshot as snap
+from paramserver.snapshot import resolve_snapshot   # also paramserver.py's, for --restore
+from paramserver.store import BadRequestError, StaleStepError, StoreError, WeightStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # Ops that read or write the rows: parked while a deferred init draws them (ping, info, register,
 # stats and shutdown are answered at once).
 ROW_OPS = frozenset({"pull", "push", "set_rows", "query", "snapshot", "restore"})
-SNAPSHOT_NAME = re.compile(r"^step-(\d{9})$")
 
 
 def is_local_address(address: str) -> bool:
@@ -66,40 +65,6 @@ def read_token_file(path: str) -> str:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
-
-
-def latest_snapshot(snapshot_dir: str) -> Optional[str]:
-    """Newest complete ``step-NNNNNNNNN`` snapshot under ``snapshot_dir`` (or None)."""
-    pointer = os.path.join(snapshot_dir, "latest")
-    if os.path.exists(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            name = f.read().strip()
-        if SNAPSHOT_NAME.match(name) and os.path.exists(os.path.join(snapshot_dir, name, "manifest.json")):
-            return os.path.join(snapshot_dir, name)
-    names = sorted(n for n in os.listdir(snapshot_dir) if SNAPSHOT_NAME.match(n)
-                   and os.path.exists(os.path.join(snapshot_dir, n, "manifest.json"))) if os.path.isdir(snapshot_dir) else []
-    return os.path.join(snapshot_dir, names[-1]) if names else None
-
-
-def recover_snapshot_dir(snapshot_dir: str) -> None:
-    """recover_snapshot for every step-* snapshot of a --snapshot-dir that a killed writer left
-    ``.tmp``/``.old`` siblings of."""
-    for name in os.listdir(snapshot_dir):
-        base = name.split(".")[0]
-        if "." in name and SNAPSHOT_NAME.match(base):
-            recover_snapshot(os.path.join(snapshot_dir, base))
-
-
-def resolve_snapshot(path: str) -> str:
-    """A snapshot directory itself, or a --snapshot-dir holding step-* snapshots (take the newest)."""
-    if os.path.exists(os.path.join(path, "manifest.json")) or recover_snapshot(path):
-        return path
-    if os.path.isdir(path):
-        recover_snapshot_dir(path)
-    found = latest_snapshot(path) if os.path.isdir(path) else None
-    if found is None:
-        raise FileNotFoundError(f"restore: {path} is neither a snapshot (no manifest.json) nor a directory of step-* snapshots")
-    return found
 
 
 class _Parked:
@@ -474,8 +439,8 @@ class ParamServer:
             if keep is not None:
                 if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
                     raise BadRequestError("snapshot: field 'prune_keep' must be a list of names")
-                removed = prune_run_snapshots(os.path.abspath(path), set(keep), get_field(h, "prune_level", int, default=0),
-                                              keep_previous=True)
+                removed = snap.prune_snapshots(path, set(keep), get_field(h, "prune_level", int, default=0),
+                                               keep_previous=True)
                 if removed:
                     logger.info("snapshot %s: pruned %d older run snapshot(s)", path, removed)
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
@@ -563,20 +528,11 @@ class ParamServer:
         self._parked = still
 
     def periodic_snapshot(self) -> str:
-        """Snapshot into ``snapshot_dir/step-NNNNNNNNN``, point ``latest`` at it, prune old ones."""
+        """Snapshot into ``snapshot_dir/step-NNNNNNNNN``, point ``latest`` at it, prune old ones
+        (:func:`paramserver.snapshot.write_periodic`)."""
         assert self.snapshot_dir
-        name = f"step-{self.store.step:09d}"
-        path = os.path.join(self.snapshot_dir, name)
         t0 = time.monotonic()
-        self.store.snapshot(path)
-        tmp = os.path.join(self.snapshot_dir, f"latest.tmp.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-        os.replace(tmp, os.path.join(self.snapshot_dir, "latest"))
-        recover_snapshot_dir(self.snapshot_dir)   # leftovers of writers killed mid-snapshot
-        names = sorted(n for n in os.listdir(self.snapshot_dir) if SNAPSHOT_NAME.match(n))
-        for old in names[:-self.keep_snapshots]:
-            shutil.rmtree(os.path.join(self.snapshot_dir, old), ignore_errors=True)
+        path = snap.write_periodic(self.snapshot_dir, self.store.step, self.store.snapshot, keep=self.keep_snapshots)
         logger.info("snapshot step %d -> %s in %.2fs", self.store.step, path, time.monotonic() - t0)
         return path
 

@@ -20,34 +20,27 @@ Step semantics (synchronous SGD over R clients, client ids 0..R-1):
 Every bad input raises :class:`BadRequestError` before anything is modified, so a refused push or
 set_rows leaves the matrix bit-identical.
 
-Snapshot format (a directory, written atomically: a temporary sibling directory is filled and then
-renamed over ``path``): ``W.npy`` and, when the optimizer keeps a momentum buffer ("lazy" with
-momentum > 0), ``momentum.npy`` (numpy .npy, [num_classes, dim] rows of this store) and ``manifest.json`` with ``format``, ``version``, ``num_classes``, ``class_offset``,
-``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer`` ({momentum, weight_decay, nesterov,
-exact_rounding, sparse_momentum}),
+Snapshots (files, naming, atomic write, recovery, pruning: ``paramserver/snapshot.py``): the store
+writes ``W`` and, when the optimizer keeps a momentum buffer ("lazy" with momentum > 0), ``momentum``,
+and a manifest with ``num_classes``, ``class_offset``, ``total_classes``, ``dim``, ``dtype``, ``step``,
+``optimizer`` ({momentum, weight_decay, nesterov, exact_rounding, sparse_momentum}), ``init`` and
 ``files`` (``momentum`` only when written). A store whose rule keeps no buffer ("unrolled", or
 momentum 0: the default of training) holds, updates and writes no momentum matrix; restoring an
-older snapshot that has one (all-zero under "unrolled") still works. Pushes still being collected are not part of a snapshot. ``restore(path)`` is an
-instance method that loads a snapshot in place (same rows, dim and dtype required);
-:meth:`WeightStore.from_snapshot` builds a new store from one.
+older snapshot that has one (all-zero under "unrolled") still works. Pushes still being collected
+are not part of a snapshot. ``restore(path)`` is an instance method that loads a snapshot in place
+(same rows, dim and dtype required); :meth:`WeightStore.from_snapshot` builds a new store from one.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import logging
 import math
-import glob
-import os
-import re
-import shutil
 import threading
 import time
 from typing import Any, Optional
 
 import numpy as np
 
+from paramserver import snapshot as snap
 from paramserver.api import BadRequestError, IndexHook, StaleStepError, StoreError, SyncTimeoutError  # noqa: F401
 from paramserver.optim import Scratch, SGDConfig, sgd_update_indexed
 from paramserver.shm import alloc_shared, release_shared, shared_source
@@ -58,14 +51,12 @@ logger = logging.getLogger(__name__)
 # float32 limit (3.4e38), so an accepted update can never turn a row into inf.
 _MAX_ROW_STEP = 1e30
 
-SUPPORTED_DTYPES = ("float32", "float64")
+SUPPORTED_DTYPES = snap.DTYPES
 INIT_SCHEMES = ("normal", "uniform", "zeros")
 # Rows are initialised in fixed blocks of global ids, each from its own seed, so a shard produces
 # exactly the rows that the unsharded matrix would hold (S shards == 1 shard).
 INIT_BLOCK_ROWS = 4096
-SNAPSHOT_FORMAT = "hfsoftmax-paramserver-snapshot"
-SNAPSHOT_VERSION = 1
-MATRICES = ("W", "momentum")
+MATRICES = snap.MATRICES
 
 
 def shard_ranges(num_classes: int, num_shards: int) -> list[tuple[int, int]]:
@@ -110,40 +101,6 @@ def init_rows(lo: int, hi: int, dim: int, dtype: str, init: str, init_std: float
     return out
 
 
-def _write_npy(path: str, arr: np.ndarray, fsync: bool) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def _read_npy_into(path: str, out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """Read a .npy file into ``out`` (or a new array) without an intermediate copy."""
-    with open(path, "rb") as f:
-        try:
-            major, _ = np.lib.format.read_magic(f)
-            if major == 1:
-                fshape, fortran, fdtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                fshape, fortran, fdtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as e:
-            raise BadRequestError(f"snapshot file {path}: not a valid .npy file ({e})") from None
-        if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
-            raise BadRequestError(f"snapshot file {path}: holds {np.dtype(fdtype)}{list(fshape)}"
-                                  f"{' (Fortran order)' if fortran else ''}, manifest says {dtype}{list(shape)}")
-        if out is None:
-            out = np.empty(shape, dtype=dtype)
-        view = memoryview(out).cast("B")
-        got = 0
-        while got < view.nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise BadRequestError(f"snapshot file {path}: truncated ({got} of {view.nbytes} data bytes)")
-            got += n
-    return out
-
-
 def _parallel(fns: list) -> list:
     """Run the callables in threads; return their results in order, re-raising the first error."""
     results: list = [None] * len(fns)
@@ -164,132 +121,6 @@ def _parallel(fns: list) -> list:
     if errors:
         raise errors[0]
     return results
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _opt_from_manifest(opt: dict) -> SGDConfig:
-    return SGDConfig.from_dict(opt)
-
-
-# Siblings a snapshot write leaves for an instant: <path>.tmp.<pid>.<tid> (being written, complete once
-# its manifest.json exists) and <path>.old.<pid> (the replaced snapshot, between the two renames).
-_PARTIAL = re.compile(r"\.(tmp|old)\.(\d+)(?:\.\d+)?$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _has_manifest(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "manifest.json"))
-
-
-def _manifest_step(path: str) -> int:
-    try:
-        return int(read_manifest(path)["step"])
-    except (BadRequestError, KeyError, TypeError, ValueError):
-        return -1
-
-
-def recover_snapshot(path: str) -> bool:
-    """Repair ``path`` after a writer died between its renames, then remove dead writers' leftovers.
-
-    If ``path`` holds no complete snapshot, the best complete sibling left by a dead writer (the
-    highest step; at a tie the newer ``.tmp``, whose manifest is written last) is moved back to
-    ``path``; every other ``.tmp``/``.old`` sibling of a dead process is removed (a killed 1M x 128
-    writer used to leave 0.5 GB each time). Returns whether ``path`` now holds a snapshot.
-    """
-    path = os.path.abspath(path)
-    dead = []
-    for p in glob.glob(glob.escape(path) + ".tmp.*") + glob.glob(glob.escape(path) + ".old.*"):
-        m = _PARTIAL.search(p)
-        if m and p[: m.start()] == path and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
-            dead.append((p, m.group(1)))
-    if not _has_manifest(path) and not os.path.lexists(path):
-        complete = [(_manifest_step(p), kind == "tmp", p) for p, kind in dead if _has_manifest(p)]
-        complete = [c for c in complete if c[0] >= 0]
-        if complete:
-            step, _, best = max(complete)
-            os.replace(best, path)
-            logger.warning("snapshot %s: recovered step %d from %s (its writer died between renames)", path, step, best)
-            dead = [(p, k) for p, k in dead if p != best]
-    for p, _ in dead:
-        shutil.rmtree(p, ignore_errors=True)
-    return _has_manifest(path)
-
-
-RUN_SNAPSHOT = re.compile(r"^store_\d{8}$")   # the trainer's store snapshots beside its checkpoints
-
-
-def prune_run_snapshots(path: str, keep: set, level: int = 0, keep_previous: bool = False) -> int:
-    """Remove a run's older store snapshots where they were written (by the trainer's store, or by a
-    server, whose machine may not be the trainer's): the siblings named ``store_NNNNNNNN`` of
-    ``path`` (level 0) or of its parent (level 1: ``.../store_N/shard-i-of-S``, the same shard's
-    directory in each), except the names in ``keep`` and, with ``keep_previous``, the newest one
-    before ``path`` (the checkpoint on disk still names it until the trainer replaces it: a server
-    prunes before that). Only directories holding a snapshot (a manifest.json) are removed.
-    Returns how many."""
-    unit = path if level == 0 else os.path.dirname(path)
-    leaf = os.path.relpath(path, unit)
-    parent, own = os.path.dirname(unit), os.path.basename(unit)
-    found = sorted(n for n in os.listdir(parent) if n != own and n not in keep and RUN_SNAPSHOT.match(n)
-                   and os.path.isfile(os.path.join(parent, n, leaf, "manifest.json")))
-    older = [n for n in found if n < own]
-    if keep_previous and older:
-        found.remove(older[-1])
-    for name in found:
-        shutil.rmtree(os.path.normpath(os.path.join(parent, name, leaf)), ignore_errors=True)
-        if level:
-            with contextlib.suppress(OSError):   # the run-level directory of several shards, once empty
-                os.rmdir(os.path.join(parent, name))
-    return len(found)
-
-
-def read_manifest(path: str) -> dict:
-    """Read and check ``path/manifest.json``; errors name the file and the field at fault."""
-    mpath = os.path.join(path, "manifest.json")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            man = json.load(f)
-    except FileNotFoundError:
-        raise BadRequestError(f"snapshot {path}: no manifest.json (not a snapshot directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadRequestError(f"snapshot manifest {mpath}: unreadable ({e})") from None
-    if not isinstance(man, dict) or man.get("format") != SNAPSHOT_FORMAT:
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'format' is not {SNAPSHOT_FORMAT!r}")
-    if man.get("version") != SNAPSHOT_VERSION:
-        raise BadRequestError(f"snapshot manifest {mpath}: unsupported version {man.get('version')!r}")
-    for key in ("num_classes", "class_offset", "total_classes", "dim", "step"):
-        if not isinstance(man.get(key), int) or man[key] < 0:
-            raise BadRequestError(f"snapshot manifest {mpath}: field {key!r} must be a non-negative integer")
-    if man.get("dtype") not in SUPPORTED_DTYPES:
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'dtype' must be one of {SUPPORTED_DTYPES}")
-    files = man.get("files")
-    opt = man.get("optimizer")
-    if not isinstance(opt, dict):
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' missing")
-    try:
-        cfg = _opt_from_manifest(opt)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'optimizer' invalid ({e})") from None
-    need = MATRICES if cfg.has_buffer else ("W",)
-    if (not isinstance(files, dict) or any(not isinstance(files.get(k), str) or not files[k]
-                                           or os.path.basename(files[k]) != files[k] for k in need)):
-        raise BadRequestError(f"snapshot manifest {mpath}: field 'files' must map {' and '.join(need)} to file names")
-    return man
 
 
 def _sum_duplicates(sids: np.ndarray, grads: np.ndarray, order: np.ndarray,
@@ -769,58 +600,31 @@ class WeightStore:
 
     # ------------------------------------------------------------------ snapshots
     def manifest(self) -> dict:
-        return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "num_classes": self._K,
+        """What a snapshot of this store records besides its matrices (the format: paramserver/snapshot.py)."""
+        return {"format": snap.FORMAT, "version": snap.VERSION, "num_classes": self._K,
                 "class_offset": self._offset, "total_classes": self._total, "dim": self._d,
                 "dtype": str(self._dtype), "step": self._step, "optimizer": self.opt.to_dict(),
-                "init": self.init_desc, "files": {m: f"{m}.npy" for m in self._matrices()},
+                "init": self.init_desc, "files": snap.matrix_files(self._matrices()),
                 "created_unix": time.time()}
 
     def snapshot(self, path: str, prune_keep: Optional[Any] = None, fsync: bool = False) -> dict:
         """Write W, momentum and the manifest to directory ``path`` atomically; returns the manifest.
 
         ``prune_keep``: then remove the older ``store_NNNNNNNN`` siblings of ``path`` but these names
-        and the newest older one (:func:`prune_run_snapshots`; a server does the same for its client).
-        ``fsync`` also forces the data to disk (survives power loss, not only a killed process).
+        and the newest older one (:func:`paramserver.snapshot.prune_snapshots`; a server does the same
+        for its client). ``fsync`` also forces the data to disk (survives power loss, not only a
+        killed process).
         """
         self.wait_rows()
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        recover_snapshot(path)
-        if os.path.lexists(path) and not (os.path.isdir(path) and _has_manifest(path)):
-            # Never replace what is not a snapshot: the path may come from any client of a server.
-            what = "directory" if os.path.isdir(path) else "file"
-            raise BadRequestError(f"snapshot: {path} exists and is a {what} that is not a snapshot (no manifest.json); "
-                                  f"refusing to replace it: choose another path")
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        try:
-            with self._cond:
+        with snap.writing(path) as tmp:
+            with self._cond:   # no update between the manifest's step and the rows written
                 man = self.manifest()
-                # Both files at once: file writes release the GIL, and one writer alone is bound by
-                # the memcpy into the page cache on one core.
-                _parallel([functools.partial(_write_npy, os.path.join(tmp, man["files"][m]), a, fsync)
-                           for m, a in self._matrices().items()])
-            _write_json_atomic(os.path.join(tmp, "manifest.json"), man)
-            # Swap directories: path -> old, tmp -> path. A reader sees either the old or the new
-            # complete snapshot; a writer killed between the renames leaves both complete siblings,
-            # and restore / the next snapshot move the newest back (recover_snapshot).
-            old = f"{path}.old.{os.getpid()}"
-            if os.path.exists(path):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                snap.write_matrices(tmp, man, self._matrices(), fsync)
+            snap.write_manifest(tmp, man)
         logger.info("snapshot of step %d written to %s (%.1f MB)", man["step"], path,
                     self._nbytes() / 1e6)
         if prune_keep is not None:
-            prune_run_snapshots(path, {os.path.basename(path), *prune_keep}, keep_previous=True)
+            snap.prune_snapshots(path, set(prune_keep), keep_previous=True)
         return man
 
     def _matrices(self) -> dict:
@@ -839,21 +643,18 @@ class WeightStore:
         the existing arrays instead (no second copy in memory, for large matrices).
         """
         self.wait_rows()          # a deferred init must not write over what is restored
-        recover_snapshot(path)   # a writer killed mid-snapshot: move its complete sibling back, sweep the rest
-        man = read_manifest(path)
+        snap.recover_snapshot(path)   # a writer killed mid-snapshot: move its complete sibling back, sweep the rest
+        man = snap.read_manifest(path)
         want = {"num_classes": self._K, "class_offset": self._offset, "dim": self._d, "dtype": str(self._dtype)}
         for key, val in want.items():
             if man[key] != val:
                 raise BadRequestError(f"snapshot {path}: manifest {key}={man[key]!r} does not match this store's {val!r}")
-        shape = (self._K, self._d)
-        restored = _opt_from_manifest(man["optimizer"])
+        restored = SGDConfig.from_dict(man["optimizer"])
         with self._cond:
             # The momentum file only when the snapshot's rule uses a buffer (an older "unrolled"
             # snapshot holds an all-zero one: not read, not kept).
             into = {"W": self._W, "momentum": self._M} if in_place else {}
-            names = MATRICES if restored.has_buffer else ("W",)
-            got = dict(zip(names, _parallel([functools.partial(_read_npy_into, os.path.join(path, man["files"][m]),
-                                                                into.get(m), shape, self._dtype) for m in names])))
+            got = snap.read_matrices(path, man, MATRICES if restored.has_buffer else ("W",), into)
             if got["W"] is not self._W:
                 release_shared(self._W)   # replaced, not overwritten: its shared pages go with the last mapping
             self._W, self._M = got["W"], got.get("momentum")
@@ -885,12 +686,11 @@ class WeightStore:
                       shared_rows: bool = False) -> "WeightStore":
         """A new store holding snapshot ``path`` (shape, dtype, step and optimizer from its manifest);
         ``shared_rows``: W read into shared memory when this machine allows (see the constructor)."""
-        man = read_manifest(path)
+        man = snap.read_manifest(path)
         shape = (man["num_classes"], man["dim"])
-        dtype = np.dtype(man["dtype"])
-        into = alloc_shared(shape, str(dtype)) if shared_rows else None
+        into = alloc_shared(shape, man["dtype"]) if shared_rows else None
         try:
-            W = _read_npy_into(os.path.join(path, man["files"]["W"]), into, shape, dtype)
+            W = snap.read_matrices(path, man, ("W",), {"W": into})["W"]
         except BaseException:
             if into is not None:
                 release_shared(into)
@@ -902,7 +702,7 @@ class WeightStore:
                     sparse_momentum=str(o.get("sparse_momentum", "lazy")), num_clients=num_clients, sync_timeout=sync_timeout,
                     class_offset=man["class_offset"], total_classes=man["total_classes"], _rows=W)
         if store._M is not None:
-            _read_npy_into(os.path.join(path, man["files"]["momentum"]), store._M, shape, dtype)
+            snap.read_matrices(path, man, ("momentum",), {"momentum": store._M})
         store._step = int(man["step"])
         if isinstance(man.get("init"), dict):
             store.init_desc = man["init"]

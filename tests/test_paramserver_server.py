@@ -611,7 +611,7 @@ def test_server_prunes_the_trainers_old_store_snapshots_on_its_own_machine(tmp_p
     """snapshot(prune_keep=...) makes the server remove, where it wrote them, the run's older
     store_NNNNNNNN snapshots except those kept (and never a directory that is not a snapshot)."""
     from paramserver.client import RemoteStore
-    from paramserver.server import prune_run_snapshots
+    from paramserver.snapshot import prune_snapshots
     from paramserver.store import WeightStore
     from tests.servers import thread_server
 
@@ -637,7 +637,7 @@ def test_server_prunes_the_trainers_old_store_snapshots_on_its_own_machine(tmp_p
     for step in (1, 2):
         WeightStore(4, 2).snapshot(str(run / f"store_{step:08d}" / "shard-000-of-002"))
     WeightStore(4, 2).snapshot(str(run / "store_00000002" / "shard-001-of-002"))
-    assert prune_run_snapshots(str(run / "store_00000002" / "shard-000-of-002"), {"store_00000007"}, level=1) == 1
+    assert prune_snapshots(str(run / "store_00000002" / "shard-000-of-002"), {"store_00000007"}, level=1) == 1
     assert not (run / "store_00000001").exists()                   # its only shard removed, then the empty dir
     assert (run / "store_00000012" / "manifest.json").exists()      # not a shard directory: untouched
     assert sorted(os.listdir(run / "store_00000002")) == ["shard-000-of-002", "shard-001-of-002"]
