@@ -3,7 +3,7 @@ RP-softmax, on a feature-level synthetic identity task with families (hard negat
 same backbone init, same steps and seeds for every method.
 
     .venv/bin/python benchmarks/bench_accuracy.py             # default: K = 100K (see below)
-    .venv/bin/python benchmarks/bench_accuracy.py --quick     # K = 5K, 150 steps (~2 min)
+    .venv/bin/python benchmarks/bench_accuracy.py --quick     # K = 5K, 150 steps
 
 The task. K identities in families (default 1000 families x 100 members): identity code
 z_k = normalize(u_f + spread * v_k) in R^c (u_f the family centre, v_k the member's own direction,
@@ -31,10 +31,10 @@ trainer's peak RSS; for HF the index build time, achieved rebuild period and sta
 (mass of the selected set) at the end.
 
 Default: K = 100000, d = 64, B = 256, 600 steps (each identity is seen ~1.5 times: a short
-schedule, chosen so that full softmax, ~1-2 s/step on one loaded core, fits), M = 1000 (= 1% of K;
-at small K, M = max(K / 100, 2 B) so that a batch's labels fit). Every method runs in its own
-subprocess, one after another. Measured: 30 minutes on the shared, loaded 2-core machine (full
-softmax 16 min at 1.56 s/step, MACH 5 min, RP ~8 min; HF/random under 1.5 min each). Ends with exactly one ``RESULT key=value ...`` line.
+schedule, chosen so that full softmax, by far the slowest method on CPU, fits), M = 1000 (= 1% of
+K; at small K, M = max(K / 100, 2 B) so that a batch's labels fit). Every method runs in its own
+subprocess, one after another; full softmax takes the largest share of the run time (run times
+measured so far: docs/benchmarks.md). Ends with exactly one ``RESULT key=value ...`` line.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 MACH and RP-softmax, side by side in one run.
 
     .venv/bin/python benchmarks/bench_head.py              # default: K = 100K and 1M (see below)
-    .venv/bin/python benchmarks/bench_head.py --quick      # K = 20K, a few steps (~1 min)
+    .venv/bin/python benchmarks/bench_head.py --quick      # K = 20K, a few steps
     .venv/bin/python benchmarks/bench_head.py --ks 1000000 --methods full,hf-ivf,random
 
 One step of each method, on d = 512, B = 256, M = 1000, CosFace logits (s = 30, m = 0.35):
@@ -39,14 +39,13 @@ cost is 1 - steps/s(on) / mean steps/s(off); the achieved rebuild period and the
 come from IndexManager.stats().
 
 Default run (no arguments): K = 100K (all methods, forest, IVF and graph rebuild cost) and K = 1M
-(full, hf-ivf, hf-graph, random, hf-graph-remote, mach, rp; IVF and graph rebuild cost). The forest is built at 1M only with
-``--forest-1m`` (~100-200 s build on this machine). Measured on the shared, loaded 2-core machine
-(load average 4-12 from other engineers): the K = 1M part took 18 min (full softmax 69 s/step: 4.5
-min; RP 6 min), the K = 100K part ~12 min, so ~30 min in all; on a quiet machine about half. Peak
-memory ~14 GB (full softmax at 1M: W, its gradient and momentum, the normalised copy for CosFace and
-the logits; hf-ivf in-process is as large: W + momentum in the store, plus faiss' own copy of the
-normalised rows). Ends with exactly one ``RESULT key=value ...`` line. ``--ks 1000000`` or
-``--ks 100000`` runs one size (the RESULT keys are prefixed by K).
+(full, hf-ivf, hf-graph, random, hf-graph-remote, mach, rp; IVF and graph rebuild cost). The forest
+is built at 1M only with ``--forest-1m`` (its build is slow at that size). The 1M
+part takes most of the run time and sets the peak memory: full softmax at 1M holds W, its gradient
+and momentum, the normalised copy for CosFace and the logits; hf-ivf in-process is as large (W +
+momentum in the store, plus faiss' own copy of the normalised rows). Run times and peak memory
+measured so far: docs/benchmarks.md. Ends with exactly one ``RESULT key=value ...`` line.
+``--ks 1000000`` or ``--ks 100000`` runs one size (the RESULT keys are prefixed by K).
 """
 from __future__ import annotations
 
@@ -189,8 +188,8 @@ def _rebuild_phases(manager: Any, make_batch, step, s0: int, phase_s: float, eve
     manager.rebuild_every = 10**9
     t_wait = time.perf_counter()
     # Let a running build finish, so the last phase is really "off" -- but at most max_wait_s: a
-    # niced build on an oversubscribed machine may get almost no CPU (observed: 4 s of CPU in 3.5 min
-    # for a forest build at nice 10 under a load average of 5), and then the last phase runs with it.
+    # niced build on an oversubscribed machine may get almost no CPU for minutes (docs/benchmarks.md),
+    # and then the last phase runs with it.
     while manager.stats()["building"] and time.perf_counter() - t_wait < max_wait_s:
         time.sleep(0.1)
     wait_s = time.perf_counter() - t_wait
@@ -335,8 +334,8 @@ WORKERS = {"full": worker_full, "mach": worker_sibling, "rp": worker_sibling, "h
 def run_method(method: str, K: int, args: argparse.Namespace) -> dict[str, Any]:
     big = K >= 500_000
     # IVF's own default nprobe grows like sqrt(K) (31 lists of ~1000 rows at 1M: 31K rows scanned per
-    # query, ~1-2 s per batch on one loaded core); at large K the benchmark keeps the scan budget at
-    # 8 lists instead (the index docstring's advice: a fixed scan budget as K grows).
+    # query, seconds per batch on one core; docs/benchmarks.md); at large K the benchmark keeps the
+    # scan budget at 8 lists instead (the index docstring's advice: a fixed scan budget as K grows).
     nprobe = args.nprobe or (8 if big else 0)
     spec: dict[str, Any] = {"method": method, "K": K, "d": args.d, "B": args.batch, "M": args.m,
                             "candidates": args.candidates, "nprobe": nprobe, "nlist": args.nlist}

@@ -1,6 +1,6 @@
 """Multi-rank HF-softmax against one parameter server: does the server's work grow with R?
 
-Default size (about 10-15 min on 2 cores): R = 1, 2, 4, 8 gloo rank processes on this machine, one
+Default size (run time: docs/benchmarks.md): R = 1, 2, 4, 8 gloo rank processes on this machine, one
 ``paramserver.py`` with K = 1M classes x d = 512 (fp32, 2 GB), B = 128 samples per rank, M = 10000
 and M = 1000 active classes, the pipelined client (pushes from a background worker). The ranks feed
 synthetic features (no backbone) through the selective head exactly as training does: one active

@@ -1,6 +1,6 @@
 """Benchmark of the parameter server: pull+push round trips and snapshot/restore throughput.
 
-    .venv/bin/python benchmarks/bench_paramserver.py            # default sizes, ~1-2 minutes
+    .venv/bin/python benchmarks/bench_paramserver.py            # default sizes (run time: docs/benchmarks.md)
 
 Round trip (HF-softmax's per-step traffic: pull M active rows, push M row gradients), M in
 {1000, 10000}, d = 512, float32, over tcp loopback, with 1 and 4 concurrent clients, measured in

@@ -20,9 +20,9 @@ Reported per K:
 and once: ``rt_over_echo``, an M-row pull + push round trip over a raw pyzmq echo of the same
 bytes (target: <= 2).
 
-Runs (this 2-core machine): 1M alone ~1.5 min (``--sizes 1M``), 4M ~8 min, 10M ~24 min (the 23-min
-graph build dominates); the default three sizes take ~34 min and need ~17 GB of free memory. Ends
-with one RESULT line.
+The run time grows with K and is dominated at 10M by the first graph build (``--sizes 1M`` alone
+is the short run); the free memory needed is that of the 10M server (W plus what its build holds).
+Run times and peak memory measured so far: docs/benchmarks.md. Ends with one RESULT line.
 """
 from __future__ import annotations
 

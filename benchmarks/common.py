@@ -100,8 +100,8 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float = 1800.0, threa
     One method per process, so each peak RSS is that method's alone. A failed worker returns
     {"error": ...} instead of raising, so one method cannot sink the whole table. ``threads`` caps
     OpenMP/BLAS threads: on this shared 2-core machine two OpenMP threads spin at barriers when
-    the cores are oversubscribed (measured: a 256 x 1000 x 512 CosFace fwd/bwd took 62 ms on one
-    thread and 990 ms on two under a load average of 12).
+    the cores are oversubscribed, and a head step then runs many times slower than on one thread
+    (docs/benchmarks.md).
     """
     cmd = [sys.executable, script, "--worker", json.dumps(spec)]
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ class ModelConfig:
     feature_dim: int = 128
     dropout: float = 0.0
     norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)
-    width: int = 32                 # tiny only: channels of its first stage (16: ~3x faster on CPU)
+    width: int = 32                 # tiny only: channels of its first stage (16: ~1/4 the conv work; docs/benchmarks.md)
     sync_bn: bool = False           # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
     pretrained: str = ""            # start from these backbone weights (a checkpoint of ours, or an
                                     # arcface_torch IResNet backbone.pth) unless resuming

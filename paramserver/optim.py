@@ -25,18 +25,20 @@ once and keeps no buffer:
     w   = w - lr / (1 - momentum) * (grad + weight_decay * w)
 
 the same total displacement per gradient as dense momentum SGD at a constant lr (Nesterov's series
-sums to the same, so ``nesterov`` makes no difference there). Measured (benchmarks/bench_accuracy.py
-setting, K = 20K in families of 100, 2000 steps, M = 512, HF-IVF): top-1 93.1 % lazy, 98.0 %
-unrolled, full softmax (dense momentum) 98.9 %. With M = K (every row touched every step) "lazy" is
-exactly torch.optim.SGD and "unrolled" is plain SGD at lr / (1 - m), without momentum's smoothing and
-with a tighter stability limit: when most rows are active every step, choose "lazy".
+sums to the same, so ``nesterov`` makes no difference there). That is why "unrolled" is the
+training default: with lazy momentum a selective head fell well short of full softmax in top-1,
+and unrolled closed most of the gap (docs/benchmarks.md, bench_accuracy). With M = K (every row
+touched every step) "lazy" is exactly torch.optim.SGD and "unrolled" is plain SGD at lr / (1 - m),
+without momentum's smoothing and with a tighter stability limit: when most rows are active every
+step, choose "lazy".
 
 Rounding: torch's CPU kernels compute ``a.add(b, alpha=s)`` as one fused multiply-add (one
 rounding). With ``exact_rounding=True`` we reproduce that for float32 rows by computing each
 ``a + s*b`` in float64 (the product of two float32 is exact there) and rounding once, so the result
 is bit-identical to torch.optim.SGD on CPU (tested). The default (False) multiplies then adds in the
-row dtype, ~4x cheaper; each of the 2-3 multiply-adds of a step may then differ from torch by one
-rounding (relative 6e-8 in float32). For float64 rows the math is always plain numpy.
+row dtype, several times cheaper (no float64 temporaries or conversions; docs/benchmarks.md); each
+of the 2-3 multiply-adds of a step may then differ from torch by one rounding (relative 6e-8 in
+float32). For float64 rows the math is always plain numpy.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ class SGDConfig:
         weight_decay: L2 factor added to the gradient of touched rows.
         nesterov: Nesterov momentum in PyTorch's formulation (needs momentum > 0).
         exact_rounding: round every multiply-add once, as torch's fused CPU kernels (bit-identical
-            to torch.optim.SGD; about 4x slower update arithmetic).
+            to torch.optim.SGD; several times slower update arithmetic: float64 temporaries).
         sparse_momentum: "lazy" (torch.optim.SGD on the touched rows) or "unrolled" (each touch
             moves its row by the whole momentum series, no buffer; see the module docstring).
     """
@@ -105,7 +107,7 @@ class SGDConfig:
 
 # Rows are updated in blocks of about this many bytes per work array, so the gathered rows, their
 # momentum and the temporaries of one block stay in the CPU cache between the ~6 arithmetic passes
-# (one pass over 1000 x 512 float32 rows each is DRAM-bound; measured 1.4-1.7x faster in blocks).
+# (one pass over 1000 x 512 float32 rows each is DRAM-bound; blocks are faster: docs/benchmarks.md).
 BLOCK_BYTES = 256 << 10
 
 

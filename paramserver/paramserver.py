@@ -125,7 +125,8 @@ def open_from_args(args: argparse.Namespace) -> WeightStore:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # A background index build holds the GIL between its numpy calls; with the default 5 ms switch
-    # interval every request waited up to that long for it (a 4M-class pull + push: 10.9 ms).
+    # interval every request waited up to that long for it, a large share of an M-row round trip
+    # (docs/benchmarks.md, bench_scale).
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,10 +1,11 @@
 """Row matrices another process can map without a copy: W in shared memory.
 
 Why: a graph build over a 4-10 GB W is a minutes-long numpy loop; in a thread of the server it holds
-the GIL between its calls, and every pull and push the trainers send waits behind it (measured at
-10M x 256: a 1000-row round trip 20 ms during a build, 4 ms without). In a child process it would
-not, but the child needs the rows: a temporary copy of W costs another W of memory and disk.
-Allocating W itself in shared memory lets the child map the very same pages read-only.
+the GIL between its calls, and every pull and push the trainers send waits behind it (at 10M x 256
+a round trip during such a build took several times as long as without one; docs/benchmarks.md,
+bench_scale). In a child process it would not, but the child needs the rows: a temporary copy of
+W costs another W of memory and disk. Allocating W itself in shared memory lets the child map the
+very same pages read-only.
 
 How: :func:`alloc_shared` creates a file in ``/dev/shm`` (tmpfs), unlinks it at once (nothing is
 left behind whatever ends the process: the pages live while a descriptor or a mapping does) and

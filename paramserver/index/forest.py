@@ -29,11 +29,11 @@ class HashingForest(ClassIndex):
     Annoy's "angular" distance is sqrt(2 - 2 cos), converted back to the cosine here; its "dot"
     distance is the inner product itself. search_k = -1 means Annoy's default (n * ntrees).
 
-    Annoy has no bulk add: one Python call per row (~31 s at 1M x 512), holding the GIL, which in a
-    background thread stalls the trainer's thread at every GIL hand-off. With subprocess=True
-    the build runs in a spawned process (spawn.py: the child maps the store's rows when they are in
-    shared memory, else reads a temp .npy), adds and builds and saves, and the parent memory-maps
-    the saved index (Annoy's load is an mmap).
+    Annoy has no bulk add: one Python call per row (tens of seconds at 1M rows; docs/benchmarks.md),
+    holding the GIL, which in a background thread stalls the trainer's thread at every GIL
+    hand-off. With subprocess=True the build runs in a spawned process (spawn.py: the child maps the
+    store's rows when they are in shared memory, else reads a temp .npy), adds and builds and saves,
+    and the parent memory-maps the saved index (Annoy's load is an mmap).
     subprocess=None (default) picks the subprocess only from ``SUBPROCESS_MIN_ROWS`` rows on: below
     that the add loop takes milliseconds and starting a Python process would cost far more.
     """

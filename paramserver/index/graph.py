@@ -181,13 +181,13 @@ class GraphIndex(ClassIndex):
     the background; a query scores the neighbours of each sample's LABEL against the feature.
 
     Why: at B = 256 a per-feature probe of an IVF or a forest touches most of W every step (256
-    queries x nprobe lists), which costs 5-9x the M-row softmax step itself. The hard negatives of a
-    sample are the classes its feature scores highest, and once training is under way the feature
-    lies near its label's row, so they are the label's nearest classes (the "doppelganger" lists of
-    face recognition). The graph holds those lists; a step gathers B x (degree + 1) rows and scores
-    them with the features -- per-step cost independent of K. The scores are exact and fresh (the
-    index keeps a copy of the rows, updated every step like IVF); only the neighbour SETS age, and
-    they are recomputed at each rebuild.
+    queries x nprobe lists), which costs several times the M-row softmax step itself
+    (docs/benchmarks.md). The hard negatives of a sample are the classes its feature scores
+    highest, and once training is under way the feature lies near its label's row, so they are the
+    label's nearest classes (the "doppelganger" lists of face recognition). The graph holds those
+    lists; a step gathers B x (degree + 1) rows and scores them with the features -- per-step cost
+    independent of K. The scores are exact and fresh (the index keeps a copy of the rows, updated
+    every step like IVF); only the neighbour SETS age, and they are recomputed at each rebuild.
 
     Query, per sample b with feature f_b and label y_b:
     - warm (the label is a class of this shard and cos(f_b, row y_b) >= `cold_cos`): candidates =
@@ -199,9 +199,9 @@ class GraphIndex(ClassIndex):
       label's row after its step, not the many slightly pushed negatives). `cold_nprobe = 0`: a
       greedy walk instead (from the member nearest to f_b's nearest centroid, `hops` moves).
     Early in training most samples are cold and the step costs about IVF's; once the rows are
-    trained almost all are warm. Measured (benchmarks/bench_accuracy.py, K = 100K, 600 steps): the
-    cold path lifts top-1 from 22 % (label lists only) to 33 % (IVF alone: 35 %); 28 % of the
-    samples were still cold at the end. `queries` / `cold_queries` count samples since the build.
+    trained almost all are warm. The cold path is what brings the graph's accuracy close to IVF's
+    in a short run, where many label rows are still untrained when first seen (docs/benchmarks.md,
+    bench_accuracy). `queries` / `cold_queries` count samples since the build.
     With S shards each shard proposes only its own classes; a label's neighbours in other shards
     come from the cold path.
 
@@ -209,10 +209,11 @@ class GraphIndex(ClassIndex):
     searches its `probe` nearest lists (an IVF kNN search of W against itself). The work is grouped
     by list -- one BLAS matmul of all rows probing list j against j's members -- so it runs at
     matmul speed, not at a per-query scan's. Cost ~ K * probe * (K / nlist) * d multiply-adds
-    (4 s at 100K x 512, 93 s at 1M on one core). From `SUBPROCESS_MIN_ROWS` rows (or
-    `subprocess=True`) it runs in a spawned process (its per-list loop holds the GIL between numpy
-    calls, which stalled the trainer's thread: background rebuild cost 6.6 % -> 2.4 % at 100K),
-    while the calling thread builds the cold-path IVF.
+    (seconds at 100K, over a minute at 1M on one core; docs/benchmarks.md). From
+    `SUBPROCESS_MIN_ROWS` rows (or `subprocess=True`) it runs in a spawned process (its per-list
+    loop holds the GIL between numpy calls, which in a thread stalls the trainer at every hand-off
+    and raises the background rebuild's step-rate cost; docs/benchmarks.md), while the calling
+    thread builds the cold-path IVF.
 
     Args (besides the base ones):
         degree: neighbours kept per class (graph out-degree).
@@ -291,7 +292,7 @@ class GraphIndex(ClassIndex):
                                                  None, True, _unit))
         self._check_cancel()
         # The per-list loop holds the GIL between its numpy calls; in a background thread that stalls
-        # the trainer at every hand-off (measured: rebuild cost 3 % -> 6.6 % at 100K), so graphs are
+        # the trainer at every hand-off (more step rate lost to rebuilds; docs/benchmarks.md), so graphs are
         # built in a spawned process (spawn.py) while this thread builds the IVF. The child maps the
         # store's W when it is in shared memory (paramserver/shm.py: any size), else reads a temp .npy
         # up to SUBPROCESS_MAX_BYTES; above that, without shared memory, the build reads W in place in

@@ -35,8 +35,9 @@ class IVFIndex(ClassIndex):
             scores are approximate, which a proposer whose candidates are re-scored on the store's
             rows -- GraphIndex's cold path -- does not mind).
         query_threads: faiss threads for the per-step calls (query, update); None = faiss default.
-            1 by default: measured on a loaded 2-core machine, a 1000-row update takes 0.6 ms on one
-            OpenMP thread and ~24 ms on two (threads spin at barriers when cores are oversubscribed).
+            1 by default: when the cores are oversubscribed, OpenMP threads spin at barriers and a
+            small per-step update runs many times slower on two threads than on one
+            (docs/benchmarks.md, bench_index).
     """
 
     name = "ivf"

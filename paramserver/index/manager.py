@@ -66,10 +66,10 @@ class Build:
 class IndexManager:
     """Owns the live index of one store shard; rebuilds in the background and swaps atomically.
 
-    Scheduling (the paper rebuilds every T steps; at K = 1M an Annoy build takes ~96 s against
-    ~22 ms per step, so T can only be a minimum): a build starts when at least `rebuild_every` steps
-    have passed since the last build STARTED and no build is running -- builds never queue. Queries
-    always use the live index and never wait for a build.
+    Scheduling (the paper rebuilds every T steps; at K = 1M a build lasts thousands of steps, see
+    docs/benchmarks.md, so T can only be a minimum): a build starts when at least `rebuild_every`
+    steps have passed since the last build STARTED and no build is running -- builds never queue.
+    Queries always use the live index and never wait for a build.
 
     Each build is a :class:`Build` record (BUILDING -> READY -> LIVE, or FAILED / RETIRED); there
     is at most one current build, and every build goes live through one path (:meth:`_swap`): bind
@@ -95,8 +95,9 @@ class IndexManager:
     library threads and a raised nice value (BACKGROUND_NICE; Linux; per thread, and for a build
     child), so that on a busy machine the build takes only CPU the trainer leaves idle. A niced
     thread that holds the GIL for long (Annoy's per-row add_item loop, the graph's per-list loop)
-    would starve the trainer instead -- a priority inversion measured at a ~50% step-rate cost --
-    so HashingForest and GraphIndex build large W in a child process (spawn.py).
+    would starve the trainer instead -- a priority inversion that cost a large share of the step
+    rate (docs/benchmarks.md, bench_index) -- so HashingForest and GraphIndex build large W in a
+    child process (spawn.py).
 
     Args:
         factory: returns a fresh, unbuilt ClassIndex (metric, offset, options already bound).
@@ -113,10 +114,10 @@ class IndexManager:
             meanwhile are replayed onto an incremental index before it goes live. None (default): on
             when W is at most ``copy_limit_bytes`` (64 MiB: up to 32K x 512 fp32, where builds take
             seconds), else off with a log line: a build over more rows can outlast T steps (a 1M x
-            256 graph build takes ~85 s), and each period would then end with every client waiting
-            for it. True: on at any size (the copy of W included); False: off. The first build (and
-            the one after a reset) started in the background goes live at the first multiple of T
-            after its start step when on, as soon as it is done when off.
+            256 graph build takes over a minute; docs/benchmarks.md), and each period would then end
+            with every client waiting for it. True: on at any size (the copy of W included); False:
+            off. The first build (and the one after a reset) started in the background goes live at
+            the first multiple of T after its start step when on, as soon as it is done when off.
         copy_limit_bytes: the W size up to which ``deterministic=None`` means on.
         sync_first_build_bytes: a first build over at most this many bytes of W runs synchronously.
     """

@@ -25,17 +25,14 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-# Measured by benchmarks/bench_index.py at K = 100K, d = 512 (clustered rows, angular, B = 256,
-# n = 50, M = 1000; a heavily loaded 2-core machine): IVF built 6.7x faster than the 50-tree forest
-# (7.6 s vs 51 s), queried 2x faster (257 vs 506 ms), with higher recall@50 (0.37 vs 0.30) and
-# equal or better negative-class CPK (0.270 vs 0.266; exact 0.300, random 0.012), and it stays
-# fresh through per-step updates (1000 rows in ~1-14 ms) where the forest is a full rebuild
-# behind. But IVF's per-feature scan still costs 5-9x the M-row step at 100K-1M (benchmarks/
-# bench_head.py). The graph index (label neighbours for warm samples, the IVF only for samples whose
-# label row is still cold) is 1.3x the random-rows floor at 100K and 1M with CPK as high as IVF's,
-# and in benchmarks/bench_accuracy.py (K = 100K, 600 steps) within 2 points of IVF in top-1 and
-# above it in verification (see the README). So the graph is the default from this size up; the
-# forest stays the paper's index below it.
+# Why the graph from LARGE_K up: there IVF already beats the forest (it builds and queries faster,
+# finds more of the true top-n with at least as much negative-class CPK, and stays fresh through
+# per-step updates where the forest is a full rebuild behind), but IVF's per-feature scan still
+# costs several times the M-row step itself. The graph index (label neighbours for warm samples,
+# the IVF only for samples whose label row is still cold) keeps the step near the random-rows
+# floor at any K, with CPK as high as IVF's and accuracy close to it. Below LARGE_K the forest,
+# the paper's index, stays the default. The figures: docs/benchmarks.md (bench_index, bench_head,
+# bench_accuracy).
 LARGE_K = 100_000
 
 
