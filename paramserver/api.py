@@ -58,6 +58,12 @@ class Store(Protocol):
               timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
         """The class index's top-``n`` (ids [B, n] int64, scores [B, n]) per feature."""
 
+    def score(self, features: np.ndarray, k: int, ids: Any = None, scale: Optional[float] = None,
+              step: Optional[int] = None, timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features scored against rows ``ids`` (None: all K) where the rows live: (log-sum-exp
+        float64 [B], top-k scores float64 [B, k'], their ids int64 [B, k']); scores ``F @ W^T``, or
+        ``scale * cos`` with a scale. Rows never travel for a measurement (CPK) or a top-k."""
+
     def set_rows(self, ids: Any, rows: np.ndarray, matrix: str = "W") -> None: ...
 
     def snapshot(self, path: str, prune_keep: Optional[Collection[str]] = None) -> Any:

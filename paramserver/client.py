@@ -302,6 +302,33 @@ class RemoteStore:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # [B, n]
         return np.take_along_axis(ids, top, axis=1), np.take_along_axis(scores, top, axis=1)
 
+    def score(self, features: np.ndarray, k: int, ids: Any = None, scale: Optional[float] = None,
+              step: Optional[int] = None, timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`paramserver.store.WeightStore.score` over all shards: each scores its own rows (of
+        ``ids``, or all), the log-sum-exps add up and the top-``k`` lists merge by score."""
+        feats = np.ascontiguousarray(features)
+        limit = self.timeout if timeout is None else float(timeout)
+        header = {"op": "score", "k": int(k)}
+        if scale is not None:
+            header["scale"] = float(scale)
+        header = self._step_fields(header, step, limit)
+        if ids is None:
+            reqs = {i: (header, [feats]) for i in range(len(self.addresses))}
+        else:
+            arr, parts = self._split(ids)
+            reqs = {i: (header, [feats, np.ascontiguousarray(arr[pos])]) for i, pos in enumerate(parts) if pos.size}
+        if not reqs:                                   # no ids at all: nothing scored
+            B = feats.shape[0]
+            return np.full(B, -np.inf), np.empty((B, 0)), np.empty((B, 0), dtype=np.int64)
+        reps = self._call(reqs, limit)
+        lse = np.logaddexp.reduce(np.stack([reps[i][1][0] for i in reqs]), axis=0)
+        scores = np.concatenate([reps[i][1][1] for i in reqs], axis=1)
+        top_ids = np.concatenate([reps[i][1][2] for i in reqs], axis=1)
+        if len(reqs) == 1:
+            return np.array(lse), np.array(scores), np.array(top_ids)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return lse, np.take_along_axis(scores, top, axis=1), np.take_along_axis(top_ids, top, axis=1)
+
     def snapshot(self, path: str, prune_keep: Optional[Sequence[str]] = None) -> list[dict]:
         """Every shard writes its snapshot on its own machine: ``path`` (S = 1) or
         ``path/shard-III-of-SSS``. Returns the per-shard replies (path, step). ``prune_keep``: each

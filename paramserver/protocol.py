@@ -53,7 +53,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 2
-OPS = ("info", "register", "pull", "push", "set_rows", "query", "snapshot", "restore", "stats",
+OPS = ("info", "register", "pull", "push", "set_rows", "query", "score", "snapshot", "restore", "stats",
        "ping", "shutdown", "set_rebuild_every")
 # Array dtypes accepted on the wire (little-endian only, so any client can produce them).
 # "<u2" carries bfloat16 bit patterns (numpy has no bfloat16): see to_bf16 / from_bf16.

@@ -426,6 +426,27 @@ class ParamServer:
         # with "step": answered once that step's update (and its index update) is applied
         return self._park_or_answer(env, h, answer)
 
+    def _op_score(self, env: list, h: dict, arrays: list) -> Optional[list]:
+        """Features [B, d] (and optionally ids [n]) -> (lse f8 [B], top-k scores f8 [B, k'], ids i8 [B, k'])
+        over this shard's rows (WeightStore.score); parked like a pull when the header has a step."""
+        if len(arrays) != 2:
+            expect_arrays(h, arrays, 1)
+        k = get_field(h, "k", int)
+        scale = get_field(h, "scale", float, optional=True)
+        feats = arrays[0]
+        ids = arrays[1] if len(arrays) == 2 else None
+        if feats.ndim != 2:
+            raise BadRequestError(f"score: features must be [B, d], got shape {list(feats.shape)}")
+        self._check_reply_size("score", feats.shape[0] * (8 + 16 * max(k, 0)), f"{feats.shape[0]} x {k} scores")
+        if ids is not None:
+            self.store._local_ids(ids, "score ids")      # validate now, not after a wait
+
+        def answer() -> list:
+            lse, top, top_ids = self.store.score(np.array(feats), k, ids=ids, scale=scale)
+            return ok_reply(h.get("id"), [lse, top, top_ids], step=self.store.step)
+
+        return self._park_or_answer(env, h, answer)
+
     def _op_snapshot(self, env: list, h: dict, arrays: list) -> list:
         expect_arrays(h, arrays, 0)
         path = get_field(h, "path", str, optional=True)

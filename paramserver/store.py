@@ -53,6 +53,8 @@ _MAX_ROW_STEP = 1e30
 
 SUPPORTED_DTYPES = snap.DTYPES
 INIT_SCHEMES = ("normal", "uniform", "zeros")
+# score(): rows scored at once (B x 65536 scores: 16 MB at B = 64 in float32)
+SCORE_BLOCK_ROWS = 65536
 # Rows are initialised in fixed blocks of global ids, each from its own seed, so a shard produces
 # exactly the rows that the unsharded matrix would hold (S shards == 1 shard).
 INIT_BLOCK_ROWS = 4096
@@ -142,6 +144,16 @@ def _sum_duplicates(sids: np.ndarray, grads: np.ndarray, order: np.ndarray,
         sel = rank == k
         g[group[sel]] += grads[order[sel]]
     return uniq, g
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k largest scores [B, k] sorted descending and their ids (ties: the earlier column)."""
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part.sort(axis=1)                              # column order: ties resolve as a stable sort would
+        scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def _finite_or_none(d: dict) -> dict:
@@ -234,7 +246,8 @@ class WeightStore:
         self._t0 = time.monotonic()
         # refused_updates: steps whose summed gradient would overflow W (applied as empty updates);
         # index_errors: failed index updates or builds (the store keeps serving with the live index).
-        self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "updates": 0,
+        self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "scores": 0, "rows_scored": 0,
+                        "updates": 0,
                         "refused_updates": 0, "index_errors": 0}
 
     # ------------------------------------------------------------------ properties
@@ -356,6 +369,61 @@ class WeightStore:
             self._counts["pulls"] += 1
             self._counts["rows_pulled"] += len(loc)
         return out
+
+    def score(self, features: Any, k: int, ids: Any = None, scale: Optional[float] = None,
+              step: Optional[int] = None, timeout: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score features against rows where the rows live: per feature, the log-sum-exp of its scores
+        over rows ``ids`` (global; None: every row of this store) and its top ``k`` of them.
+
+        Scores are the eval logits of a head: ``F @ W^T`` (``scale`` None, a plain linear head) or
+        ``scale * cos(F, W)`` (a margin head). They are computed in blocks of SCORE_BLOCK_ROWS rows in
+        the dtype of features and rows (fp32 for both fp32), reduced in float64. Only B x (1 + 2k)
+        numbers leave, whatever the number of rows (a CPK probe, a top-k evaluation over all K).
+
+        Returns:
+            (lse float64 [B], top scores float64 [B, k'] sorted descending, their global ids int64
+            [B, k']), k' = min(k, rows scored); with no rows, lse is -inf and k' = 0.
+        """
+        self.wait_rows(timeout)
+        F = np.asarray(features)
+        if F.ndim != 2 or F.shape[1] != self._d or F.dtype.kind != "f":
+            raise BadRequestError(f"score: features must be a float [B, {self._d}] array, got {F.dtype} {list(F.shape)}")
+        if not np.isfinite(F).all():
+            raise BadRequestError("score: features hold NaN or Inf")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise BadRequestError(f"score: k must be an integer >= 1, got {k!r}")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise BadRequestError(f"score: scale must be a finite number or absent, got {scale!r}")
+        loc = None if ids is None else self._local_ids(ids, "score ids")
+        n = self._K if loc is None else loc.size
+        dtype = np.promote_types(F.dtype, self._dtype)
+        Fx = F.astype(dtype)
+        if scale is not None:
+            Fx = Fx / np.maximum(np.linalg.norm(Fx, axis=1, keepdims=True), 1e-12)
+        B, kk = F.shape[0], min(int(k), n)
+        lse = np.full(B, -np.inf)
+        best_s, best_i = np.empty((B, 0)), np.empty((B, 0), dtype=np.int64)
+        with self._cond:
+            self._wait_for_step(step, timeout, "score")
+        for lo in range(0, n, SCORE_BLOCK_ROWS):
+            hi = min(lo + SCORE_BLOCK_ROWS, n)
+            rows = np.arange(lo, hi) if loc is None else loc[lo:hi]                    # local row ids
+            with self._cond:
+                W = (self._W[lo:hi] if loc is None else np.take(self._W, rows, axis=0)).astype(dtype, copy=False)
+                if scale is not None:
+                    W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+                blk = (Fx @ W.T).astype(np.float64)                                    # [B, blk]
+            if scale is not None:
+                blk *= scale
+            top = blk.max(axis=1)
+            lse = np.logaddexp(lse, top + np.log(np.exp(blk - top[:, None]).sum(axis=1)))
+            cand_s = np.concatenate([best_s, blk], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(rows + self._offset, blk.shape)], axis=1)
+            best_s, best_i = _top_k(cand_s, cand_i, kk)
+        with self._cond:
+            self._counts["scores"] += 1
+            self._counts["rows_scored"] += n
+        return lse, best_s, best_i
 
     def _wait_for_step(self, step: Optional[int], timeout: Optional[float], op: str) -> None:
         """With ``step``: wait (lock held) until store.step >= step, or SyncTimeoutError naming the

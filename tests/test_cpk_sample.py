@@ -170,20 +170,24 @@ def test_exact_when_k_within_cpk_sample_and_a_full_sample_is_exact() -> None:
     torch.testing.assert_close(probs_s, probs_e, rtol=1e-12, atol=1e-300)
 
 
-def test_sampled_probe_pulls_cpk_sample_rows_not_k() -> None:
+def test_sampled_probe_scores_cpk_sample_rows_not_k_and_pulls_none() -> None:
+    """The probe's features go to the rows (the store's score op): a step pulls its M active rows,
+    probe or not, and the probe scores |A| + s rows (then the M active ones for cpk_active), not K."""
     feats, labels = batch(clustered_rows())
     # (cpk_sample, rows of the probe): |A| + s with s = max(cpk_sample - |A|, cpk_sample // 4)
     for sample, probe_rows in ((SAMPLE, SAMPLE), (1200, M + 300), (K, K)):
         store = clustered_store()
         head = head_on(store, M, candidates=100, cpk_every=2, cpk_probe=B, cpk_sample=sample)
-        pulled = []
+        pulled, scored = [], []
         for t in range(2):                                             # a probe step, then a plain one
-            before = store.stats()["rows_pulled"]
+            before = store.stats()
             head.begin_step(t, 0.0)
             head(feats.clone().requires_grad_(), labels).backward()
             head.end_step(t)
-            pulled.append(store.stats()["rows_pulled"] - before)
-        assert pulled == [probe_rows + M, M], (sample, pulled)
+            pulled.append(store.stats()["rows_pulled"] - before["rows_pulled"])
+            scored.append(store.stats()["rows_scored"] - before["rows_scored"])
+        assert pulled == [M, M], (sample, pulled)
+        assert scored == [probe_rows + M, 0], (sample, scored)
         assert head.stats()["cpk_sampled"] == float(sample < K)
         if sample < K:
             assert probe_rows <= sample + M

@@ -2,9 +2,10 @@
 AAAI 2018, Sec. "Adaptive allocation"; its code never released it), as objects of their own.
 
 :class:`CPKProbe` measures, on a probe of up to ``probe_size`` samples of the global batch, the mean
-probability mass of the top-m classes (CPK(m), m = 1..k) and of the selected active set, from rows
-pulled block by block (no B x K tensor; eval logits, i.e. without the margin): a running logsumexp
-and a running top-k over blocks, in float64. Over all K classes when K <= ``sample`` (exact); above,
+probability mass of the top-m classes (CPK(m), m = 1..k) and of the selected active set. The probe's
+features go to the rows, never the rows to the trainer: the store's ``score`` op returns, per
+feature, the log-sum-exp and the top-k of its eval logits (no margin) over the given classes, in
+float64, each shard over its own rows in blocks. Over all K classes when K <= ``sample`` (exact); above,
 from the active set plus a uniform sample of the other classes (:meth:`CPKProbe.sampled_mass`
 states the estimator and its error). :class:`AdaptiveAllocation` turns the measurements into M
 (:func:`choose_num_active`) and the index rebuild period T (:func:`next_rebuild_period`).
@@ -18,15 +19,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .margin import Margin
-
 logger = logging.getLogger(__name__)
 
 # Stream tag of the probe's class sample (a Generator keyed by (seed, train step, tag)): apart from
 # the selection's fill, keyed by (seed, train step).
 _CPK_STREAM = 0x43504B
 
-Rows = Callable[[np.ndarray], np.ndarray]        # ids [n] -> rows [n, d] (pulled from the store)
+# (features [P, d], class ids [n] or None for all K, k) -> (log-sum-exp [P], top-k scores [P, <=k]),
+# float64: the store's score op at the probe's step (Store.score)
+Score = Callable[[np.ndarray, Optional[np.ndarray], int], tuple[np.ndarray, np.ndarray]]
 
 
 def choose_num_active(curve: np.ndarray, tau_cp: float, m_min: int, m_max: int, num_classes: int) -> int:
@@ -56,20 +57,17 @@ class CPKProbe:
 
     Args:
         num_classes: K.
-        rule: the head's logit rule (eval logits: no margin).
         every: P, a probe every P train steps (0: never).
         probe_size: samples of the global batch in a probe.
         sample: classes a probe scores: all K when K <= sample (exact), else the active set plus a
             uniform sample of the rest.
-        block_size: rows pulled and scored at once.
         seed: keys the class sample (with the train step).
     """
 
-    def __init__(self, num_classes: int, rule: Margin, every: int, probe_size: int, sample: int,
-                 block_size: int, seed: int) -> None:
-        self.num_classes, self.rule = int(num_classes), rule
+    def __init__(self, num_classes: int, every: int, probe_size: int, sample: int, seed: int) -> None:
+        self.num_classes = int(num_classes)
         self.every, self.probe_size, self.sample = int(every), int(probe_size), int(sample)
-        self.block_size, self.seed = int(block_size), int(seed)
+        self.seed = int(seed)
 
     def due(self, train_step: Optional[int]) -> bool:
         return bool(self.every and train_step is not None and train_step % self.every == 0)
@@ -93,30 +91,23 @@ class CPKProbe:
         # the j-th class not in A is j + #{i : a_i - i <= j} (a sorted)
         return j + np.searchsorted(a - np.arange(a.size), j, side="right")
 
-    def mass_over(self, probe: torch.Tensor, rows: Rows, ids: Optional[np.ndarray],
+    @staticmethod
+    def mass_over(probe: torch.Tensor, score: Score, ids: Optional[np.ndarray],
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Over the classes ``ids`` (None: all K), ``block_size`` rows at a time: running (logsumexp
-        [P], top-k logits [P, <=k]), float64."""
-        lse = torch.full((probe.shape[0],), -math.inf, dtype=torch.float64, device=probe.device)
-        best = torch.empty((probe.shape[0], 0), dtype=torch.float64, device=probe.device)
-        n, bs = (self.num_classes if ids is None else ids.size), self.block_size
-        for lo in range(0, n, bs):
-            block = np.arange(lo, min(lo + bs, n)) if ids is None else ids[lo:lo + bs]
-            w = torch.from_numpy(rows(block)).to(device=probe.device, dtype=probe.dtype)   # [blk, d]
-            s = self.rule.logits(probe, w).double()                                       # [P, blk]
-            lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))
-            cat = torch.cat([best, s], dim=1)
-            best = cat.topk(min(k, cat.shape[1]), dim=1).values
-        return lse, best
+        """Over the classes ``ids`` (None: all K), scored where they live: (logsumexp [P], top-k
+        logits [P, <=k]), float64 on the probe's device."""
+        lse, best = score(probe.detach().cpu().numpy(), ids, k)
+        return (torch.from_numpy(np.asarray(lse, dtype=np.float64)).to(probe.device),
+                torch.from_numpy(np.asarray(best, dtype=np.float64)).to(probe.device))
 
     @torch.no_grad()
-    def exact_mass(self, probe: torch.Tensor, rows: Rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
-        lse, best = self.mass_over(probe, rows, None, min(int(k), self.num_classes))
+    def exact_mass(self, probe: torch.Tensor, score: Score, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Over all K classes: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
+        lse, best = self.mass_over(probe, score, None, min(int(k), self.num_classes))
         return lse, torch.exp(best - lse[:, None])
 
     @torch.no_grad()
-    def sampled_mass(self, probe: torch.Tensor, rows: Rows, k: int, active: np.ndarray,
+    def sampled_mass(self, probe: torch.Tensor, score: Score, k: int, active: np.ndarray,
                      train_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`exact_mass` estimated from the active set A plus a uniform sample S of the rest:
         (log partition estimate [P], top-k probabilities [P, min(k, |A| + |S|)] sorted desc).
@@ -143,40 +134,40 @@ class CPKProbe:
             and low otherwise (for the random index the top-k beyond the labels are mostly missed):
             cpk_exact, and the adaptive M it drives, err on the conservative side. It never exceeds 1
             (N / s >= 1, so Zhat >= the sum over A u S).
-        (c) Cost: |A| + s rows pulled (``sample`` while |A| <= 3/4 sample) and P x (|A| + s) logits per
+        (c) Cost: |A| + s rows scored (``sample`` while |A| <= 3/4 sample) and P x (|A| + s) logits per
             probe, instead of K.
         """
         a = np.unique(np.asarray(active, dtype=np.int64))                         # sorted [|A|]
         samp = self.sample_ids(a, train_step)                                     # sorted [s]
         k = min(int(k), a.size + samp.size)
-        lse, best = self.mass_over(probe, rows, a, k)
+        lse, best = self.mass_over(probe, score, a, k)
         if samp.size:
-            lse_s, best_s = self.mass_over(probe, rows, samp, k)
+            lse_s, best_s = self.mass_over(probe, score, samp, k)
             lse = torch.logaddexp(lse, lse_s + math.log((self.num_classes - a.size) / samp.size))
             best = torch.cat([best, best_s], dim=1).topk(k, dim=1).values
         return lse, torch.exp(best - lse[:, None])
 
-    def curve(self, probe: torch.Tensor, rows: Rows, k: int, active: Optional[np.ndarray],
+    def curve(self, probe: torch.Tensor, score: Score, k: int, active: Optional[np.ndarray],
               train_step: int) -> tuple[torch.Tensor, np.ndarray]:
         """(log partition [P], mean CPK(m) for m = 1..k [k]): exact, or sampled around ``active``."""
         if self.sampled:
             if active is None:
                 raise ValueError(f"a CPK probe at K={self.num_classes} > cpk_sample={self.sample} "
                                  f"needs this step's active ids")
-            lse, probs = self.sampled_mass(probe, rows, k, active, train_step)
+            lse, probs = self.sampled_mass(probe, score, k, active, train_step)
         else:
-            lse, probs = self.exact_mass(probe, rows, k)
+            lse, probs = self.exact_mass(probe, score, k)
         curve = probs.cumsum(dim=1).mean(dim=0).cpu().numpy()                   # [k] mean CPK(m)
         if curve.size < k:
             # sampled with k > |A u S|: CPK(m) beyond is taken as CPK(|A u S|), a lower value
             curve = np.pad(curve, (0, k - curve.size), mode="edge")
         return lse, curve
 
-    @torch.no_grad()
-    def active_mass(self, probe: torch.Tensor, Wa: torch.Tensor, lse: torch.Tensor) -> float:
-        """Mean probability mass of the selected rows Wa [M, d] on the probe (cpk_active)."""
-        s = self.rule.logits(probe, Wa).double()                                   # [P, M]
-        return float(torch.exp(torch.logsumexp(s, dim=1) - lse).mean().item())
+    def active_mass(self, probe: torch.Tensor, score: Score, active: np.ndarray, lse: torch.Tensor) -> float:
+        """Mean probability mass of the selected classes ``active`` on the probe (cpk_active), scored
+        like the partition ``lse`` it divides by."""
+        lse_a, _ = self.mass_over(probe, score, np.asarray(active, dtype=np.int64), 1)
+        return float(torch.exp(lse_a - lse).mean().item())
 
 
 class AdaptiveAllocation:

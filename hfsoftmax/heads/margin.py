@@ -109,6 +109,12 @@ class Margin:
     def metric(self) -> str:
         return index_metric(self.kind)
 
+    @property
+    def eval_scale(self) -> float | None:
+        """The eval logits as a store scores them (``Store.score``): None for ``F @ W^T`` (plain),
+        else the scale of ``s * cos``."""
+        return None if self.kind == "none" else self.scale
+
     def logits(self, features: torch.Tensor, weight: torch.Tensor,
                target: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, C] of features [B, d] against class rows weight [C, d], in fp32 (fp64 if an input

@@ -376,7 +376,7 @@ class SelectiveSoftmax(ClassifierHead):
         self.seed = int(seed)
         self.shortcut_full = bool(shortcut_full)
         self.block_size = int(block_size)
-        self.cpk = CPKProbe(num_classes, self.rule, cpk_every, cpk_probe, cpk_sample, block_size, seed)
+        self.cpk = CPKProbe(num_classes, cpk_every, cpk_probe, cpk_sample, seed)
         self.adapt = (AdaptiveAllocation(tau_cp, m_min, m_max, rebuild_every, cpk_drop, t_min, t_max)
                       if adaptive else None)
         # Step state: the train step and lr of begin_step; store step = train step + offset.
@@ -633,7 +633,7 @@ class SelectiveSoftmax(ClassifierHead):
         with torch.autocast(device_type=features.device.type, enabled=False):
             logits = self.rule.logits(features, Wa, target)                                      # [b, M] fp32
             if plan.probe is not None:
-                self._probe_active(plan.probe, Wa.detach())
+                self._probe_active(plan.probe, plan.ids, plan.step)
             return F.cross_entropy(logits, target)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -760,16 +760,34 @@ class SelectiveSoftmax(ClassifierHead):
 
     @torch.no_grad()
     def topk(self, features: torch.Tensor, k: int = 5, block_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().topk(features, k, block_size or self.block_size)
+        """Top-k (scores [B, k], class ids [B, k]) over all K, scored where the rows live (the store's
+        score op, each shard over its rows in blocks of its own: ``block_size`` does not apply): only
+        B x k numbers travel, whatever K (an identification over 10M classes pulls no row)."""
+        self.check_features(features)
+        try:
+            _, top, ids = self.store.score(features.detach().cpu().numpy(), min(int(k), self.num_classes),
+                                           scale=self.rule.eval_scale)
+        except _LOST as e:
+            raise self._lost("score", e) from None
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        return torch.from_numpy(top).to(features.device, dtype), torch.from_numpy(ids).to(features.device)
 
     # -- CPK (heads/cpk.py) ---------------------------------------------------------------------
-    def _rows(self, step: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda ids: self._pull(ids, step)
+    def _score(self, step: Optional[int]) -> Callable[[np.ndarray, Optional[np.ndarray], int],
+                                                       tuple[np.ndarray, np.ndarray]]:
+        """The store's score op at store step ``step`` with this head's eval logits: (lse, top-k scores)."""
+        def score(features: np.ndarray, ids: Optional[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+            try:
+                lse, top, _ = self.store.score(features, k, ids=ids, scale=self.rule.eval_scale, step=step)
+            except _LOST as e:
+                raise self._lost("score", e) from None
+            return lse, top
+        return score
 
     def exact_mass(self, probe: torch.Tensor, k: int, step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """CPK over all K classes in blocks: (logsumexp [P], top-k probabilities [P, k] sorted desc)."""
         self.check_features(probe)
-        return self.cpk.exact_mass(probe, self._rows(step), k)
+        return self.cpk.exact_mass(probe, self._score(step), k)
 
     def cpk_sample_ids(self, active: np.ndarray) -> np.ndarray:
         """This step's uniform class sample of a sampled probe (:meth:`CPKProbe.sample_ids`)."""
@@ -779,7 +797,7 @@ class SelectiveSoftmax(ClassifierHead):
                      step: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`exact_mass` estimated around the active set (:meth:`CPKProbe.sampled_mass`)."""
         self.check_features(probe)
-        return self.cpk.sampled_mass(probe, self._rows(step), k, active, self._train_step or 0)
+        return self.cpk.sampled_mass(probe, self._score(step), k, active, self._train_step or 0)
 
     def _probe_cpk(self, probe: torch.Tensor, step: Optional[int] = None,
                    active: Optional[np.ndarray] = None) -> int:
@@ -787,7 +805,7 @@ class SelectiveSoftmax(ClassifierHead):
         adaptive allocation also choose M. Returns M."""
         adapt = self.adapt
         k = max(self.num_active, min(adapt.m_max, self.num_classes)) if adapt is not None else self.num_active
-        self._probe_lse, curve = self.cpk.curve(probe, self._rows(step), k, active, self._train_step or 0)
+        self._probe_lse, curve = self.cpk.curve(probe, self._score(step), k, active, self._train_step or 0)
         if adapt is not None:
             new_m = adapt.choose_m(curve, self.num_classes)
             if new_m != self.num_active:
@@ -798,9 +816,9 @@ class SelectiveSoftmax(ClassifierHead):
                      "cpk_sampled": 1.0 if self.cpk.sampled else 0.0}
         return self.num_active
 
-    def _probe_active(self, probe: torch.Tensor, Wa: torch.Tensor) -> None:
+    def _probe_active(self, probe: torch.Tensor, active: np.ndarray, step: Optional[int]) -> None:
         """CPK of the selected active set on the probe, and the T rule when adaptive."""
-        mass = self.cpk.active_mass(probe, Wa, self._probe_lse)
+        mass = self.cpk.active_mass(probe, self._score(step), active, self._probe_lse)
         self._cpk["cpk_active"] = mass
         if self.adapt is not None:
             self._adapt_rebuild_period(mass)
