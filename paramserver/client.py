@@ -256,7 +256,8 @@ class RemoteStore:
 
     def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: Optional[int] = None) -> bool:
         """Push row gradients for ``step``; every shard gets a push (possibly empty) so all of them
-        complete the step. Returns True if every shard applied its update with this push."""
+        complete the step. Returns True if every shard applied its update with this push (False
+        also where a shard refused the step's update for overflow: reply ``refused``, logged)."""
         arr, parts = self._split(ids)
         grads = np.asarray(grads)
         if grads.ndim != 2 or grads.shape[0] != len(arr):
@@ -270,6 +271,10 @@ class RemoteStore:
         else:
             reqs = {i: (header, [arr[p], grads[p]]) for i, p in enumerate(parts)}
         reps = self._call(reqs)
+        refused = [f"{self.addresses[i]} ({h['refused']})" for i, (h, _) in reps.items() if h.get("refused")]
+        if refused:   # the step is done (the store moved on) but W was left unchanged there
+            logger.warning("push of step %d: the update was refused by %s; W unchanged there (stats: "
+                           "refused_updates)", int(step), ", ".join(refused))
         return all(bool(h.get("applied")) for h, _ in reps.values())
 
     def set_rows(self, ids: Any, rows: np.ndarray, matrix: str = "W") -> None:

@@ -12,34 +12,40 @@ protocol. Array frames are sent without copying (``copy=False``) and read with `
 Request header fields:
     v          int, protocol version, must be 2 (a JSON integer: true or 2.0 are refused; a peer
                speaking another version gets an error naming both versions)
-    op         "info" | "register" | "pull" | "push" | "set_rows" | "query" | "snapshot" |
+    op         "info" | "register" | "pull" | "push" | "set_rows" | "query" | "score" | "snapshot" |
                "restore" | "stats" | "ping" | "shutdown" | "set_rebuild_every"
     id         any JSON value, echoed in the reply (lets a DEALER client match replies)
     arrays     list of {"dtype": str, "shape": [int, ...]}, one per array frame (may be omitted when
                there are none); dtype is a numpy type string from DTYPES ("<f4", "<i8", ...)
     token      str, the shared secret, required when the server was started with one
     matrix     "W" (default) or "momentum" (pull / set_rows)
-    step       int (push; optional for pull and query: wait until the store has applied steps < step)
+    step       int (push; optional for pull, query and score: wait until the store has applied steps < step)
     wire_dtype "bf16" (pull: rows come back as bfloat16 bit patterns, dtype <u2)
     lr         float (push)
     client_id  int in [0, R) (push / register)
-    timeout    float seconds (pull with step: longest wait; the server also caps it)
+    timeout    float seconds (pull, query, score with step: longest wait; the server also caps it)
     n          int (query: candidates per feature)
+    k, scale   int, float (score: top scores per feature; scale present: scale * cos, else F @ W^T)
     path       str (snapshot / restore: a directory on the server's machine)
 
 Arrays per op (request -> reply):
     pull      [ids int32|int64 [n]]                     -> [rows dtype [n, d]]
-    push      [ids [n], grads dtype [n, d]]             -> []  (reply has "applied": bool, "step")
+    push      [ids [n], grads dtype [n, d]]             -> []  (reply has "applied": bool, "step", and
+              "refused": "overflow" when the update this push completed was refused)
               grads may be <u2 [n, d]: bfloat16 bit patterns, widened to the store dtype
     set_rows  [ids [n], rows dtype [n, d]]              -> []
     query     [features float32|float64 [B, d]]         -> [ids int64 [B, n], scores float32 [B, n]]
               or [features, labels int32|int64 [B]] (the batch's global class ids; the graph index
-              needs them, the other indexes ignore them)
+              needs them, the other indexes ignore them); NaN/Inf features and labels outside [0, K)
+              are refused
+    score     [features [B, d]] or [features, ids [n]]  -> [lse float64 [B], scores float64 [B, k'],
+              ids int64 [B, k']] (this shard's rows, or its rows among ids)
     others    []                                        -> []
 
 Reply header: {"v": 2, "id": <echo>, "ok": true, "arrays": [...], ...op fields} or
-{"v": 2, "id": <echo or null>, "ok": false, "error": "<reason>", "kind": <one of ERROR_KINDS>}. Every request gets exactly one
-reply; a malformed one gets an error reply and changes nothing.
+{"v": 2, "id": <echo or null>, "ok": false, "error": "<reason>", "kind": <one of ERROR_KINDS>} (the id is
+echoed whenever the header parsed). Every request gets exactly one reply (but a frame over twice the
+message limit, which ZeroMQ drops); a malformed one gets an error reply and changes nothing.
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import zmq
 
-from paramserver.protocol import (OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays, from_bf16,
-                                  get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
+from paramserver.protocol import (MAX_HEADER_BYTES, OPS, WIRE_DTYPES, ProtocolError, decode, error_reply, expect_arrays,
+                                  from_bf16, get_field, ok_reply, PROTOCOL_VERSION, to_bf16, token_ok)
 from paramserver import snapshot as snap
 from paramserver.snapshot import resolve_snapshot   # also paramserver.py's, for --restore
 from paramserver.store import BadRequestError, StaleStepError, StoreError, WeightStore
@@ -34,6 +34,12 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # Ops that read or write the rows: parked while a deferred init draws them (ping, info, register,
 # stats and shutdown are answered at once).
 ROW_OPS = frozenset({"pull", "push", "set_rows", "query", "snapshot", "restore"})
+# A restore reads straight into the live W above this size (a second 10 GB matrix at 10M classes
+# would not fit); files, sizes and checksums are checked before any byte of W is written.
+RESTORE_IN_PLACE_BYTES = 1 << 30
+# ZeroMQ drops (no reply possible) a frame above this many times --max-message-mb; a request up to
+# there is received and refused with an error naming the limit.
+SOCKET_LIMIT_FACTOR = 2
 
 
 def is_local_address(address: str) -> bool:
@@ -131,7 +137,8 @@ class ParamServer:
         self._stop = threading.Event()
         self._parked: list[_Parked] = []
         self._init_parked: list[tuple[list, float]] = []   # (frames, deadline) waiting for the rows
-        self._update_due = False
+        # after the reply: "apply" the completed step, or it was "applied" before the reply (push)
+        self._update_due: Optional[str] = None
         self.address: Optional[str] = None
         # busy_s / cpu_s: wall and CPU time of this thread handling requests and applying updates
         # (what R ranks cost the server; cpu_s is not inflated by other processes on the cores).
@@ -145,7 +152,8 @@ class ParamServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + (1 << 20))   # + the header frame
+        # above the op limit, so an oversized request is received and answered (refused by _handle_request)
+        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_LIMIT_FACTOR * self.max_message_bytes + MAX_HEADER_BYTES)
         sock.bind(self.bind_address)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
@@ -277,11 +285,15 @@ class ParamServer:
             self._send(frames[:1], error_reply(None, "empty message: expected a JSON header frame", "protocol"))
             return
         envelope, body = _split_envelope(frames)
-        self._counts["bytes_in"] += sum(len(f) for f in body)
-        req_id = None
+        nbytes = sum(len(f) for f in body)
+        self._counts["bytes_in"] += nbytes
+        req_id = _peek_id(body)   # echoed also when the rest of the message is malformed
         try:
+            if nbytes - len(body[0]) > self.max_message_bytes:
+                raise BadRequestError(f"request of {nbytes / 2**20:.1f} MiB exceeds this server's limit of "
+                                      f"{self.max_message_bytes / 2**20:.0f} MiB per message (--max-message-mb); "
+                                      f"send it in smaller blocks")
             header, arrays = decode(body)
-            req_id = header.get("id")
             if not token_ok(header, self.token):
                 raise PermissionError("unauthorized: missing or wrong token")
             op = header.get("op")
@@ -301,15 +313,18 @@ class ParamServer:
         if reply is not None:
             self._send(envelope, reply)
         if self._update_due:
-            self._update_due = False
-            try:
-                applied = self.store.apply_pending()
-            except Exception:  # the step's pushes stay pending; their clients time out with a message
-                self._counts["errors"] += 1
-                logger.exception("applying the update of step %d failed", self.store.step)
-                return
-            if applied:
+            due, self._update_due = self._update_due, None
+            if due == "applied" or self._apply_pending():
                 self._after_update()
+
+    def _apply_pending(self) -> bool:
+        """Apply the complete steps; True if any was. A failure is logged, not raised."""
+        try:
+            return self.store.apply_pending()
+        except Exception:  # the step's pushes stay pending; their clients time out with a message
+            self._counts["errors"] += 1
+            logger.exception("applying the update of step %d failed", self.store.step)
+            return False
 
     # ------------------------------------------------------------------ ops
     def info(self) -> dict:
@@ -318,7 +333,7 @@ class ParamServer:
                 "class_range": [lo, hi], "dim": self.store.dim, "dtype": str(self.store.dtype),
                 "step": self.store.step, "num_clients": self.store.num_clients, "shard": list(self.shard),
                 "optimizer": self.store.opt.to_dict(), "index": self.store.index is not None,
-                "rows_ready": self.store.rows_ready}
+                "rows_ready": self.store.rows_ready, "sync_timeout": self.max_wait}
 
     def _op_ping(self, env: list, h: dict, arrays: list) -> list:
         return ok_reply(h.get("id"), step=self.store.step)
@@ -354,7 +369,7 @@ class ParamServer:
         ids = arrays[0]
         self._check_reply_size("pull", ids.size * self.store.dim * self.store.dtype.itemsize, f"{ids.size} rows")
         # Validate now so a bad pull fails at once rather than after waiting.
-        self.store._check_matrix(matrix)
+        self.store.check_matrix_held(matrix, "pull")
         self.store._local_ids(ids)
 
         def answer() -> list:
@@ -393,9 +408,19 @@ class ParamServer:
         # apply=False: answer first, then update (in _handle), so the reply travels while we compute;
         # no other request is served before the update, so nobody can observe the difference.
         complete = self.store.push(arrays[0], grads, step, lr, client_id=cid, copy=False, apply=False)
-        if complete:
-            self._update_due = True
-        return ok_reply(h.get("id"), applied=complete, step=self.store.step + int(complete))
+        if not complete:
+            return ok_reply(h.get("id"), applied=False, step=self.store.step)
+        if self.store.pending_update_fits():   # surely accepted: answer now, update after the reply
+            self._update_due = "apply"
+            return ok_reply(h.get("id"), applied=True, step=self.store.step + 1)
+        # The overflow guard may refuse this update: apply it first, so that the reply can say so
+        # (the parked pulls are answered after this reply).
+        if not self._apply_pending():
+            return ok_reply(h.get("id"), applied=False, step=self.store.step)
+        self._update_due = "applied"
+        if self.store.update_refused(step):
+            return ok_reply(h.get("id"), applied=False, refused="overflow", step=self.store.step)
+        return ok_reply(h.get("id"), applied=True, step=self.store.step)
 
     def _op_set_rows(self, env: list, h: dict, arrays: list) -> list:
         expect_arrays(h, arrays, 2)
@@ -406,15 +431,8 @@ class ParamServer:
         if len(arrays) != 2:
             expect_arrays(h, arrays, 1)
         n = get_field(h, "n", int)
-        feats = arrays[0]
-        if feats.dtype.kind != "f":
-            raise BadRequestError(f"query: features must be float32 or float64, got {feats.dtype}")
-        labels = arrays[1] if len(arrays) == 2 else None
-        if labels is not None and (labels.shape != (feats.shape[0],) or labels.dtype.kind not in "iu"):
-            raise BadRequestError(f"query: labels must be integer [B={feats.shape[0]}], got {labels.dtype} "
-                                  f"{list(labels.shape)}")
-        if n <= 0:
-            raise BadRequestError(f"query: n must be a positive integer, got {n}")
+        # features finite float [B, d], n >= 1, labels in [0, K): refused now, not after a wait
+        feats, labels = self.store.check_query(arrays[0], n, arrays[1] if len(arrays) == 2 else None)
         self._check_reply_size("query", feats.shape[0] * n * 12 if feats.ndim else 0,
                                f"{feats.shape[0] if feats.ndim else 0} x {n} candidates")
 
@@ -475,7 +493,7 @@ class ParamServer:
             raise BadRequestError(str(e)) from None
         # Above 1 GiB the files are read straight into the live arrays (a second 10 GB matrix at 10M
         # classes would not fit); the manifest and the files' headers are checked before any byte is read.
-        self.store.restore(path, in_place=self.store.rows_view().nbytes > 1 << 30)
+        self.store.restore(path, in_place=self.store.rows_view().nbytes > RESTORE_IN_PLACE_BYTES)
         self._after_update()
         return ok_reply(h.get("id"), path=os.path.abspath(path), step=self.store.step)
 
@@ -526,10 +544,7 @@ class ParamServer:
                 continue
             envelope, body = _split_envelope(frames)
             self._counts["errors"] += 1
-            try:
-                req_id = decode(body)[0].get("id")
-            except Exception:
-                req_id = None
+            req_id = _peek_id(body)
             self._send(envelope, error_reply(_safe_id(req_id), "the server is still initialising its rows "
                                                        f"after {self.max_wait:.0f}s", "sync_timeout"))
         self._init_parked = still
@@ -563,6 +578,18 @@ def _split_envelope(frames: list) -> tuple[list, list]:
     b"", header, ...]."""
     cut = 2 if frames[1].bytes == b"" and len(frames) > 2 else 1
     return list(frames[:cut]), list(frames[cut:])
+
+
+def _peek_id(body: list) -> Any:
+    """The ``id`` of a request whose header frame is a JSON object (whatever else is wrong with the
+    message), so that every error reply a DEALER client gets can be matched; None otherwise."""
+    if not body or len(body[0]) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = json.loads(body[0].bytes.decode("utf-8"), parse_constant=lambda c: None)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return _safe_id(header.get("id")) if isinstance(header, dict) else None
 
 
 def _safe_id(req_id: Any) -> Any:

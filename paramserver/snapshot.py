@@ -5,8 +5,10 @@ in (its matrices and its manifest fields), the server and the trainer only name,
 
 Format: a directory holding ``manifest.json`` (``format``, ``version``, ``num_classes``,
 ``class_offset``, ``total_classes``, ``dim``, ``dtype``, ``step``, ``optimizer``, ``files``: matrix ->
-file name) and one numpy ``.npy`` file per matrix (``W.npy``; ``momentum.npy`` when the optimizer
-keeps a buffer), [num_classes, dim] rows of one store.
+file name, ``crc32``: matrix -> zlib.crc32 of its whole file, absent in older snapshots) and one numpy
+``.npy`` file per matrix (``W.npy``; ``momentum.npy`` when the optimizer keeps a buffer),
+[num_classes, dim] rows of one store. A restore checks every file's header and size, and its
+checksum, before it writes any byte of a live matrix (:func:`read_matrices`).
 
 Atomic write (:func:`writing`): the files go into a temporary sibling ``<path>.tmp.<pid>.<tid>``,
 ``manifest.json`` last; then ``path -> <path>.old.<pid>``, ``tmp -> path``, and the old one is
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Collection, Iterator, Optional
 
@@ -156,21 +160,51 @@ def read_manifest(path: str) -> dict:
     if (not isinstance(files, dict) or any(not isinstance(files.get(k), str) or not files[k]
                                            or os.path.basename(files[k]) != files[k] for k in need)):
         raise BadRequestError(f"snapshot manifest {mpath}: field 'files' must map {' and '.join(need)} to file names")
+    crcs = man.get("crc32")   # absent in snapshots written before checksums
+    if crcs is not None and (not isinstance(crcs, dict) or any(
+            m not in MATRICES or type(c) is not int or not 0 <= c < 1 << 32 for m, c in crcs.items())):
+        raise BadRequestError(f"snapshot manifest {mpath}: field 'crc32' must map matrix names to 32-bit checksums")
     return man
 
 
-def write_array(path: str, arr: np.ndarray, fsync: bool = False) -> None:
-    """``arr`` as a .npy file; ``fsync``: forced to disk (survives power loss, not only a killed process)."""
+# Bytes written or read (and checksummed) at once: large enough for full-speed I/O, small enough
+# that a chunk is still in cache when zlib.crc32 (which releases the GIL) reads it.
+CHUNK_BYTES = 64 << 20
+
+
+def write_array(path: str, arr: np.ndarray, fsync: bool = False) -> int:
+    """``arr`` as a .npy file; returns the zlib.crc32 of the whole file (header and data).
+    ``fsync``: forced to disk (survives power loss, not only a killed process)."""
+    arr = np.ascontiguousarray(arr)
+    head = io.BytesIO()
+    hdr = np.lib.format.header_data_from_array_1_0(arr)
+    try:
+        np.lib.format.write_array_header_1_0(head, hdr)
+    except ValueError:   # a header over 64 KiB (never for a 2-D matrix)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_2_0(head, hdr)
+    crc = zlib.crc32(head.getvalue())
+    data = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
     with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+        f.write(head.getvalue())
+        for i in range(0, data.nbytes, CHUNK_BYTES):
+            chunk = data[i:i + CHUNK_BYTES]
+            f.write(chunk)
+            crc = zlib.crc32(chunk, crc)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
+    return crc
 
 
-def read_array(path: str, shape: tuple, dtype: np.dtype, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Read a .npy file of ``shape`` and ``dtype`` into ``out`` (or a new array) without an intermediate copy."""
-    with open(path, "rb") as f:
+def check_array_file(path: str, shape: tuple, dtype: np.dtype) -> int:
+    """Check that ``path`` is a .npy file of exactly ``shape`` and ``dtype`` (C order) whose size is
+    its header plus the data, to the byte; returns the header's length. Reads the header only."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadRequestError(f"snapshot file {path}: unreadable ({e.strerror})") from None
+    with f:
         try:
             major, _ = np.lib.format.read_magic(f)
             if major == 1:
@@ -182,15 +216,55 @@ def read_array(path: str, shape: tuple, dtype: np.dtype, out: Optional[np.ndarra
         if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
             raise BadRequestError(f"snapshot file {path}: holds {np.dtype(fdtype)}{list(fshape)}"
                                   f"{' (Fortran order)' if fortran else ''}, manifest says {dtype}{list(shape)}")
-        if out is None:
-            out = np.empty(shape, dtype=dtype)
-        view = memoryview(out).cast("B")
+        head = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < head + want:
+        raise BadRequestError(f"snapshot file {path}: truncated ({size - head} of {want} data bytes)")
+    if size > head + want:
+        raise BadRequestError(f"snapshot file {path}: {size - head - want} bytes after the data of {dtype}{list(shape)}")
+    return head
+
+
+def file_crc32(path: str) -> int:
+    """zlib.crc32 of a whole file, read in chunks into one reused buffer."""
+    buf = bytearray(min(CHUNK_BYTES, max(os.path.getsize(path), 1)))
+    view, crc = memoryview(buf), 0
+    with open(path, "rb") as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                return crc
+            crc = zlib.crc32(view[:n], crc)
+
+
+def _crc_mismatch(path: str, got: int, want: int) -> BadRequestError:
+    return BadRequestError(f"snapshot file {path}: checksum mismatch (crc32 {got:08x}, the manifest records "
+                           f"{want:08x}): the file is corrupt")
+
+
+def read_array(path: str, shape: tuple, dtype: np.dtype, out: Optional[np.ndarray] = None,
+               crc32: Optional[int] = None) -> np.ndarray:
+    """Read a .npy file of ``shape`` and ``dtype`` into ``out`` (or a new array) without an
+    intermediate copy; the header and the file's size are checked first. ``crc32``: the whole
+    file's checksum, verified as it is read (a mismatch raises after ``out`` was written: give a
+    fresh ``out``, or verify with :func:`file_crc32` first)."""
+    head = check_array_file(path, shape, dtype)
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    view = memoryview(out.reshape(-1)).cast("B") if out.size else memoryview(bytearray())
+    with open(path, "rb") as f:
+        crc = zlib.crc32(f.read(head))   # also moves to the data
         got = 0
         while got < view.nbytes:
-            n = f.readinto(view[got:])
+            n = f.readinto(view[got:got + CHUNK_BYTES])
             if not n:
                 raise BadRequestError(f"snapshot file {path}: truncated ({got} of {view.nbytes} data bytes)")
+            if crc32 is not None:
+                crc = zlib.crc32(view[got:got + n], crc)
             got += n
+    if crc32 is not None and crc != crc32:
+        raise _crc_mismatch(path, crc, crc32)
     return out
 
 
@@ -204,17 +278,38 @@ def _each(fn: Callable[[Any], Any], items: list) -> list:
 
 
 def write_matrices(path: str, man: dict, matrices: dict[str, np.ndarray], fsync: bool = False) -> None:
-    """Each matrix into its file of ``man["files"]`` inside ``path``, all at once."""
-    _each(lambda m: write_array(os.path.join(path, man["files"][m]), matrices[m], fsync), list(matrices))
+    """Each matrix into its file of ``man["files"]`` inside ``path``, all at once; records each
+    file's checksum in ``man["crc32"]`` (write the manifest after this)."""
+    names = list(matrices)
+    crcs = _each(lambda m: write_array(os.path.join(path, man["files"][m]), matrices[m], fsync), names)
+    man["crc32"] = dict(zip(names, crcs))
 
 
 def read_matrices(path: str, man: dict, names: Collection[str],
-                  into: Optional[dict[str, Optional[np.ndarray]]] = None) -> dict[str, np.ndarray]:
+                  into: Optional[dict[str, Optional[np.ndarray]]] = None, in_place: bool = False) -> dict[str, np.ndarray]:
     """The matrices ``names`` of snapshot ``path`` (shape and dtype from its manifest ``man``), each
-    read into ``into[name]`` when given there, else into a new array; all at once."""
+    read into ``into[name]`` when given there, else into a new array; all at once.
+
+    Every file's header and size are checked before the first byte is read. ``in_place``: ``into``
+    holds live arrays that a refused read must leave untouched, so the checksums the manifest
+    records (``crc32``; older manifests have none) are verified by a first pass over the files
+    before any of them is read into place; otherwise they are verified as the files are read.
+    """
     shape, dtype, into = (man["num_classes"], man["dim"]), np.dtype(man["dtype"]), into or {}
     names = list(names)
-    got = _each(lambda m: read_array(os.path.join(path, man["files"][m]), shape, dtype, into.get(m)), names)
+    crcs = man.get("crc32") or {}
+    files = {m: os.path.join(path, man["files"][m]) for m in names}
+    _each(lambda m: check_array_file(files[m], shape, dtype), names)
+
+    def verify(m: str) -> None:
+        if m in crcs:
+            got = file_crc32(files[m])
+            if got != crcs[m]:
+                raise _crc_mismatch(files[m], got, crcs[m])
+
+    if in_place:
+        _each(verify, names)
+    got = _each(lambda m: read_array(files[m], shape, dtype, into.get(m), None if in_place else crcs.get(m)), names)
     return dict(zip(names, got))
 
 
@@ -330,7 +425,8 @@ def prune_snapshots(path: str, keep: Collection[str], level: int = 0, keep_previ
     (level 0) or of its parent (level 1: ``.../store_N/shard-i-of-S``, the same shard's directory in
     each, then the run-level directory once empty). ``keep_previous`` also keeps the newest one
     before ``path`` (the checkpoint on disk still names it until the trainer replaces it: a server
-    prunes before that). Only directories holding a snapshot (a manifest.json) are removed.
+    prunes before that). Only directories holding a snapshot (a manifest.json) are removed, never
+    through a symbolic link (those are skipped and logged), never outside ``path``'s run directory.
     """
     path = os.path.abspath(path)
     unit = path if level == 0 else os.path.dirname(path)
@@ -341,12 +437,23 @@ def prune_snapshots(path: str, keep: Collection[str], level: int = 0, keep_previ
     older = [f for f in found if own_step is None or f[0] < own_step]
     if keep_previous and older:
         found.remove(older[-1])
+    removed = 0
     for _, name in found:
-        shutil.rmtree(os.path.normpath(os.path.join(parent, name, leaf)), ignore_errors=True)
+        target = os.path.normpath(os.path.join(parent, name, leaf))
+        # Never follow a link out of the run directory (a store_N linked to a snapshot elsewhere is
+        # someone else's): a link anywhere on the way, or a path resolving outside, is left alone.
+        steps = [os.path.join(parent, name)] + ([target] if level else [])
+        if any(os.path.islink(p) for p in steps) or os.path.dirname(
+                os.path.realpath(os.path.join(parent, name))) != os.path.realpath(parent):
+            logger.warning("prune: %s is a symbolic link (or leads out of %s): not followed, not removed",
+                           os.path.join(parent, name), parent)
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        removed += 1
         if level:
             with contextlib.suppress(OSError):   # the run-level directory of several shards, once empty
                 os.rmdir(os.path.join(parent, name))
-    return len(found)
+    return removed
 
 
 def write_periodic(snapshot_dir: str, step: int, write: Callable[[str], Any], keep: int) -> str:

@@ -32,6 +32,7 @@ are not part of a snapshot. ``restore(path)`` is an instance method that loads a
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -246,6 +247,8 @@ class WeightStore:
         self._t0 = time.monotonic()
         # refused_updates: steps whose summed gradient would overflow W (applied as empty updates);
         # index_errors: failed index updates or builds (the store keeps serving with the live index).
+        # steps (recent ones) whose update was refused for overflow: a server's push reply says so
+        self._refused_steps: collections.deque = collections.deque(maxlen=1024)
         self._counts = {"pushes": 0, "pulls": 0, "rows_pushed": 0, "rows_pulled": 0, "scores": 0, "rows_scored": 0,
                         "updates": 0,
                         "refused_updates": 0, "index_errors": 0}
@@ -339,6 +342,16 @@ class WeightStore:
             raise BadRequestError(f"unknown matrix {matrix!r}; known: {list(MATRICES)}")
         return matrix
 
+    def check_matrix_held(self, matrix: str, op: str) -> str:
+        """``matrix`` is known and held by this store: a store whose rule keeps no momentum buffer
+        ("unrolled", or momentum 0) refuses to pull or set "momentum" (BadRequestError)."""
+        self._check_matrix(matrix)
+        if matrix == "momentum" and self._M is None:
+            raise BadRequestError(f"{op}: this store keeps no momentum buffer (sparse_momentum="
+                                  f"{self.opt.sparse_momentum!r}, momentum={self.opt.momentum}): matrix 'momentum' "
+                                  f"exists only under sparse_momentum 'lazy' with momentum > 0")
+        return matrix
+
     # ------------------------------------------------------------------ pull / push
     def missing_clients(self, step: Optional[int] = None) -> list[int]:
         """Clients that have not pushed ``step`` (default: the step being collected)."""
@@ -351,7 +364,7 @@ class WeightStore:
         """Rows ``ids`` (global) as a new array [n, d] (or written into ``out``, a reused C-contiguous
         [n, d] buffer of the store's dtype, and returned); with ``step``, first wait for store.step >= step."""
         self.wait_rows(timeout)
-        self._check_matrix(matrix)
+        self.check_matrix_held(matrix, "pull")
         loc = self._local_ids(ids)
         if out is not None and (not isinstance(out, np.ndarray) or out.shape != (len(loc), self._d)
                                 or out.dtype != self._dtype or not out.flags.c_contiguous or not out.flags.writeable):
@@ -359,13 +372,9 @@ class WeightStore:
                                   f"[{len(loc)}, {self._d}]")
         with self._cond:
             self._wait_for_step(step, timeout, "pull")
-            if matrix == "W" or self._M is not None:
-                # mode="clip": ids are validated; "raise" would make take() buffer its output
-                out = np.take(self._W if matrix == "W" else self._M, loc, axis=0, out=out, mode="clip")
-            elif out is None:   # no buffer kept: the momentum of this rule is zero everywhere
-                out = np.zeros((len(loc), self._d), dtype=self._dtype)
-            else:
-                out.fill(0)
+            self.check_matrix_held(matrix, "pull")   # a restore during the wait may have changed the rule
+            # mode="clip": ids are validated; "raise" would make take() buffer its output
+            out = np.take(self._W if matrix == "W" else self._M, loc, axis=0, out=out, mode="clip")
             self._counts["pulls"] += 1
             self._counts["rows_pulled"] += len(loc)
         return out
@@ -443,7 +452,8 @@ class WeightStore:
 
     def push(self, ids: Any, grads: np.ndarray, step: int, lr: float, client_id: int = 0, copy: bool = True,
              apply: bool = True) -> bool:
-        """Record client ``client_id``'s row gradients for ``step``; returns True if an update was applied.
+        """Record client ``client_id``'s row gradients for ``step``; returns True if an update was applied
+        (False also when the update of ``step`` was refused for overflow: W unchanged, see refused_updates).
 
         ``grads`` [n, d] must have the store's dtype, be finite, and match ``len(ids)``; duplicate ids
         are summed. With ``copy`` (default) a push that has to wait for other clients keeps a copy,
@@ -485,7 +495,7 @@ class WeightStore:
             self._counts["rows_pushed"] += len(loc)
             if not apply:
                 return len(self._pending.get(self._step, {})) == self.num_clients
-            return self._apply_ready()
+            return self._apply_ready() and not self.update_refused(step)
 
     def forget_client(self, client_id: int) -> int:
         """Drop the pending (not yet applied) pushes of ``client_id``: a client that (re)registers is
@@ -505,17 +515,38 @@ class WeightStore:
         with self._cond:
             return self._apply_ready()
 
+    def pending_update_fits(self) -> bool:
+        """Whether the complete step being collected surely passes the overflow guard of its update,
+        from the pushes' norms alone (no pass over the gradients): every element of the summed
+        gradient is at most sum over pushes of sqrt(rows) * norm. False means "not sure": the
+        update itself decides (a server then applies it before answering the push)."""
+        with self._cond:
+            entries = self._pending.get(self._step, {})
+            if len(entries) != self.num_clients:
+                return False
+            lr = next(iter(entries.values()))[2]
+            gmax = sum(math.sqrt(len(ids)) * norm for ids, _, _, norm in entries.values())
+            m = self.opt.momentum
+            return math.isfinite(gmax) and lr / max(1.0 - m, 1e-12) * (1.0 + m) * gmax < _MAX_ROW_STEP
+
+    def update_refused(self, step: int) -> bool:
+        """Whether the update of ``step`` was refused for overflow (recent steps; see refused_updates)."""
+        return int(step) in self._refused_steps
+
     def _apply_ready(self) -> bool:
         applied = False
         while len(self._pending.get(self._step, {})) == self.num_clients:
-            self._apply(self._pending.pop(self._step))
+            if not self._apply(self._pending.pop(self._step)):
+                self._refused_steps.append(self._step - 1)
             applied = True
         if applied:
             self._cond.notify_all()
         return applied
 
-    def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float, float]]) -> None:
-        """Sum the R clients' gradients of the current step and apply one SGD update (lock held)."""
+    def _apply(self, entries: dict[int, tuple[np.ndarray, np.ndarray, float, float]]) -> bool:
+        """Sum the R clients' gradients of the current step and apply one SGD update (lock held);
+        False when the update was refused for overflow (applied as an empty one, W unchanged)."""
+        accepted = True
         order_clients = sorted(entries)
         lr = entries[order_clients[0]][2]
         # With no duplicate id, every element of the applied gradient is one client's element, so
@@ -549,6 +580,7 @@ class WeightStore:
                              "%s: over the limit %g; clients %s)", self._step, len(uniq), lr, bound,
                              _MAX_ROW_STEP, order_clients)
                 uniq = uniq[:0]
+                accepted = False
             else:
                 # Gather, update and scatter back block by block (W and momentum rows stay in cache).
                 sgd_update_indexed(self._W, self._M, uniq, g, lr, self.opt, self._scratch)
@@ -567,6 +599,7 @@ class WeightStore:
             self._counts["index_errors"] += 1
             logger.error("step %d: index update failed (%s: %s); serving on with the live index",
                          self._step, type(e).__name__, e)
+        return accepted
 
     def _step_bound(self, g: np.ndarray, lr: float, gmax: float = math.nan) -> float:
         """Upper bound of |change| of any updated row element: lr/(1-m) * (1+m) * max|g| (nan if g is
@@ -589,9 +622,7 @@ class WeightStore:
         self._check_rows(rows, len(loc), "set_rows rows")
         if len(np.unique(loc)) != len(loc):
             raise BadRequestError("set_rows: ids must be distinct")
-        if matrix == "momentum" and self._M is None:
-            raise BadRequestError(f"set_rows: this store keeps no momentum buffer (sparse_momentum="
-                                  f"{self.opt.sparse_momentum!r}, momentum={self.opt.momentum}): nothing to set")
+        self.check_matrix_held(matrix, "set_rows")
         with self._cond:
             (self._W if matrix == "W" else self._M)[loc] = rows
             if matrix == "W" and self._index is not None and len(loc):
@@ -648,23 +679,39 @@ class WeightStore:
         the other indexes ignore them). ``step``: first wait (as :meth:`pull`) until store.step >= step,
         so the index already holds that step's updated rows."""
         self.wait_rows(timeout)
+        feats, labels = self.check_query(features, n, labels)   # refused before any wait
         with self._cond:
             self._wait_for_step(step, timeout, "query")
         if self._index is None:
             raise BadRequestError("query: no class index is attached to this store (attach_index first)")
+        # labels only when given: an attached index written for query(F, n) keeps working
+        ids, scores = self._index.query(feats, int(n)) if labels is None else self._index.query(feats, int(n), labels)
+        return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def check_query(self, features: Any, n: Any, labels: Any = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Validate a query's inputs (BadRequestError naming the field): features a finite float
+        [B, d] array, n a positive integer, labels (optional) integer [B] global class ids in
+        [0, total_classes) (the graph index starts each sample's search at its label's row).
+        Returns (features, labels) as arrays."""
         feats = np.asarray(features)
-        if feats.ndim != 2 or feats.shape[1] != self._d:
-            raise BadRequestError(f"query: features must be [B, {self._d}], got {list(feats.shape)}")
-        if not isinstance(n, (int, np.integer)) or n <= 0:
+        if feats.ndim != 2 or feats.shape[1] != self._d or feats.dtype.kind != "f":
+            raise BadRequestError(f"query: features must be a float [B, {self._d}] array, got {feats.dtype} "
+                                  f"{list(feats.shape)}")
+        if not np.isfinite(feats).all():
+            raise BadRequestError("query: features hold NaN or Inf")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
             raise BadRequestError(f"query: n must be a positive integer, got {n!r}")
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (feats.shape[0],) or labels.dtype.kind not in "iu":
                 raise BadRequestError(f"query: labels must be integer [B={feats.shape[0]}], got "
                                       f"{labels.dtype} {list(labels.shape)}")
-        # labels only when given: an attached index written for query(F, n) keeps working
-        ids, scores = self._index.query(feats, int(n)) if labels is None else self._index.query(feats, int(n), labels)
-        return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+            bad = (labels < 0) | (labels >= self._total)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise BadRequestError(f"query: labels: class id {int(labels[i])} at position {i} is out of range "
+                                      f"[0, {self._total})")
+        return feats, labels
 
     # ------------------------------------------------------------------ snapshots
     def manifest(self) -> dict:
@@ -707,8 +754,11 @@ class WeightStore:
 
         The step and optimizer settings are taken from the snapshot; pending pushes are dropped.
         By default the files are read into new arrays that replace the old ones only when both were
-        read completely (a bad file leaves the store untouched); ``in_place=True`` reads straight into
-        the existing arrays instead (no second copy in memory, for large matrices).
+        read completely and match their checksums (a bad file leaves the store untouched);
+        ``in_place=True`` reads straight into the existing arrays instead (no second copy in memory,
+        for large matrices), after checking every file's header, size and checksum (a first read
+        pass), so a refused restore leaves the store untouched there too. W stays in shared memory
+        when it was there.
         """
         self.wait_rows()          # a deferred init must not write over what is restored
         snap.recover_snapshot(path)   # a writer killed mid-snapshot: move its complete sibling back, sweep the rest
@@ -721,13 +771,22 @@ class WeightStore:
         with self._cond:
             # The momentum file only when the snapshot's rule uses a buffer (an older "unrolled"
             # snapshot holds an all-zero one: not read, not kept).
-            into = {"W": self._W, "momentum": self._M} if in_place else {}
-            got = snap.read_matrices(path, man, MATRICES if restored.has_buffer else ("W",), into)
+            # A W in shared memory stays there (an index build in a child process maps it): read in
+            # place, or into a new shared matrix when this machine still has room for one.
+            into = {"W": self._W, "momentum": self._M} if in_place else {"W": self._new_rows(self.rows_shared)}
+            try:
+                got = snap.read_matrices(path, man, MATRICES if restored.has_buffer else ("W",), into,
+                                         in_place=in_place)
+            except BaseException:
+                if not in_place:
+                    release_shared(into["W"])   # the new matrix, never the live one
+                raise
             if got["W"] is not self._W:
                 release_shared(self._W)   # replaced, not overwritten: its shared pages go with the last mapping
             self._W, self._M = got["W"], got.get("momentum")
             self._step = int(man["step"])
             self._pending.clear()
+            self._refused_steps.clear()
             if restored != self.opt:  # the snapshot's optimizer wins, as its momentum matches it
                 logger.warning("restore %s: optimizer %s from the snapshot replaces this store's %s",
                                path, restored.to_dict(), self.opt.to_dict())

@@ -105,7 +105,8 @@ def test_three_clients_sync_and_two_shards_equal_one(tmp_path) -> None:
             assert a.step == b.step == steps
             ids = np.random.default_rng(0).permutation(K)
             np.testing.assert_array_equal(a.pull(ids), b.pull(ids))
-            np.testing.assert_array_equal(a.pull(ids, matrix="momentum"), b.pull(ids, matrix="momentum"))
+            with pytest.raises(BadRequestError, match="no momentum buffer"):   # "unrolled": none kept
+                b.pull(ids, matrix="momentum")
             # in-process reference of the same pushes
             ref = WeightStore(K, d, seed=4, num_clients=R, sparse_momentum="unrolled")  # the CLI default
             for s in range(steps):
@@ -140,7 +141,7 @@ def test_snapshot_sigkill_restore(tmp_path) -> None:
     port = free_port()
     bind = f"tcp://127.0.0.1:{port}"
     with launch(tmp_path, "--num-classes", str(K), "--dim", str(d), "--snapshot-dir", str(snaps),
-                "--snapshot-every", "2", bind=bind, name="a") as (proc, addr):
+                "--snapshot-every", "2", "--sparse-momentum", "lazy", bind=bind, name="a") as (proc, addr):
         rs = RemoteStore([addr], K, d, timeout=3)
         for s in range(3):
             rs.push([s, 5], np.full((2, d), 0.5, np.float32), s, 0.1)
@@ -243,7 +244,8 @@ def bad_messages(K: int, d: int) -> list:
 
 
 def _state(rs: RemoteStore, K: int) -> tuple:
-    return rs.pull(np.arange(K)), rs.pull(np.arange(K), matrix="momentum"), rs.step
+    momentum = rs.pull(np.arange(K), matrix="momentum") if rs.stats()["shards"][0]["momentum_buffer"] else None
+    return rs.pull(np.arange(K)), momentum, rs.step
 
 
 def test_each_bad_request_gets_an_error_and_changes_nothing(tmp_path) -> None:

@@ -63,7 +63,11 @@ def test_sgd_bitwise_parity_with_torch(nesterov: bool, wd: float, momentum: floa
     assert store.step == len(pushes)
     W_ref, B_ref = torch_reference(W0, pushes, momentum, wd, nesterov)
     np.testing.assert_array_equal(store.pull(np.arange(K)), W_ref)
-    np.testing.assert_array_equal(store.pull(np.arange(K), matrix="momentum"), B_ref)
+    if momentum:
+        np.testing.assert_array_equal(store.pull(np.arange(K), matrix="momentum"), B_ref)
+    else:   # momentum 0 keeps no buffer: nothing to pull
+        with pytest.raises(BadRequestError, match="no momentum buffer"):
+            store.pull(np.arange(K), matrix="momentum")
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -162,7 +166,8 @@ def test_unrolled_momentum_moves_a_row_as_far_as_dense_momentum_does(nesterov: b
     unrolled.push([1], g, 0, lr)
     lazy.push([1], g, 0, lr)
     np.testing.assert_allclose(unrolled.pull([1])[0], p.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert not unrolled.pull(np.arange(3), matrix="momentum").any()
+    with pytest.raises(BadRequestError, match="no momentum buffer"):
+        unrolled.pull(np.arange(3), matrix="momentum")
     first = (1 - m) * ((1 + m) if nesterov else 1)        # lazy: lr * g (Nesterov: lr * g * (1 + m)) for now
     np.testing.assert_allclose(lazy.pull([1])[0] - w0, first * (unrolled.pull([1])[0] - w0), rtol=1e-4, atol=1e-7)
     # weight decay is unrolled with the gradient: w - lr / (1 - m) * (g + wd * w)
@@ -474,7 +479,8 @@ def test_lean_store_keeps_no_momentum_matrix(tmp_path) -> None:
     assert lazy.stats()["bytes"] == 2 * K * d * 4 and lazy.stats()["momentum_buffer"]
     g = np.random.default_rng(0).standard_normal((3, d)).astype(np.float32)
     lean.push([1, 5, 9], g, 0, 0.1)
-    assert not lean.pull(np.arange(K), matrix="momentum").any()     # the rule's momentum is zero
+    with pytest.raises(BadRequestError, match="no momentum buffer"):    # refused like set_rows
+        lean.pull(np.arange(K), matrix="momentum")
     with pytest.raises(BadRequestError, match="no momentum buffer"):
         lean.set_rows([0], np.ones((1, d), np.float32), matrix="momentum")
     man = lean.snapshot(str(tmp_path / "lean"))
@@ -532,8 +538,8 @@ def test_pull_into_a_reused_buffer() -> None:
     got = st.pull([7, 2, 29], out=buf)
     assert got is buf
     np.testing.assert_array_equal(buf, st.pull(np.arange(30))[[7, 2, 29]])
-    st.pull([0, 1, 2], matrix="momentum", out=buf)
-    assert not buf.any()
+    with pytest.raises(BadRequestError, match="no momentum buffer"):
+        st.pull([0, 1, 2], matrix="momentum", out=buf)
     for bad in (np.empty((2, 4), np.float32), np.empty((3, 4), np.float64), np.empty((4, 3), np.float32).T):
         with pytest.raises(BadRequestError, match="out must be"):
             st.pull([1, 2, 3], out=bad)
