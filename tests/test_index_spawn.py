@@ -16,7 +16,7 @@ import pytest
 from paramserver import shm
 from paramserver.index import ExactIndex, IndexManager, make_index
 from paramserver.index.base import BuildCancelled
-from paramserver.index.spawn import ChildBuild, run_in_child
+from paramserver.index.spawn import WORKDIR_PREFIX, ChildBuild, run_in_child
 
 WAIT_S = 60.0   # generous: a spawned child imports numpy and the package on a loaded 2-core machine
 
@@ -54,7 +54,7 @@ def _load_report(workdir: str) -> dict:
 
 
 def _hf_dirs(path) -> List[str]:
-    return [p for p in os.listdir(path) if p.startswith("hf_")]
+    return [p for p in os.listdir(path) if p.startswith(WORKDIR_PREFIX)]
 
 
 @pytest.fixture

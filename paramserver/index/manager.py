@@ -27,6 +27,22 @@ BACKGROUND_THREADS = 1
 BACKGROUND_NICE = 10
 _REPLAY_ROWS = 65536     # changed rows re-read per index.update call at a swap
 
+# A background build that outlasts its deadline (a hung build child, a stopped process) is stopped and
+# counted as an index error, and the live index keeps serving. The deadline is relative to the
+# expected build time: BUILD_DEADLINE_FACTOR x the last build's duration, at least
+# BUILD_DEADLINE_MIN_S; with no build done yet, the expected time is W's size over
+# FIRST_BUILD_BYTES_PER_S (a conservative rate: a graph build read ~20 MB/s of W on one core,
+# docs/benchmarks.md). Each timeout in a row doubles the next deadline (up to 8x), so a machine too
+# loaded for the estimate still gets an index eventually.
+BUILD_DEADLINE_MIN_S = 60.0
+BUILD_DEADLINE_FACTOR = 10.0
+FIRST_BUILD_BYTES_PER_S = 10e6
+_DEADLINE_GROWTH_MAX = 8.0
+
+
+class BuildTimedOut(RuntimeError):
+    """A background build passed its deadline (IndexManager stopped it; the live index stays)."""
+
 
 class BuildState(enum.Enum):
     """Where a :class:`Build` is. BUILDING -> READY -> LIVE is the normal path; READY lasts until the
@@ -55,6 +71,7 @@ class Build:
     changed_step: int = -1                     # latest step in `changed`
     source_step: int = -1                      # step of the W the index reflects (stats: staleness)
     started: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf                 # monotonic time by which it must be built (background)
     state: BuildState = BuildState.BUILDING
     thread: Optional[threading.Thread] = None  # None: synchronous
     error: Optional[BaseException] = None      # FAILED: what the build raised
@@ -110,7 +127,7 @@ class IndexManager:
         deterministic: make the index a function of the step, not of timing, so a seed reproduces
             a run: builds start at multiples of T only, read a copy of W taken at that step (under
             the store's lock: consistent), and go live at the next multiple of T (the store then
-            waits for a late build, logged as ``wait_s``: every client waits with it); rows changed
+            waits for a late build, up to its deadline, logged as ``wait_s``: every client waits with it); rows changed
             meanwhile are replayed onto an incremental index before it goes live. None (default): on
             when W is at most ``copy_limit_bytes`` (64 MiB: up to 32K x 512 fp32, where builds take
             seconds), else off with a log line: a build over more rows can outlast T steps (a 1M x
@@ -120,17 +137,28 @@ class IndexManager:
             the first multiple of T after its start step when on, as soon as it is done when off.
         copy_limit_bytes: the W size up to which ``deterministic=None`` means on.
         sync_first_build_bytes: a first build over at most this many bytes of W runs synchronously.
+        build_deadline_min_s, build_deadline_factor: a background build not done within
+            max(build_deadline_min_s, build_deadline_factor x the expected build time) of its start
+            (see BUILD_DEADLINE_FACTOR) is stopped -- its child process killed, a graph build stopped
+            at its next list -- and reported by the next :meth:`maybe_rebuild` as a failed build
+            (counted: ``build_timeouts``); the live index stays. A deterministic go-live waits for a
+            late build only until its deadline, so a hung build never hangs the store. Settable.
+            A synchronous build (small first build, ``background=False``) has no deadline.
     """
 
     def __init__(self, factory: Callable[[], ClassIndex], rebuild_every: int, background: bool = True, *,
                  max_duty: float = 1.0, deterministic: Optional[bool] = None, copy_limit_bytes: int = 64 << 20,
-                 sync_first_build_bytes: int = 16 << 20) -> None:
+                 sync_first_build_bytes: int = 16 << 20, build_deadline_min_s: float = BUILD_DEADLINE_MIN_S,
+                 build_deadline_factor: float = BUILD_DEADLINE_FACTOR) -> None:
         if not callable(factory):
             raise ValueError(f"factory must be callable, got {factory!r}")
         if rebuild_every < 1:
             raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
         if not 0.0 < max_duty <= 1.0:
             raise ValueError(f"max_duty must be in (0, 1], got {max_duty}")
+        if not build_deadline_min_s > 0 or not build_deadline_factor >= 1:
+            raise ValueError(f"build_deadline_min_s must be > 0 and build_deadline_factor >= 1, got "
+                             f"{build_deadline_min_s} and {build_deadline_factor}")
         self.factory = factory
         self.rebuild_every = int(rebuild_every)
         self.background = bool(background)
@@ -138,6 +166,8 @@ class IndexManager:
         self.deterministic = deterministic
         self.copy_limit_bytes = int(copy_limit_bytes)
         self.sync_first_build_bytes = int(sync_first_build_bytes)
+        self.build_deadline_min_s = float(build_deadline_min_s)
+        self.build_deadline_factor = float(build_deadline_factor)
 
         self._lock = threading.Lock()      # guards the fields below and the records' state; never held during a build
         self._live: Optional[Build] = None     # the live index (state LIVE); None: random fill
@@ -152,6 +182,8 @@ class IndexManager:
         self._waits: List[float] = []      # deterministic: seconds the store waited for late builds
         self._fallback = 0                 # queries answered with no index live (random fill)
         self._fallback_logged = False
+        self._timeouts = 0                 # builds stopped at their deadline
+        self._timeouts_in_a_row = 0        # since the last completed build: grows the next deadline
         self._closed = False
 
     # -- starting builds ----------------------------------------------------------------------
@@ -169,9 +201,16 @@ class IndexManager:
                    log_changes: bool = False) -> Build:
         """(lock held) Make ``index`` the current build."""
         build = Build(index, step, rows, live_at=live_at, changed=[] if log_changes else None)
+        build.deadline = build.started + self._deadline_s(rows)
         self._build = build
         self._last_start = (step, build.started)
         return build
+
+    def _deadline_s(self, W: np.ndarray) -> float:
+        """(lock held) Seconds a build over ``W`` starting now may take (see BUILD_DEADLINE_FACTOR)."""
+        expected = self._build_times[-1] if self._build_times else W.nbytes / FIRST_BUILD_BYTES_PER_S
+        growth = min(2.0 ** self._timeouts_in_a_row, _DEADLINE_GROWTH_MAX)
+        return max(self.build_deadline_min_s, self.build_deadline_factor * expected) * growth
 
     def _retire(self) -> Optional[threading.Thread]:
         """(lock held) Retire the current build: it never goes live; a graph build stops at its next
@@ -222,17 +261,17 @@ class IndexManager:
         start a build when one is due. Returns True if a build was started."""
         step = int(step)
         with self._lock:
-            failed = self._build if self._build is not None and self._build.state is BuildState.FAILED else None
-            if failed is not None:
-                self._build = None
-        if failed is not None:
-            raise RuntimeError(f"background index build failed: {failed.error!r}") from failed.error
+            build = self._build
+        if build is not None and build.state is BuildState.BUILDING and time.monotonic() >= build.deadline:
+            self._time_out(build)
+        self._raise_failed()
         rows = store.rows_view()
         with self._lock:
             self._live_rows = rows
             build = self._build
         if build is not None and build.live_at is not None and step >= build.live_at:
             self._go_live(build, step)
+            self._raise_failed()
         with self._lock:
             self._step = max(self._step, step)
             if self._closed or self._build is not None:
@@ -250,6 +289,34 @@ class IndexManager:
                     return False
         return self._start_build(rows, step, first=first)
 
+    def _raise_failed(self) -> None:
+        """A failed (or timed out) background build: drop it and raise its error, once."""
+        with self._lock:
+            failed = self._build if self._build is not None and self._build.state is BuildState.FAILED else None
+            if failed is not None:
+                self._build = None
+        if failed is not None:
+            raise RuntimeError(f"background index build failed: {failed.error!r}") from failed.error
+
+    def _time_out(self, build: Build) -> None:
+        """``build`` passed its deadline: stop it (a child build is killed by its waiting thread, a graph
+        build stops at its next list; a build that cannot stop runs on, its result discarded) and mark
+        it FAILED, for the caller's :meth:`maybe_rebuild` to report. Never waits for it."""
+        with self._lock:
+            if self._build is not build or build.state is not BuildState.BUILDING or build.thread is None:
+                return                          # done, failed or retired meanwhile; or synchronous
+            seconds = time.monotonic() - build.started
+            build.state = BuildState.FAILED
+            build.error = BuildTimedOut(f"index {build.index.name} build of step {build.step} passed its deadline "
+                                        f"of {build.deadline - build.started:.1f}s; stopped")
+            build.changed = None
+            self._timeouts += 1
+            self._timeouts_in_a_row += 1
+        build.index.cancel()
+        logger.error("index %s build of step %d still running after %.1fs, past its deadline (%.1fs): stopped "
+                     "(a build child is killed); the live index keeps serving", build.index.name, build.step,
+                     seconds, build.deadline - build.started)
+
     def _start_build(self, W: np.ndarray, step: int, first: bool, after: Optional[threading.Thread] = None) -> bool:
         """Start a build over ``W`` (first: possibly synchronous); False when one is current or the
         manager is closed. ``after``: a retired build's thread to wait for first."""
@@ -266,7 +333,7 @@ class IndexManager:
             build = self._new_build(index, W, step, live_at, log_changes=index.incremental and not sync)
         if sync:
             if after is not None:
-                after.join()
+                self._join_retired(after, build)
             self._run(build)
             return True
         if live_at is not None:
@@ -292,7 +359,7 @@ class IndexManager:
         from a thread they are reported by the next :meth:`maybe_rebuild`)."""
         try:
             if after is not None:
-                after.join()                   # a retired build: never two at once
+                self._join_retired(after, build)   # a retired build: never two at once
             if build.thread is not None and hasattr(os, "setpriority"):
                 with contextlib.suppress(OSError):  # per-thread on Linux: only this thread yields
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
@@ -303,11 +370,13 @@ class IndexManager:
             seconds = time.perf_counter() - t0
             with self._lock:
                 build.rows = None              # a deterministic build's copy is freed here
-                if self._build is not build:
-                    logger.info("index %s build of step %d retired (the store was restored)",
-                                build.index.name, build.step)
+                if self._build is not build or build.state is not BuildState.BUILDING:
+                    logger.info("index %s build of step %d %s", build.index.name, build.step,
+                                "done after its deadline: discarded" if build.state is BuildState.FAILED
+                                else "retired (the store was restored)")
                     return
                 build.state = BuildState.READY
+                self._timeouts_in_a_row = 0
                 self._build_times.append(seconds)
                 self._start_steps.append(build.step)
                 self._start_times.append(build.started)
@@ -324,6 +393,8 @@ class IndexManager:
         live index stays."""
         with self._lock:
             build.rows = None
+            if build.state is BuildState.FAILED:    # timed out (_time_out): reported there, and
+                return                              # by the next maybe_rebuild
             current = self._build is build
             quiet = not current or isinstance(err, BuildCancelled)
             if current:
@@ -345,7 +416,10 @@ class IndexManager:
         it is late (counted as ``swap_wait_s``), then swap it in."""
         t0 = time.perf_counter()
         if build.thread is not None:
-            build.thread.join()
+            # never past the build's deadline: a hung build must not hang the store (its lock is held)
+            build.thread.join(max(0.0, build.deadline - time.monotonic()))
+            if build.thread.is_alive():
+                self._time_out(build)
         waited = time.perf_counter() - t0
         with self._lock:
             if self._build is not build or build.state is not BuildState.READY:
@@ -362,6 +436,15 @@ class IndexManager:
             if waited > 0.01:
                 logger.info("index %s went live at step %d after waiting %.2fs for its build (deterministic swap)",
                             build.index.name, step, waited)
+
+    @staticmethod
+    def _join_retired(thread: threading.Thread, build: Build) -> None:
+        """Wait for a retired build's thread before ``build`` starts, up to ``build``'s deadline (a
+        retired build that cannot stop then runs on beside it, its result discarded)."""
+        thread.join(max(0.0, build.deadline - time.monotonic()))
+        if thread.is_alive():
+            logger.warning("index %s: a retired build still runs at the deadline of the next; not waiting for it",
+                           build.index.name)
 
     def _swap(self, build: Build) -> bool:
         """THE go-live path of every build: point the index at the store's live rows, re-read the rows
@@ -440,7 +523,9 @@ class IndexManager:
         current, so this counts steps since the last forwarded update), steps_since_build (age of the
         build itself, e.g. IVF centroids), achieved_period_steps / achieved_period_s (mean gap between
         build starts), building, deterministic, swap_wait_s, incremental, live (an index answers
-        queries), fallback_queries (queries answered by the random fill)."""
+        queries), fallback_queries (queries answered by the random fill), build_timeouts (builds stopped
+        at their deadline; each also reported as a failed build), build_deadline_s (the running
+        build's deadline, seconds from its start; nan when none runs)."""
         with self._lock:
             live, build = self._live, self._build
             n = len(self._build_times)
@@ -462,6 +547,10 @@ class IndexManager:
                 "incremental": bool(live is not None and live.index.incremental),
                 "live": live is not None,
                 "fallback_queries": self._fallback,
+                "build_timeouts": self._timeouts,
+                "build_deadline_s": build.deadline - build.started
+                if build is not None and build.state is BuildState.BUILDING and math.isfinite(build.deadline)
+                else float("nan"),
             }
 
     def close(self, timeout: Optional[float] = None) -> None:

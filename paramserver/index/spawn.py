@@ -11,6 +11,13 @@ memory-maps. Either way the child's inputs and outputs live in one temp director
 removed when the build ends -- done, failed or cancelled -- and, for a build still in flight when
 the interpreter exits, at exit (the child is killed first).
 
+A child dies with its parent, also when the parent is SIGKILLed (no atexit then): on Linux the child
+asks the kernel for SIGKILL at its parent's death (prctl PR_SET_PDEATHSIG), and everywhere a thread
+of the child watches a pipe whose only write end the parent holds (EOF: the parent is gone) and
+exits. Otherwise an orphaned build would run on for minutes, holding W's shared pages. The temp
+directories are named after the parent's pid (``<tempdir>/hfsoftmax-build-<pid>-...``); those of
+parents no longer alive are removed at the first ChildBuild of a later process.
+
 Why "spawn", not fork: the parent has threads (trainer, ZeroMQ, OpenMP pools, the build thread
 itself); fork would copy their locks in whatever state they are and can deadlock the child.
 
@@ -28,9 +35,16 @@ The child calls ``target(W, workdir, *args)`` with W mapped read-only (after ``o
 from __future__ import annotations
 
 import atexit
+import ctypes
+import errno
+import glob
+import logging
 import multiprocessing
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 from typing import Any, Callable, Optional, Sequence, Set, Tuple, TypeVar, Union
@@ -41,19 +55,77 @@ from ..shm import open_shared, shared_source
 from .base import BuildCancelled
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 ERROR_FILE = "child_error.txt"   # the child's exception, "Type: message", for the parent's RuntimeError
 POLL_S = 0.1                     # how often a waiting parent looks at the cancel flag
+WORKDIR_PREFIX = "hfsoftmax-build-"   # + "<parent pid>-<index name>-": a workdir under tempfile.gettempdir()
+USE_PDEATHSIG = True             # Linux: the kernel kills the child when its parent dies (tests turn it
+                                 # off to check the pipe alone)
+PARENT_GONE_EXIT = 3             # the child's exit code when its parent's pipe closed
 
+_PR_SET_PDEATHSIG = 1            # <linux/prctl.h>
 _LOCK = threading.Lock()
 _OPEN: Set["ChildBuild"] = set()   # builds whose child or workdir may still exist (closed at exit)
 _EXITING = False
+_SWEPT = False                   # the temp dirs of dead parents were swept in this process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:       # EPERM: alive, another user's
+        return exc.errno == errno.EPERM
+    return True
+
+
+def sweep_stale_workdirs() -> int:
+    """Remove the build temp directories whose parent process is no longer alive (a parent killed
+    by SIGKILL or the OOM killer could not remove them). Returns how many were removed."""
+    pattern = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), WORKDIR_PREFIX + "*")):
+        m = pattern.match(os.path.basename(path))
+        if m is None or not os.path.isdir(path) or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed += 1
+            logger.info("removed %s: the temp directory of a build whose process (pid %s) is gone", path, m.group(1))
+    return removed
+
+
+def _die_with_parent(parent_pid: int, alive: Any, pdeathsig: bool) -> None:
+    """In the child, first thing: exit when the parent dies, however it dies. PR_SET_PDEATHSIG
+    (Linux) fires when the parent THREAD that started the child exits: the build thread, which
+    never leaves before the child has ended or been killed. The pipe ``alive`` (a Connection whose
+    write end only the parent holds) reads EOF once the parent is gone, on any platform."""
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:       # the parent died before the above took effect
+        os._exit(PARENT_GONE_EXIT)
+
+    def watch() -> None:
+        try:
+            alive.recv()                 # the parent never sends: returns only by EOF or an error
+        except (EOFError, OSError):
+            pass
+        os._exit(PARENT_GONE_EXIT)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _child_main(target: Callable[..., None], source: Union[str, Tuple[Any, ...]], workdir: str, nice: int,
-                args: Tuple[Any, ...]) -> None:
-    """The child's body: lower its priority, map W, run ``target``; an exception is written to
-    ERROR_FILE for the parent (and re-raised: the exit code is then 1)."""
+                args: Tuple[Any, ...], parent_pid: int, alive: Any, pdeathsig: bool) -> None:
+    """The child's body: die with the parent, lower its priority, map W, run ``target``; an exception
+    is written to ERROR_FILE for the parent (and re-raised: the exit code is then 1)."""
+    _die_with_parent(parent_pid, alive, pdeathsig)
     try:
         if nice and hasattr(os, "nice"):
             os.nice(nice)
@@ -87,7 +159,13 @@ class ChildBuild:
         self._target, self._args, self._nice = target, tuple(args), int(nice)
         self._cancel = cancel if cancel is not None else threading.Event()
         self.proc: Optional[Any] = None       # the multiprocessing.Process once started
-        self.workdir = tempfile.mkdtemp(prefix=f"hf_{index_name}_")
+        self._alive_w: Optional[Any] = None    # the write end of the child's parent-alive pipe
+        global _SWEPT
+        with _LOCK:
+            sweep, _SWEPT = not _SWEPT, True
+        if sweep:
+            sweep_stale_workdirs()
+        self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{index_name}-")
         with _LOCK:
             _OPEN.add(self)
         try:
@@ -111,9 +189,14 @@ class ChildBuild:
         """Start the child (a daemon: an exiting parent does not wait for it)."""
         self._check_cancel()
         ctx = multiprocessing.get_context("spawn")
+        alive_r, self._alive_w = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=_child_main, name=f"hf-{self.index_name}-build", daemon=True,
-                                args=(self._target, self._source, self.workdir, self._nice, self._args))
-        self.proc.start()
+                                args=(self._target, self._source, self.workdir, self._nice, self._args,
+                                      os.getpid(), alive_r, USE_PDEATHSIG))
+        try:
+            self.proc.start()
+        finally:
+            alive_r.close()           # the child's copy is its own: the parent keeps only the write end
         return self
 
     def _check_cancel(self) -> None:
@@ -169,6 +252,9 @@ class ChildBuild:
     def close(self) -> None:
         """Kill the child if it still runs and remove the temp directory (idempotent)."""
         self._kill()
+        if self._alive_w is not None:
+            self._alive_w.close()
+            self._alive_w = None
         shutil.rmtree(self.workdir, ignore_errors=True)
         with _LOCK:
             _OPEN.discard(self)
