@@ -37,7 +37,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = ""                 # "" -> the built-in synthetic identities; else a .rec folder or image list
+    path: str = ""                 # "" -> the built-in synthetic identities; else a .rec folder, image list, folder
+                                   # of class folders, or features file (.npy / .npz of [n, d_in]; README "Data")
+    labels: str = ""               # features .npy: its labels (int .npy [n], or text, one integer per line)
+    val_path: str = ""             # held-out list or .rec of training identities: top-1/top-5 over all K every
+                                   # train.eval_every steps and at the end; "" -> path's val_list.txt (rec2img), "none" -> off
     image_size: int = 32           # input side; face ResNets and Hynet expect 112
     num_workers: int = 0           # DataLoader worker processes (disk datasets; started once per run)
     prefetch_factor: int = 2       # batches each worker keeps in flight (num_workers > 0)
@@ -57,7 +61,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "tiny"          # tiny | hynet | mobilefacenet | resnet18 .. resnet100 (or r18.., mbf) | arcface_mbf | arcface_mbf_large
+                                    # | identity | mlp (these two over a features file: data.path=feats.npy)
     feature_dim: int = 128
+    input_dim: int = 0              # identity / mlp: the features' width d_in (0: read from data.path; the
+                                    # resolved value is saved in the run's config)
+    hidden_dim: int = 0             # mlp only: hidden width (0: max(input_dim, feature_dim))
     dropout: float = 0.0
     norm: str = "batch"             # tiny only: batch | group (group keeps DDP == one process exactly)
     width: int = 32                 # tiny only: channels of its first stage (16: ~1/4 the conv work; docs/benchmarks.md)
@@ -351,6 +359,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    for key, value in (("model.input_dim", cfg.model.input_dim), ("model.hidden_dim", cfg.model.hidden_dim)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be 0 or more; got {value}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be 0 or more; got {cfg.data.num_workers}")
     if cfg.train.resume not in ("", "auto") and not os.path.isfile(cfg.train.resume):

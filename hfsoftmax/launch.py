@@ -19,7 +19,8 @@ def num_classes_of(cfg: Config) -> int:
         return cfg.data.num_classes
     from .data.datasets import dataset_from_path
 
-    return int(dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad).num_classes)
+    return int(dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad,
+                                 labels=cfg.data.labels).num_classes)
 
 
 def server_args(cfg: Config, num_clients: int) -> list[str]:

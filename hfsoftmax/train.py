@@ -194,13 +194,18 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
         return train_set, spec.num_classes, []          # only rank 0 evaluates
     if not os.path.exists(cfg.data.path):
         raise FileNotFoundError(f"dataset path does not exist: {cfg.data.path}")
-    from .data.datasets import dataset_from_path
+    from .data.datasets import dataset_from_path, write_class_map
+    from .data.features import is_features_path
 
-    # uint8 through the workers' queues (a quarter of float32's bytes), normalised on the device
+    # uint8 through the workers' queues (a quarter of float32's bytes), normalised on the device;
+    # a features file's float32 rows pass normalize_images untouched
     train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad,
-                                  uint8=True)
+                                  uint8=True, labels=cfg.data.labels)
     ver: list[VerificationSet] = []
-    if run_dir is not None:
+    if run_dir is not None and getattr(train_set, "classes", None) is not None:
+        # an image folder's class-name -> id map (sorted folder names): what the ids in logs mean
+        write_class_map(train_set.classes, os.path.join(run_dir, "classes.json"))
+    if run_dir is not None and not is_features_path(cfg.data.path):   # .bin pairs are images
         # Only rank 0 evaluates. The images are decoded at each evaluation, not held: lfw + cfp_fp +
         # agedb_30 at 112x112 would be ~5 GB of float32 kept for the whole run.
         folder = cfg.data.path if os.path.isdir(cfg.data.path) else os.path.dirname(cfg.data.path)
@@ -256,15 +261,47 @@ def identify(backbone: nn.Module, head: ClassifierHead, images: torch.Tensor, la
     classes, scored by the trained head (its rows pulled from the store for selective heads)."""
     from .eval.extract import extract_features
 
+    from .eval.classify import summarize, topk_hits
+
     head.flush()                     # every push has landed
     feats = extract_features(backbone, images, batch_size=256, flip=True, device=device, progress=False)
-    was_training = head.training
-    head.eval()
-    top = torch.cat([head.topk(f.to(device), 5)[1].cpu() for f in torch.as_tensor(feats).split(1024)])
-    head.train(was_training)
-    hits = top == torch.as_tensor(labels).view(-1, 1)
-    return {"top1": float(hits[:, 0].float().mean()), "top5": float(hits.any(dim=1).float().mean()),
-            "samples": int(len(labels))}
+    return summarize(topk_hits(head, torch.from_numpy(feats), torch.as_tensor(labels), device))
+
+
+def open_val_set(cfg: Config, num_classes: int) -> Dataset | None:
+    """The held-out list of ``data.val_path`` (or the rec2img folder's ``val_list.txt``), checked to be
+    labelled within the K training classes; None when there is none. Rank 0 only."""
+    from .eval.classify import open_val_set as open_set, val_list_path
+
+    path = val_list_path(cfg.data.path, cfg.data.val_path)
+    if not path:
+        return None
+    if not cfg.data.val_path:
+        logger.info("held-out list %s found beside data.path: top-1/top-5 over all K on it (data.val_path=none: off)",
+                    path)
+    val_set = open_set(path, cfg.data.image_size, skip_bad=cfg.data.skip_bad)
+    n = int(getattr(val_set, "num_classes", 0))
+    if n > num_classes:
+        raise ConfigError(f"data.val_path {path}: labels up to {n - 1}, but the run trains num_classes={num_classes}: "
+                          f"the held-out list must hold images of training identities, labelled as in training")
+    logger.info("held-out classification set %s: %d images", path, len(val_set))
+    return val_set
+
+
+def classify(backbone: nn.Module, head: ClassifierHead, val_set: Dataset, cfg: Config,
+             device: torch.device) -> dict[str, Any]:
+    """Top-1 / top-5 of the held-out set over all K (:func:`hfsoftmax.eval.classify.classify_dataset`)."""
+    from .data.features import FeatureDataset, classify_features
+    from .eval.classify import classify_dataset
+
+    if isinstance(val_set, FeatureDataset):    # [d_in] rows: no flip, no image extraction
+        return classify_features(backbone, head, val_set, device, batch_size=256)
+    return classify_dataset(backbone, head, val_set, device, batch_size=256, num_workers=cfg.data.num_workers)
+
+
+def val_record(r: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.jsonl fields of a :func:`classify` result."""
+    return {"val_top1": r["top1"], "val_top5": r["top5"], "val_samples": r["samples"]}
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -317,6 +354,8 @@ def check_finite(first_bad: torch.Tensor, lr: float, run_dir: str) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as configured; returns the final metrics (on every rank)."""
     normalize_margin(cfg.head)        # before the config is saved: the run dir says what it trains
+    from .data.features import resolve_input_dim
+    cfg.model.input_dim = resolve_input_dim(cfg)   # features' d_in (0 for images), saved for eval to rebuild
     if cfg.train.tensorboard:
         require_tensorboard()
     info = hdist.init_distributed(cfg.train.device)
@@ -341,8 +380,10 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     device = info.device
     # the backbone first: a bad name or image size fails before the data is prepared
     backbone = get_backbone(cfg.model.backbone, cfg.model.feature_dim, cfg.data.image_size,
-                            dropout=cfg.model.dropout, norm=cfg.model.norm, width=cfg.model.width).to(device)
+                            dropout=cfg.model.dropout, norm=cfg.model.norm, width=cfg.model.width,
+                            input_dim=cfg.model.input_dim, hidden_dim=cfg.model.hidden_dim).to(device)
     train_set, num_classes, ver_sets = build_datasets(cfg, run_dir if info.is_main else None)
+    val_set = open_val_set(cfg, num_classes) if info.is_main else None
     if cfg.model.pretrained and not cfg.train.resume:
         load_pretrained(backbone, cfg.model.pretrained)
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
@@ -426,7 +467,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     t_start = time.time()
     try:
         _run_steps(cfg, info, train_set, model, ddp_model, head, optimizer, precision, ver_sets, metrics,
-                          bar, start_step, num_classes)
+                          bar, start_step, num_classes, val_set=val_set)
     except (ConnectionError, TimeoutError) as e:
         # The parameter server is gone or silent: say so, and where to resume from.
         raise TrainingError(f"{e}. Last checkpoint: {find_latest_checkpoint(run_dir) or 'none'}; "
@@ -437,17 +478,22 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     wall = time.time() - t_start
     result.update({"steps": total, "wall_s": wall,
                    "samples_per_s": (total - start_step) * cfg.train.batch_size * info.world_size / max(wall, 1e-9)})
-    if ver_sets and info.is_main:
-        # The same report scripts/eval.sh writes (results.md, results.json, roc_<set>.png), on the .bins.
-        from .eval.report import evaluate_bins, format_markdown
-        eval_dir = os.path.join(run_dir, "eval")
-        final = evaluate_bins(backbone, [vs.path for vs in ver_sets], cfg.data.image_size, eval_dir, device=device,
-                              header=f"{cfg.head.name} head, step {total}",
-                              title=f"{cfg.model.backbone}, {cfg.head.name} head, step {total}")
-        result["verification"] = final
-        result["report"] = format_markdown(final)
-        result["report_dir"] = eval_dir
-        rec = {f"{n}_acc": r["accuracy"] for n, r in final.items()}
+    if (ver_sets or val_set is not None) and info.is_main:
+        rec = {}
+        if ver_sets:
+            # The same report scripts/eval.sh writes (results.md, results.json, roc_<set>.png), on the .bins.
+            from .eval.report import evaluate_bins, format_markdown
+            eval_dir = os.path.join(run_dir, "eval")
+            final = evaluate_bins(backbone, [vs.path for vs in ver_sets], cfg.data.image_size, eval_dir,
+                                  device=device, header=f"{cfg.head.name} head, step {total}",
+                                  title=f"{cfg.model.backbone}, {cfg.head.name} head, step {total}")
+            result["verification"] = final
+            result["report"] = format_markdown(final)
+            result["report_dir"] = eval_dir
+            rec.update({f"{n}_acc": r["accuracy"] for n, r in final.items()})
+        if val_set is not None:
+            result["classification"] = classify(backbone, head, val_set, cfg, device)
+            rec.update(val_record(result["classification"]))
         if not cfg.data.path and cfg.data.val_samples > 0:
             from .data.synthetic import heldout_samples, spec_from_config
             images, labels = heldout_samples(spec_from_config(cfg.data), cfg.data.val_samples)
@@ -466,7 +512,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
 def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Model, ddp_model: nn.Module,
                head: ClassifierHead, optimizer: torch.optim.Optimizer, precision: Precision,
                ver_sets: list[VerificationSet], metrics: MetricsLogger | None, bar: Any, start_step: int,
-               num_classes: int) -> int:
+               num_classes: int, val_set: Dataset | None = None) -> int:
     """Steps start_step .. train.steps - 1: forward, backward, update, logs, evals, checkpoints.
 
     No host sync of its own per step: the loss's finiteness accumulates on the device (the first bad
@@ -526,9 +572,14 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         if bar is not None:
             bar.update(1)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total:
-            if info.is_main and ver_sets:
-                r = verify(backbone, ver_sets, device, cfg.data.image_size)
-                metrics.log(event="eval", step=done, **{f"{n}_acc": v["accuracy"] for n, v in r.items()})
+            if info.is_main and (ver_sets or val_set is not None):
+                rec = {}
+                if ver_sets:
+                    r = verify(backbone, ver_sets, device, cfg.data.image_size)
+                    rec.update({f"{n}_acc": v["accuracy"] for n, v in r.items()})
+                if val_set is not None:
+                    rec.update(val_record(classify(backbone, head, val_set, cfg, device)))
+                metrics.log(event="eval", step=done, **rec)
             hdist.wait_for_main()     # every rank; a long evaluation must not trip the 600 s collectives
         if is_ckpt:
             head.flush()              # the snapshot must hold this step's update
@@ -576,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             if "start_verification" in result:
                 s = result["start_verification"]
                 print("untrained start: " + ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in s.items()))
+            if "classification" in result:
+                r = result["classification"]
+                print(f"classification over the K={result['num_classes']} training classes ({r['samples']} held-out "
+                      f"images): top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%")
             if "identification" in result:
                 r = result["identification"]
                 print(f"identification over the K={result['num_classes']} training identities ({r['samples']} new "

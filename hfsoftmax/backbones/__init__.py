@@ -1,6 +1,6 @@
-"""Backbones: image [B, 3, H, W] -> embedding [B, feature_dim].
+"""Backbones: image [B, 3, H, W] (or, for ``identity`` / ``mlp``, features [B, d_in]) -> embedding [B, feature_dim].
 
-``get_backbone(name, feature_dim, image_size)`` is the one factory that training, evaluation and
+``get_backbone(name, feature_dim, image_size, input_dim=...)`` is the one factory that training, evaluation and
 tools use, so a checkpoint's config (``model.backbone``) is enough to rebuild its network.
 """
 from __future__ import annotations
@@ -8,18 +8,21 @@ from __future__ import annotations
 from torch import nn
 
 from .hynet import Hynet
+from .mlp import Identity, MLPProjector
 from .mobilefacenet import ARCFACE_TORCH, MobileFaceNet
 from .resnet import RESNET_DEPTHS, FaceResNet
 from .tiny import TinyNet
 
 BACKBONES = (("tiny", "hynet", "mobilefacenet") + tuple(ARCFACE_TORCH)
-             + tuple(f"resnet{d}" for d in RESNET_DEPTHS))
+             + tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("identity", "mlp"))
+# backbones over precomputed features [B, d_in] (data.path=feats.npy), not images
+FEATURE_BACKBONES = ("identity", "mlp")
 # arcface_torch's names for the same IR-ResNets, and its MobileFaceNet
 ALIASES = {**{f"r{d}": f"resnet{d}" for d in RESNET_DEPTHS}, "mbf": "mobilefacenet"}
 
 
 def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: float = 0.0,
-                 norm: str = "batch", width: int = 32) -> nn.Module:
+                 norm: str = "batch", width: int = 32, input_dim: int = 0, hidden_dim: int = 0) -> nn.Module:
     """Build a backbone by name.
 
     Args:
@@ -29,21 +32,30 @@ def get_backbone(name: str, feature_dim: int, image_size: int = 112, dropout: fl
         dropout: dropout before the embedding FC (face ResNet, Hynet).
         norm: tiny only, ``batch`` or ``group`` (GroupNorm is per-sample, so DDP equals one process).
         width: tiny only, the channels of its first stage (then 2x and 4x).
+        input_dim: identity / mlp only, the features' width d_in (image_size is then unused).
+        hidden_dim: mlp only, its hidden width (0: max(input_dim, feature_dim)).
     """
     from ..config import ConfigError
 
     name = ALIASES.get(name, name)
     try:
-        return _build(name, feature_dim, image_size, dropout, norm, width)
+        return _build(name, feature_dim, image_size, dropout, norm, width, input_dim, hidden_dim)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        if name in FEATURE_BACKBONES:
+            raise ConfigError(str(e)) from None
         raise ConfigError(f"model.backbone={name} with data.image_size={image_size}: {e}") from None
 
 
-def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: str, width: int) -> nn.Module:
+def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: str, width: int,
+           input_dim: int, hidden_dim: int) -> nn.Module:
     from ..config import ConfigError
 
+    if name == "identity":
+        return Identity(feature_dim=feature_dim, input_dim=input_dim)
+    if name == "mlp":
+        return MLPProjector(feature_dim=feature_dim, input_dim=input_dim, hidden=hidden_dim)
     if name == "tiny":
         return TinyNet(feature_dim=feature_dim, image_size=image_size, width=width, norm=norm)
     if name == "mobilefacenet":
@@ -58,4 +70,5 @@ def _build(name: str, feature_dim: int, image_size: int, dropout: float, norm: s
                       f"{', '.join(ALIASES)})")
 
 
-__all__ = ["get_backbone", "BACKBONES", "FaceResNet", "Hynet", "MobileFaceNet", "TinyNet"]
+__all__ = ["get_backbone", "BACKBONES", "FEATURE_BACKBONES", "FaceResNet", "Hynet", "Identity", "MLPProjector",
+           "MobileFaceNet", "TinyNet"]

@@ -1,9 +1,14 @@
-"""Training datasets read from disk: InsightFace RecordIO folders and image list files.
+"""Training datasets read from disk: InsightFace RecordIO folders, image list files, image folders
+and precomputed features.
 
 * ``RecordDataset``: ``train.rec`` + ``train.idx`` (see :mod:`hfsoftmax.data.recordio`), JPEG
   payloads decoded with Pillow. Works with DataLoader workers: each worker opens its own handle.
 * ``ImageListDataset``: a text file with ``relative/path label`` per line, paths relative to the
   list file's folder (``tools/rec2img.py`` writes ``train_list.txt`` / ``val_list.txt`` this way).
+* ``ImageFolderDataset``: ``root/<class name>/**/*.jpg|png|...`` (torchvision's ImageFolder layout);
+  class ids by sorted folder name, the map in ``classes`` (training writes it as ``classes.json``).
+* ``FeatureDataset`` (:mod:`hfsoftmax.data.features`): ``feats.npy`` / ``.npz`` of [n, d_in] features,
+  whose items are ``(features float32 [d_in], label)`` instead of images.
 
 ``dataset_from_path`` picks one from a path; every dataset returns ``(image [3, H, W] float32 in
 [-1, 1], label: int)`` and has ``num_classes``; with ``uint8=True`` the image is the uint8 tensor
@@ -16,6 +21,7 @@ record is returned *with its own label*; a record is never given another record'
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Optional
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hfsoftmax.data.features import FeatureDataset, is_features_path
 from hfsoftmax.data.recordio import (RecordIOReader, class_of, read_insightface_layout,
                                      read_property, unpack)
 from hfsoftmax.data.transforms import decode_image, hflip, keyed_coin, random_hflip, to_tensor_normalized, to_tensor_uint8
@@ -212,13 +219,105 @@ class ImageListDataset(_SkippingDataset):
         return img, int(self.labels[index])
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
+
+
+class ImageFolderDataset(_SkippingDataset):
+    """Images in one subfolder per class: ``root/<class name>/**/<image>`` (any depth below the class).
+
+    Class ids follow the sorted class-folder names (Python string order: "10" < "2"), so the same
+    folders always give the same map, whatever their names; ``classes`` is that map (name -> id).
+    Hidden folders and files are ignored; a class folder without images keeps its id (a warning).
+
+    Args:
+        root: the folder of class folders.
+        image_size, train, skip_bad, uint8: as for :class:`ImageListDataset`.
+    """
+
+    def __init__(self, root: str, image_size: int, train: bool = True, skip_bad: bool = False,
+                 uint8: bool = False) -> None:
+        self.root = root
+        self.image_size = image_size
+        self.train = train
+        self.skip_bad = skip_bad
+        self.uint8 = uint8
+        self.skipped = 0
+        names = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+        if not names:
+            raise FileNotFoundError(f"dataset folder {root} has no class folders (nor train.rec / train_list.txt)")
+        self.classes: dict[str, int] = {name: i for i, name in enumerate(names)}
+        paths: list[str] = []
+        labels: list[int] = []
+        empty = []
+        for name, label in self.classes.items():
+            found = []
+            for dirpath, dirnames, files in os.walk(os.path.join(root, name)):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(files) if _is_image(f)]
+            if not found:
+                empty.append(name)
+            paths += found
+            labels += [label] * len(found)
+        if not paths:
+            raise FileNotFoundError(f"dataset folder {root}: no images ({', '.join(IMAGE_EXTS)}) in its "
+                                    f"{len(names)} class folders")
+        if empty:
+            logger.warning("%s: %d class folders hold no images (their ids stay reserved): %s", root, len(empty),
+                           ", ".join(empty[:5]))
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = len(names)
+        logger.info("%s: %d images, %d class folders", root, len(paths), self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = os.path.join(self.root, self.paths[index])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise OSError(f"{path}: cannot read image ({exc.strerror})") from None
+        img = self._to_tensor(decode_image(data, path), self.image_size)
+        if self.train:
+            img = self._maybe_flip(img, index)
+        return img, int(self.labels[index])
+
+
+def _has_class_folders(path: str) -> bool:
+    """A folder with at least one non-hidden subfolder holding an image (at its top level or below)."""
+    for d in sorted(os.listdir(path)):
+        sub = os.path.join(path, d)
+        if d.startswith(".") or not os.path.isdir(sub):
+            continue
+        for _, _, files in os.walk(sub):
+            if any(_is_image(f) for f in files):
+                return True
+    return False
+
+
+def write_class_map(classes: dict[str, int], path: str) -> None:
+    """``{"class name": id, ...}`` as JSON (atomic), in id order."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dict(sorted(classes.items(), key=lambda kv: kv[1])), f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
 def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: bool = False,
-                      uint8: bool = False) -> Dataset:
+                      uint8: bool = False, labels: str = "") -> Dataset:
     """The dataset a path points at (``train`` only switches augmentation on; ``uint8``: see the module).
 
     * a folder with ``train.rec`` (and ``train.idx``) -> :class:`RecordDataset`
     * a folder with ``train_list.txt`` -> :class:`ImageListDataset` over that list
+    * a folder of class folders -> :class:`ImageFolderDataset`
     * a ``.rec`` file -> :class:`RecordDataset` (its ``.idx`` beside it)
+    * a ``.npy`` / ``.npz`` file -> :class:`FeatureDataset` (``labels``: its labels file, data.labels)
     * any other file -> :class:`ImageListDataset` (``relative/path label`` per line)
 
     Raises:
@@ -233,7 +332,14 @@ def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: 
             return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
         if os.path.isfile(lst):
             return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
-        raise FileNotFoundError(f"dataset folder {path} has neither train.rec nor train_list.txt")
+        if _has_class_folders(path):
+            return ImageFolderDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+        raise FileNotFoundError(f"dataset folder {path} has neither train.rec nor train_list.txt nor class "
+                                f"folders of images")
     if path.endswith(".rec"):
         return RecordDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+    if is_features_path(path):
+        return FeatureDataset(path, labels)
+    if labels:
+        raise ValueError(f"data.labels={labels} is for features files (.npy / .npz); {path} is not one")
     return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)

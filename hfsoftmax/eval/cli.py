@@ -1,7 +1,10 @@
-"""Command line for evaluation: ``python -m hfsoftmax.eval {verify,megaface} ...``.
+"""Command line for evaluation: ``python -m hfsoftmax.eval {verify,megaface,ijb,classify} ...``.
 
 verify:   every ``.bin`` in a folder (or the files given) -> results.md, results.json, ROC PNGs.
 megaface: rank-1 identification and TAR@FAR=1e-6 from probe and distractor feature files.
+ijb:      IJB-B / IJB-C 1:1 template verification.
+classify: top-1 / top-5 of a held-out image list over all K classes with the trained head
+          -> classify.md, classify.json.
 
 Errors a user can cause (missing file, bad checkpoint, malformed data) end with a one-line
 ``error: ...`` on stderr and exit status 2, not a traceback.
@@ -69,6 +72,9 @@ def load_model(model_path: str, arch: str = "auto", feature_dim: Optional[int] =
     from hfsoftmax.backbones import get_backbone  # the one factory training uses
     # model.norm and model.width change the layers of tiny, so they must come from the checkpoint
     extra = {k: model_cfg[k] for k in ("norm", "width") if str(name) == "tiny" and model_cfg.get(k)}
+    # identity / mlp read features of width input_dim (resolved from the data file at training time)
+    extra.update({k: model_cfg[k] for k in ("input_dim", "hidden_dim") if str(name) in ("identity", "mlp")
+                  and model_cfg.get(k)})
     try:
         model = get_backbone(str(name), int(dim), int(size), **extra)
     except ValueError as exc:
@@ -165,6 +171,49 @@ def _ijb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace) -> int:
+    from paramserver.api import StoreError
+
+    from hfsoftmax.checkpoint import CheckpointError, read_checkpoint
+    from hfsoftmax.eval.classify import classify_dataset, open_head, open_val_set
+    from hfsoftmax.eval.report import _atomic_write_text
+    from hfsoftmax.heads.selective import resolve_token
+
+    model, size, _ = load_model(args.model)
+    try:
+        ckpt = read_checkpoint(args.model, need=("config", "head"), mmap=True)
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from None
+    dataset = open_val_set(args.data, size)
+    try:
+        head = open_head(ckpt, args.model, server=args.server, token=resolve_token(args.token, args.token_file),
+                         timeout=args.timeout, device=args.device)
+    except (StoreError, ConnectionError, TimeoutError) as exc:
+        raise EvalError(f"parameter server {args.server}: {exc}") from None
+    try:
+        if int(getattr(dataset, "num_classes", 0)) > head.num_classes:
+            raise EvalError(f"{args.data}: labels up to {dataset.num_classes - 1}, but {args.model} has "
+                            f"K={head.num_classes} classes: the list must hold training identities")
+        r = classify_dataset(model, head, dataset, device=args.device, batch_size=args.batch_size,
+                             num_workers=args.num_workers, progress=True)
+    except (StoreError, ConnectionError, TimeoutError) as exc:
+        raise EvalError(f"parameter server {args.server}: {exc}") from None
+    finally:
+        head.close()
+    step = ckpt.get("step")
+    r.update(num_classes=head.num_classes, head=ckpt["config"].get("head", {}).get("name"), step=step,
+             model=args.model, data=args.data, w_from=args.server or "checkpoint")
+    os.makedirs(args.out, exist_ok=True)
+    md = (f"# Classification over all K={head.num_classes} classes\n\nmodel: `{args.model}`"
+          + (f" (step {step})" if step is not None else "") + f", {r['head']} head; data: `{args.data}`\n\n"
+          "| samples | top-1 (%) | top-5 (%) |\n|---:|---:|---:|\n"
+          f"| {r['samples']} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} |\n")
+    _atomic_write_text(os.path.join(args.out, "classify.md"), md)
+    _atomic_write_text(os.path.join(args.out, "classify.json"), json.dumps(r, indent=1) + "\n")
+    print(md)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hfsoftmax.eval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -198,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-flip", action="store_true")
     j.add_argument("--no-norm-score", action="store_true", help="L2-normalise image features before pooling")
     j.add_argument("--no-detector-score", action="store_true", help="do not weight images by detector score")
+    c = sub.add_parser("classify", help="top-1 / top-5 of a held-out image list over all K classes")
+    c.add_argument("--model", required=True, help="checkpoint written by training (its head and store snapshot)")
+    c.add_argument("--data", required=True, help="'relative/path label' list (val_list.txt), a .rec, or a rec2img folder")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--server", default=None, help="score on the running parameter server, tcp://host:port[,...] "
+                   "(token: $PARAMSERVER_TOKEN or --token-file), instead of the checkpoint's store snapshot")
+    c.add_argument("--token", default="", help="the server's token (prefer $PARAMSERVER_TOKEN: ps shows arguments)")
+    c.add_argument("--token-file", default="", help="a file (mode 0600) holding the server's token")
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding the images")
+    c.add_argument("--device", default="cpu")
     return p
 
 
@@ -205,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"verify": _verify, "megaface": _megaface, "ijb": _ijb}[args.cmd](args)
+        return {"verify": _verify, "megaface": _megaface, "ijb": _ijb, "classify": _classify}[args.cmd](args)
     except (EvalError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
