@@ -46,6 +46,8 @@ class DataConfig:
     num_workers: int = 0           # DataLoader worker processes (disk datasets; started once per run)
     prefetch_factor: int = 2       # batches each worker keeps in flight (num_workers > 0)
     skip_bad: bool = False         # corrupt records: False -> error naming the record; True -> counted skip
+    flip: bool = True              # random horizontal flips of training images (faces); false where a mirrored
+                                   # image is another class: glyphs, text, logos, product labels
     # Synthetic identities (used when path is empty).
     num_classes: int = 1000        # K; memory does not grow with it
     samples_per_class: int = 32
@@ -151,6 +153,7 @@ class TrainConfig:
     amp: str = "off"               # off | bf16 | fp16 (autocast for the backbone; head logits in fp32)
     deterministic: bool = False    # CUDA: deterministic kernels, no cuDNN autotuning (bitwise reruns; slower)
     tf32: bool = False             # CUDA: fp32 matmuls on TF32 tensor cores (faster, ~1e-3 relative error)
+    threads: int = 0               # torch CPU threads per process; 0 -> the cores available / ranks on this machine
     overwrite: bool = False        # start afresh in an out_dir that already holds a run (its files are removed)
     allow_batch_change: bool = False  # resume with another global batch (batch_size x ranks) than the checkpoint's
 

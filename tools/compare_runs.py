@@ -2,9 +2,12 @@
 
     python tools/compare_runs.py runs/synthetic_hf runs/synthetic_random [...]
 
-One row per run: head, M (num_active) and K, held-out verification accuracy of each set, top-1 /
-top-5 identification over all K (synthetic runs with data.val_samples), the last CPK probe, steps,
-wall time and samples/s. A run without a finished evaluation is an error naming its file.
+One row per run: head, M (num_active) and K, held-out verification accuracy of each set (a dataset
+folder's .bin files), top-1 / top-5 identification over all K (synthetic runs with data.val_samples),
+top-1 / top-5 classification on data.val_path, the last CPK probe, steps, wall time and samples/s.
+Evaluation columns appear only when some run has them (a run on a list or folder without .bin files
+and without data.val_path evaluates nothing). A run without a final 'done' record is an error naming
+its file.
 """
 from __future__ import annotations
 
@@ -32,20 +35,21 @@ def summary(run_dir: str) -> dict[str, Any]:
             except json.JSONDecodeError:
                 raise ValueError(f"{path}: line {lineno} is not JSON") from None
             last[rec.get("event", "")] = rec
-    if "done" not in last or "eval" not in last:
-        raise ValueError(f"{path}: the run has not finished (no final 'done' and 'eval' records)")
+    if "done" not in last:
+        raise ValueError(f"{path}: the run has not finished (no final 'done' record)")
     cfg: dict[str, Any] = {}
     cfg_path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
     head = cfg.get("head", {})
-    ev, done, tr = last["eval"], last["done"], last.get("train", {})
+    ev, done, tr = last.get("eval", {}), last["done"], last.get("train", {})
     return {"run": run_dir, "head": head.get("name", "?"),
             "M": tr.get("num_active", head.get("num_active")) if head.get("name") in ("hf", "random") else None,
             "K": done.get("num_classes"),
             "verification": {k[:-4]: v for k, v in ev.items() if k.endswith("_acc")},
             "top1": ev.get("heldout_top1"), "top5": ev.get("heldout_top5"),
+            "val_top1": ev.get("val_top1"), "val_top5": ev.get("val_top5"),
             "cpk": tr.get("cpk_active"), "steps": done.get("steps"), "wall_s": done.get("wall_s"),
             "samples_per_s": done.get("samples_per_s")}
 
@@ -54,17 +58,26 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _num(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+# (column title, row key) of the evaluation figures, shown only when some run has them
+_EVAL_COLUMNS = (("top-1 (%)", "top1"), ("top-5 (%)", "top5"), ("val top-1 (%)", "val_top1"),
+                 ("val top-5 (%)", "val_top5"))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     sets = sorted({s for r in rows for s in r["verification"]})
-    head = ["run", "head", "M / K"] + [f"{s} verif. (%)" for s in sets] + ["top-1 (%)", "top-5 (%)",
-                                                                          "CPK(M)", "steps", "wall (s)",
-                                                                          "samples/s"]
+    evals = [(title, key) for title, key in _EVAL_COLUMNS if any(r.get(key) is not None for r in rows)]
+    head = (["run", "head", "M / K"] + [f"{s} verif. (%)" for s in sets] + [title for title, _ in evals]
+            + ["CPK(M)", "steps", "wall (s)", "samples/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         mk = f"{r['M']} / {r['K']}" if r["M"] else f"all / {r['K']}"
-        cells = [r["run"], r["head"], mk] + [_pct(r["verification"].get(s)) for s in sets] + [
-            _pct(r["top1"]), _pct(r["top5"]), "-" if r["cpk"] is None else f"{r['cpk']:.3f}", str(r["steps"]),
-            f"{r['wall_s']:.0f}", f"{r['samples_per_s']:.0f}"]
+        cells = ([r["run"], r["head"], mk] + [_pct(r["verification"].get(s)) for s in sets]
+                 + [_pct(r.get(key)) for _, key in evals]
+                 + [_num(r["cpk"], ".3f"), str(r["steps"]), _num(r["wall_s"], ".0f"), _num(r["samples_per_s"], ".0f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

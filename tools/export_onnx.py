@@ -4,8 +4,8 @@
 
 The batch axis is dynamic (any B); the image side S is the checkpoint's ``data.image_size``. The
 embedding is the backbone's raw output (not L2-normalised, no flip-sum: do both at inference, as
-``tools/extract_features.py`` does). With onnxruntime installed (``pip install onnx onnxruntime``,
-the ``export`` extra) the file is checked after writing: ONNX and torch embeddings of a random batch,
+``tools/extract_features.py`` does). Needs the ``export`` extra (``pip install -e '.[export]'``:
+onnx, onnxruntime); with onnxruntime installed the file is checked after writing: ONNX and torch embeddings of a random batch,
 max |difference| printed. Exit code 2 with a one-line error on a bad checkpoint.
 """
 from __future__ import annotations
@@ -22,10 +22,20 @@ import torch  # noqa: E402
 from hfsoftmax.eval.cli import EvalError, load_model  # noqa: E402
 
 DEFAULT_OPSET = 17
+EXTRA = "pip install -e '.[export]'"   # setup.py's extra holding onnx and onnxruntime
+
+
+def require_onnx() -> None:
+    """torch.onnx.export without the onnx package says only "Module onnx is not installed!": say the remedy."""
+    try:
+        __import__("onnx")
+    except ImportError:
+        raise EvalError(f"ONNX export needs the onnx package: {EXTRA} (or pip install onnx onnxruntime)") from None
 
 
 def export(checkpoint: str, out: str, opset: int = DEFAULT_OPSET, arch: str = "auto") -> tuple[int, int]:
     """Write ``out``; returns (image_size, feature_dim)."""
+    require_onnx()
     model, size, cfg = load_model(checkpoint, arch)
     model.eval()
     example = torch.zeros(2, 3, size, size)
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = check(a.checkpoint, a.out, arch=a.arch)
         print(f"onnxruntime check: max |onnx - torch| = {diff:.2e}")
     except ImportError:
-        print("onnxruntime not installed: not checked (pip install onnxruntime)")
+        print(f"onnxruntime not installed: not checked ({EXTRA})")
     return 0
 
 

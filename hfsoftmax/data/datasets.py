@@ -48,6 +48,7 @@ class _SkippingDataset(Dataset):
     # uninterrupted one; None: the torch RNG of the worker decides.
     flip_key: Optional[tuple[int, int]] = None
     uint8: bool = False   # return uint8 [3, H, W] (normalised later, on the device) instead of float32
+    flip: bool = True     # random horizontal flips when training (data.flip)
 
     def _to_tensor(self, img, image_size: int) -> torch.Tensor:
         return to_tensor_uint8(img, image_size) if self.uint8 else to_tensor_normalized(img, image_size)
@@ -92,13 +93,15 @@ class RecordDataset(_SkippingDataset):
         idx_path: its ``.idx`` (must exist when given); by default the same name with ``.idx``, and
             when that is absent the records are numbered in file order by a sequential scan.
         image_size: output side; images of another size are resized.
-        train: random horizontal flip when True.
+        train: augment (random horizontal flip, when ``flip``) when True.
         skip_bad: skip undecodable records (counted) instead of raising.
         uint8: return uint8 images (see the module docstring).
+        flip: random horizontal flips when training (``data.flip``); False where a mirror image is
+            another class (glyphs, text, logos, product labels).
     """
 
     def __init__(self, rec_path: str, image_size: int, idx_path: Optional[str] = None, train: bool = True,
-                 skip_bad: bool = False, uint8: bool = False) -> None:
+                 skip_bad: bool = False, uint8: bool = False, flip: bool = True) -> None:
         if idx_path and not os.path.isfile(idx_path):  # asked for by name: never fall back silently
             raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
         idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
@@ -111,6 +114,7 @@ class RecordDataset(_SkippingDataset):
         self.rec_path = rec_path
         self.image_size = image_size
         self.train = train
+        self.flip = flip
         self.skip_bad = skip_bad
         self.uint8 = uint8
         self.skipped = 0
@@ -145,7 +149,7 @@ class RecordDataset(_SkippingDataset):
         header, payload = unpack(self.reader.read_idx(key), where)
         label = self.layout.check_label(key, class_of(header.label, where), where, self.num_classes)
         img = self._to_tensor(decode_image(payload, where), self.image_size)
-        if self.train:
+        if self.train and self.flip:
             img = self._maybe_flip(img, index)
         return img, label
 
@@ -156,20 +160,22 @@ class ImageListDataset(_SkippingDataset):
     Args:
         list_path: the list file.
         image_size: output side; images of another size are resized.
-        train: random horizontal flip when True.
+        train: augment (random horizontal flip, when ``flip``) when True.
         skip_bad: skip unreadable images (counted) instead of raising.
         num_classes: override (default: max label + 1).
         uint8: return uint8 images (see the module docstring).
+        flip: as for :class:`RecordDataset`.
     """
 
     def __init__(self, list_path: str, image_size: int, train: bool = True, skip_bad: bool = False,
-                 num_classes: Optional[int] = None, uint8: bool = False) -> None:
+                 num_classes: Optional[int] = None, uint8: bool = False, flip: bool = True) -> None:
         if not os.path.isfile(list_path):
             raise FileNotFoundError(f"image list not found: {list_path}")
         self.list_path = list_path
         self.root = os.path.dirname(os.path.abspath(list_path))
         self.image_size = image_size
         self.train = train
+        self.flip = flip
         self.skip_bad = skip_bad
         self.uint8 = uint8
         self.skipped = 0
@@ -214,7 +220,7 @@ class ImageListDataset(_SkippingDataset):
         except OSError as exc:
             raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
         img = self._to_tensor(decode_image(data, where), self.image_size)
-        if self.train:
+        if self.train and self.flip:
             img = self._maybe_flip(img, index)
         return img, int(self.labels[index])
 
@@ -235,14 +241,15 @@ class ImageFolderDataset(_SkippingDataset):
 
     Args:
         root: the folder of class folders.
-        image_size, train, skip_bad, uint8: as for :class:`ImageListDataset`.
+        image_size, train, skip_bad, uint8, flip: as for :class:`ImageListDataset`.
     """
 
     def __init__(self, root: str, image_size: int, train: bool = True, skip_bad: bool = False,
-                 uint8: bool = False) -> None:
+                 uint8: bool = False, flip: bool = True) -> None:
         self.root = root
         self.image_size = image_size
         self.train = train
+        self.flip = flip
         self.skip_bad = skip_bad
         self.uint8 = uint8
         self.skipped = 0
@@ -284,7 +291,7 @@ class ImageFolderDataset(_SkippingDataset):
         except OSError as exc:
             raise OSError(f"{path}: cannot read image ({exc.strerror})") from None
         img = self._to_tensor(decode_image(data, path), self.image_size)
-        if self.train:
+        if self.train and self.flip:
             img = self._maybe_flip(img, index)
         return img, int(self.labels[index])
 
@@ -310,8 +317,9 @@ def write_class_map(classes: dict[str, int], path: str) -> None:
 
 
 def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: bool = False,
-                      uint8: bool = False, labels: str = "") -> Dataset:
-    """The dataset a path points at (``train`` only switches augmentation on; ``uint8``: see the module).
+                      uint8: bool = False, labels: str = "", flip: bool = True) -> Dataset:
+    """The dataset a path points at (``train`` only switches augmentation on, ``flip`` its random horizontal
+    flips; ``uint8``: see the module).
 
     * a folder with ``train.rec`` (and ``train.idx``) -> :class:`RecordDataset`
     * a folder with ``train_list.txt`` -> :class:`ImageListDataset` over that list
@@ -329,17 +337,17 @@ def dataset_from_path(path: str, image_size: int, train: bool = True, skip_bad: 
         rec = os.path.join(path, "train.rec")
         lst = os.path.join(path, "train_list.txt")
         if os.path.isfile(rec):
-            return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+            return RecordDataset(rec, image_size, train=train, skip_bad=skip_bad, uint8=uint8, flip=flip)
         if os.path.isfile(lst):
-            return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+            return ImageListDataset(lst, image_size, train=train, skip_bad=skip_bad, uint8=uint8, flip=flip)
         if _has_class_folders(path):
-            return ImageFolderDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+            return ImageFolderDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8, flip=flip)
         raise FileNotFoundError(f"dataset folder {path} has neither train.rec nor train_list.txt nor class "
                                 f"folders of images")
     if path.endswith(".rec"):
-        return RecordDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+        return RecordDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8, flip=flip)
     if is_features_path(path):
         return FeatureDataset(path, labels)
     if labels:
         raise ValueError(f"data.labels={labels} is for features files (.npy / .npz); {path} is not one")
-    return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8)
+    return ImageListDataset(path, image_size, train=train, skip_bad=skip_bad, uint8=uint8, flip=flip)
