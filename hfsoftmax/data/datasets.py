@@ -49,6 +49,7 @@ class _SkippingDataset(Dataset):
     flip_key: Optional[tuple[int, int]] = None
     uint8: bool = False   # return uint8 [3, H, W] (normalised later, on the device) instead of float32
     flip: bool = True     # random horizontal flips when training (data.flip)
+    train: bool = False   # a training set: flips apply
 
     def _to_tensor(self, img, image_size: int) -> torch.Tensor:
         return to_tensor_uint8(img, image_size) if self.uint8 else to_tensor_normalized(img, image_size)
@@ -61,6 +62,17 @@ class _SkippingDataset(Dataset):
         if self.flip_key is None:
             return random_hflip(img)
         return hflip(img) if keyed_coin(self.flip_key[0], self.flip_key[1], index) else img
+
+    def _image_file(self, path: str, where: str, index: int, image_size: int) -> torch.Tensor:
+        """Item ``index``'s image from the file ``path``: decoded, sized, flipped when training with
+        flips; an unreadable or undecodable file is an error naming ``where``."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
+        img = self._to_tensor(decode_image(data, where), image_size)
+        return self._maybe_flip(img, index) if self.train and self.flip else img
 
     def __len__(self) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -214,15 +226,7 @@ class ImageListDataset(_SkippingDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = os.path.join(self.root, self.paths[index])
         where = f"{self.list_path}: line {self.line_numbers[index]} ({path})"
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise OSError(f"{where}: cannot read image ({exc.strerror})") from None
-        img = self._to_tensor(decode_image(data, where), self.image_size)
-        if self.train and self.flip:
-            img = self._maybe_flip(img, index)
-        return img, int(self.labels[index])
+        return self._image_file(path, where, index, self.image_size), int(self.labels[index])
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -285,15 +289,7 @@ class ImageFolderDataset(_SkippingDataset):
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = os.path.join(self.root, self.paths[index])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise OSError(f"{path}: cannot read image ({exc.strerror})") from None
-        img = self._to_tensor(decode_image(data, path), self.image_size)
-        if self.train and self.flip:
-            img = self._maybe_flip(img, index)
-        return img, int(self.labels[index])
+        return self._image_file(path, path, index, self.image_size), int(self.labels[index])
 
 
 def _has_class_folders(path: str) -> bool:
