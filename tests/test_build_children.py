@@ -24,6 +24,7 @@ from paramserver.index import ExactIndex, IndexManager
 from paramserver.index import spawn
 from paramserver.index.spawn import WORKDIR_PREFIX, ChildBuild
 from paramserver.store import WeightStore
+from test_index_spawn import _Store
 
 WAIT_S = 60.0   # generous: a spawned child imports numpy and the package on a loaded 2-core machine
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -94,14 +95,6 @@ class HangingChild(ExactIndex):
                 HangingChild.running.set()
                 child.join()
         super().build(W)
-
-
-class _Store:
-    def __init__(self, W: np.ndarray) -> None:
-        self.W = W
-
-    def rows_view(self) -> np.ndarray:
-        return self.W
 
 
 def _assert_children_gone(build_thread: threading.Thread) -> None:

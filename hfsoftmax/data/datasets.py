@@ -51,6 +51,11 @@ class _SkippingDataset(Dataset):
     flip: bool = True     # random horizontal flips when training (data.flip)
     train: bool = False   # a training set: flips apply
 
+    def __init__(self, image_size: int, train: bool, skip_bad: bool, uint8: bool, flip: bool) -> None:
+        self.image_size, self.train, self.skip_bad = image_size, train, skip_bad
+        self.uint8, self.flip = uint8, flip
+        self.skipped = 0
+
     def _to_tensor(self, img, image_size: int) -> torch.Tensor:
         return to_tensor_uint8(img, image_size) if self.uint8 else to_tensor_normalized(img, image_size)
 
@@ -124,12 +129,7 @@ class RecordDataset(_SkippingDataset):
             self.reader = RecordIOReader(rec_path, "")
             self.reader.scan_index()
         self.rec_path = rec_path
-        self.image_size = image_size
-        self.train = train
-        self.flip = flip
-        self.skip_bad = skip_bad
-        self.uint8 = uint8
-        self.skipped = 0
+        super().__init__(image_size, train, skip_bad, uint8, flip)
         layout = read_insightface_layout(self.reader)
         self.layout = layout
         self.keys: list[int] = layout.image_keys
@@ -185,12 +185,7 @@ class ImageListDataset(_SkippingDataset):
             raise FileNotFoundError(f"image list not found: {list_path}")
         self.list_path = list_path
         self.root = os.path.dirname(os.path.abspath(list_path))
-        self.image_size = image_size
-        self.train = train
-        self.flip = flip
-        self.skip_bad = skip_bad
-        self.uint8 = uint8
-        self.skipped = 0
+        super().__init__(image_size, train, skip_bad, uint8, flip)
         paths: list[str] = []
         labels: list[int] = []
         self.line_numbers: list[int] = []
@@ -251,12 +246,7 @@ class ImageFolderDataset(_SkippingDataset):
     def __init__(self, root: str, image_size: int, train: bool = True, skip_bad: bool = False,
                  uint8: bool = False, flip: bool = True) -> None:
         self.root = root
-        self.image_size = image_size
-        self.train = train
-        self.flip = flip
-        self.skip_bad = skip_bad
-        self.uint8 = uint8
-        self.skipped = 0
+        super().__init__(image_size, train, skip_bad, uint8, flip)
         names = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
         if not names:
             raise FileNotFoundError(f"dataset folder {root} has no class folders (nor train.rec / train_list.txt)")
