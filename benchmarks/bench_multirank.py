@@ -13,8 +13,10 @@ ranks competing for them; the wall figure is printed too), rows moved per step (
 and the step time.
 
 Then, end to end: ``hfsoftmax.train`` with the tiny backbone on the synthetic identities through a
-parameter server (HF, forest index), pipelined and not, reporting the exposed wait as a fraction of
-the step (target < 10 % pipelined).
+parameter server, HF (forest and graph indexes) and random sampling, pushes in ``end_step`` (sync), from the
+worker (pipelined) and, for random sampling, with the next step planned and its early rows pulled
+during this one (prefetch; HF's plan reads the step's features, so it cannot start earlier),
+reporting the exposed wait as a fraction of the step (median of interleaved repeats).
 
     .venv/bin/python benchmarks/bench_multirank.py [--num-classes 1000000] [--ranks 1,2,4,8] ...
 """
@@ -115,28 +117,39 @@ def run_ranks(R: int, spec: dict, tmp: str) -> list[dict]:
         return json.load(f)
 
 
-def end_to_end(steps: int, pipeline: bool, tmp: str) -> dict[str, float]:
-    """hfsoftmax.train, tiny backbone, synthetic identities, through a parameter server thread."""
+E2E_MODES = {"sync": ("false", "false"), "pipelined": ("true", "false"), "prefetch": ("true", "true")}
+
+
+def end_to_end(steps: int, head: str, mode: str, tmp: str) -> dict[str, float]:
+    """hfsoftmax.train, tiny backbone, synthetic identities, through a parameter server thread; ``head``
+    hf (forest index), hf-graph (class-neighbour graph) or random; ``mode`` sync (pushes in end_step),
+    pipelined (pushes from the worker) or prefetch (pipelined, and a label-only plan with its early
+    rows a step ahead)."""
     from hfsoftmax.config import load_config
     from hfsoftmax.train import train
     from servers import thread_server
 
     K, d = 1000, 64
-    out = os.path.join(tmp, f"e2e_{int(pipeline)}")
-    args = ["--num-classes", str(K), "--dim", str(d), "--index", "forest", "--metric", "angular",
-            "--rebuild-every", "100"]
+    out = os.path.join(tmp, f"e2e_{head}_{mode}")
+    args = ["--num-classes", str(K), "--dim", str(d), "--rebuild-every", "100"]
+    index = {"hf": "forest", "hf-graph": "graph", "random": "random"}[head]
+    if index != "random":
+        args += ["--index", index, "--metric", "angular"]
+    pipeline, prefetch = E2E_MODES[mode]
     with thread_server(*args) as addr:
         cfg = load_config(os.path.join(ROOT, "configs", "synthetic_hf.yaml"), [
             f"data.num_classes={K}", "data.samples_per_class=8", f"model.feature_dim={d}", "train.batch_size=64",
             f"train.steps={steps}", f"train.log_every={steps}", "train.progress=false", "data.val_identities=20",
-            "data.val_pairs=40", "head.num_active=100", "head.cpk_every=0", "head.index=forest",
-            "store.kind=remote", f"store.address={addr}", f"store.pipeline={str(pipeline).lower()}",
+            "data.val_pairs=40", "head.num_active=100", "head.cpk_every=0",
+            f"head.name={'random' if index == 'random' else 'hf'}", f"head.index={index}", "store.kind=remote",
+            f"store.address={addr}", f"store.pipeline={pipeline}", f"store.prefetch={prefetch}",
             f"train.out_dir={out}"])
         train(cfg)
     recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
     last = [r for r in recs if r.get("event") == "train"][-1]
     step_ms = 1000.0 * cfg.train.batch_size / last["samples_per_s"]
-    return {"wait_ms": last["ps_wait_ms"], "step_ms": step_ms, "frac": last["ps_wait_ms"] / step_ms}
+    return {"wait_ms": last["ps_wait_ms"], "step_ms": step_ms, "frac": last["ps_wait_ms"] / step_ms,
+            "ahead": last.get("planned_ahead_steps", 0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--e2e-steps", type=int, default=200, help="0: skip the end-to-end training part")
+    p.add_argument("--e2e-heads", default="hf,hf-graph,random",
+                   help="heads of the end-to-end part (hf: forest index, hf-graph: graph index, random)")
+    p.add_argument("--e2e-repeats", type=int, default=2, help="end-to-end runs per (head, mode), interleaved")
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     ranks = [int(x) for x in a.ranks.split(",")]
@@ -162,12 +178,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"R={r['R']} M={r['M']:6d}  server {r['server_ms']:8.2f} ms/step CPU "
                       f"({r['server_wall_ms']:8.2f} wall)  rows {r['rows']:8.0f}/step  "
                       f"exposed wait max {max(r['wait_ms']):8.2f} ms  step {max(r['step_ms']):8.2f} ms", flush=True)
-        e2e = {}
-        if a.e2e_steps:
-            for pipe in (True, False):
-                e2e[pipe] = end_to_end(a.e2e_steps, pipe, tmp)
-                print(f"end to end, tiny backbone, pipeline={pipe}: exposed wait {e2e[pipe]['wait_ms']:.2f} ms of a "
-                      f"{e2e[pipe]['step_ms']:.1f} ms step ({100 * e2e[pipe]['frac']:.1f} %)", flush=True)
+        e2e: dict[tuple[str, str], list[dict[str, float]]] = {}
+        heads = [h for h in a.e2e_heads.split(",") if h] if a.e2e_steps else []
+        for rep in range(a.e2e_repeats if heads else 0):
+            for head in heads:
+                modes = list(E2E_MODES) if head == "random" else ["sync", "pipelined"]   # HF's plan needs features
+                for mode in (modes if rep % 2 == 0 else modes[::-1]):      # interleaved: drift hits all alike
+                    r = end_to_end(a.e2e_steps, head, mode, os.path.join(tmp, f"r{rep}"))
+                    e2e.setdefault((head, mode), []).append(r)
+                    print(f"end to end, tiny backbone, head={head} {mode}: exposed wait {r['wait_ms']:.2f} ms of a "
+                          f"{r['step_ms']:.1f} ms step ({100 * r['frac']:.1f} %), planned ahead {r['ahead']} of the "
+                          f"last {a.e2e_steps} steps", flush=True)
     M0 = spec["actives"][0]
     by = {(r["R"], r["M"]): r for r in table}
     lo, hi = min(ranks), max(ranks)
@@ -179,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     for M in spec["actives"][1:]:
         kv += [f"server_ratio_r{hi}_r{lo}_m{M}={by[(hi, M)]['server_ms'] / max(by[(lo, M)]['server_ms'], 1e-9):.2f}",
                f"rows_r{hi}_m{M}={by[(hi, M)]['rows']:.0f}"]
-    if e2e:
-        kv += [f"e2e_wait_frac_pipelined={e2e[True]['frac']:.3f}", f"e2e_wait_frac_sync={e2e[False]['frac']:.3f}"]
+    for (head, mode), rs in e2e.items():      # medians over the repeats
+        kv += [f"e2e_{head.replace('-', '_')}_{mode}_wait_frac={float(np.median([r['frac'] for r in rs])):.3f}",
+               f"e2e_{head.replace('-', '_')}_{mode}_step_ms={float(np.median([r['step_ms'] for r in rs])):.1f}"]
     print_result(kv, t_start)
     return 0
 

@@ -168,6 +168,7 @@ class StoreConfig:
     allow_step_offset: bool = False  # train from step 0 on a server another run already moved
     allow_optimizer_mismatch: bool = False  # use a server whose SGD (momentum, wd, ...) differs from optim.*
     pipeline: bool = True          # pushes from a background worker, off the training thread
+    prefetch: bool = True          # with pipeline: a label-only plan (random head) and its rows a step ahead
     wire_dtype: str = "native"     # native | bf16 (rows and gradients travel as bfloat16: half the bytes)
 
 

@@ -422,7 +422,7 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)
     head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
-                      seed=cfg.train.seed, pipeline=cfg.store.pipeline).to(device)
+                      seed=cfg.train.seed, pipeline=cfg.store.pipeline, prefetch=cfg.store.prefetch).to(device)
     model = Model(backbone, head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
@@ -561,8 +561,10 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         return step
     it = batches_from(train_set, cfg, info, start_step)
     t_data = time.time()
-    for step, (images, labels) in it:
-        data_time += time.time() - t_data
+    nxt = next(it)
+    data_time += time.time() - t_data
+    while nxt is not None:
+        step, (images, labels) = nxt
         lr = lr_at(step, cfg.optim, total)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -574,6 +576,12 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             loss = ddp_model(images, labels.to(device, non_blocking=True))
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
                                 torch.full_like(first_bad, step), first_bad)
+        # the next batch now (the loader has it ready), so the head can plan its step meanwhile
+        t_data = time.time()
+        nxt = next(it) if step + 1 < total else None
+        data_time += time.time() - t_data
+        if nxt is not None:
+            head.prefetch(nxt[0], nxt[1][1])
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         if cfg.train.grad_clip > 0:
@@ -629,7 +637,6 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             hdist.wait_for_main()     # a large store snapshot may take minutes
         if done >= total:
             break
-        t_data = time.time()
     return step
 
 

@@ -52,8 +52,8 @@ def launch_server(tmp_path, *args: str, bind: str = "tcp://127.0.0.1:0", name: s
 
 def train_steps(net, head, opt, rank: int, world: int, batch_of, lrs) -> list:
     """The synchronous steps hfsoftmax.train runs (lr set, begin_step, forward of this rank's share
-    r, r+R, ... of the global batch ``batch_of(step)``, backward, SGD, end_step); returns each
-    step's active ids."""
+    r, r+R, ... of the global batch ``batch_of(step)``, the next step's labels to head.prefetch,
+    backward, SGD, end_step); returns each step's active ids."""
     actives = []
     for step, lr in enumerate(lrs):
         images, labels = batch_of(step)
@@ -61,6 +61,8 @@ def train_steps(net, head, opt, rank: int, world: int, batch_of, lrs) -> list:
             g["lr"] = lr
         head.begin_step(step, lr)
         loss = net(images[rank::world], labels[rank::world])
+        if step + 1 < len(lrs):
+            head.prefetch(step + 1, batch_of(step + 1)[1][rank::world])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -26,8 +26,8 @@ from paramserver.store import init_rows
 
 from servers import free_port, thread_server, train_steps
 
-K, D, IMG, GLOBAL_B, STEPS, M = 64, 16, 16, 8, 3, 12
-LRS = [0.2, 0.1, 0.05]
+K, D, IMG, GLOBAL_B, STEPS, M = 64, 16, 16, 8, 4, 12
+LRS = [0.2, 0.1, 0.05, 0.05]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +38,12 @@ class Variant:
     margin: str = "cosface"
     pipeline: bool = True
     adaptive: bool = False
+    prefetch: bool = True
 
 
 VARIANTS = [
     Variant("random", head="random", index="random"),
+    Variant("random_no_prefetch", head="random", index="random", prefetch=False),
     Variant("exact"),
     Variant("graph", index="graph", margin="none"),
     Variant("arcface_sync", margin="arcface", pipeline=False),
@@ -85,12 +87,14 @@ def train(v: Variant, address: str, rank: int, world: int) -> tuple[dict, np.nda
     backbone = get_backbone("tiny", D, IMG, norm="group")     # GroupNorm: per-sample, DDP == 1 process
     cfg = config(v, address)
     store = make_store(cfg, K, DistInfo(rank, world, 0, torch.device("cpu")))
-    head = SelectiveSoftmax.from_config(cfg.head, store, K, D, rank=rank, world_size=world, pipeline=v.pipeline)
+    head = SelectiveSoftmax.from_config(cfg.head, store, K, D, rank=rank, world_size=world, pipeline=v.pipeline,
+                                        prefetch=v.prefetch)
     model = Model(backbone, head)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
     actives = train_steps(net, head, opt, rank, world, global_batch, LRS[:STEPS])
     head.flush()
+    actives.append(head.stats().get("planned_ahead_steps", 0))
     W = store.pull(np.arange(K), step=STEPS)
     state = {k: t.clone() for k, t in backbone.state_dict().items()}
     head.close()
@@ -119,6 +123,8 @@ def test_two_gloo_ranks_equal_one_process_at_m_below_k(tmp_path) -> None:
         with thread_server(*server_args(v, 1)) as addr:
             state, W, actives = train(v, addr, 0, 1)
         d_state, d_W, d_actives = ddp[v.name]
+        ahead, d_ahead = actives.pop(), d_actives.pop()
+        assert ahead == d_ahead == (STEPS - 1 if v.head == "random" and v.prefetch else 0), (v.name, ahead, d_ahead)
         for a, b in zip(actives, d_actives):
             np.testing.assert_array_equal(a, b, err_msg=f"{v.name}: active sets differ")
         assert all(len(a) < K for a in actives), v.name       # really M < K
@@ -129,6 +135,12 @@ def test_two_gloo_ranks_equal_one_process_at_m_below_k(tmp_path) -> None:
         assert np.abs(W - W0).max() > 1e-4, f"{v.name}: W did not train"
         if v.adaptive:
             assert all(10 <= len(a) <= 30 for a in actives), [len(a) for a in actives]
+    # the design's step 5: planning the next step and pulling its early rows during this one changes
+    # nothing, bitwise, with 2 gloo ranks
+    on, off = ddp["random"], ddp["random_no_prefetch"]
+    np.testing.assert_array_equal(on[1], off[1])
+    for name, p in on[0].items():
+        torch.testing.assert_close(p, off[0][name], rtol=0, atol=0, msg=name)
 
 
 def test_pipelined_push_failure_names_the_server(tmp_path) -> None:

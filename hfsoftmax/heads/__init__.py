@@ -16,7 +16,7 @@ from .margin import Margin, margin_logits, normalize_margin
 
 
 def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.device | str | None = None,
-               store: Any = None, seed: int = 0, pipeline: bool = False) -> ClassifierHead:
+               store: Any = None, seed: int = 0, pipeline: bool = False, prefetch: bool = True) -> ClassifierHead:
     """Build the head named by ``cfg.name`` (a :class:`hfsoftmax.config.HeadConfig`)."""
     normalize_margin(cfg)
     if cfg.name == "full":
@@ -26,7 +26,8 @@ def build_head(cfg: Any, num_classes: int, feature_dim: int, device: torch.devic
         from .selective import SelectiveSoftmax
         if store is None:
             raise ValueError(f"head '{cfg.name}' needs a parameter store (store.kind=local or remote)")
-        return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim, seed=seed, pipeline=pipeline)
+        return SelectiveSoftmax.from_config(cfg, store, num_classes, feature_dim, seed=seed, pipeline=pipeline,
+                                            prefetch=prefetch)
     if cfg.name == "mach":
         from .mach import MachHead
         return MachHead.from_config(cfg, num_classes, feature_dim, device=device, seed=seed)

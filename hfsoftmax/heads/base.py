@@ -1,7 +1,8 @@
 """The one interface every classifier head follows.
 
 ``loss = head(features, labels)`` trains, between ``begin_step`` and ``end_step`` (the train loop's
-calls; no-ops here, the selective head plans, pushes and waits in them); ``head.scores(features)`` /
+calls, with ``prefetch`` of the next step's labels after the forward; no-ops here, the selective
+head plans, pushes and waits in them); ``head.scores(features)`` /
 ``head.topk(features, k)`` evaluate. ``scores`` returns a [B, K] tensor and is meant for small K; ``topk`` walks the classes in
 blocks of ``block_size`` so that a [B, K] tensor never exists at once, which is what large-K
 evaluation needs. Subclasses implement ``forward`` and ``scores_block``.
@@ -62,6 +63,10 @@ class ClassifierHead(nn.Module):
     # -- the train loop's step protocol (defaults for heads whose W is an ordinary parameter) -----
     def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: torch.Tensor | None = None) -> None:
         """Before the forward of ``step``: its lr, the fp16 loss scale, the host labels."""
+
+    def prefetch(self, step: int, labels: torch.Tensor) -> None:
+        """After this step's forward: the host labels of the next ``step`` (the loader's, a batch
+        ahead), for a head that can start on that step while this one computes."""
 
     def end_step(self, step: int, applied: bool = True) -> None:
         """After the optimizer step; ``applied``: whether it ran (False: the fp16 scaler skipped it)."""

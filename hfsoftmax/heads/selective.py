@@ -299,6 +299,16 @@ class ActiveSet:
 
 
 @dataclass
+class _Ahead:
+    """The next step's plan, made while this step computed (:meth:`SelectiveSoftmax.prefetch`)."""
+    train_step: int                  # the step it plans
+    labels: np.ndarray               # [b] this rank's labels of that step (the forward must see the same)
+    plan: ActiveSet
+    early: np.ndarray                # positions in plan.ids[plan.part] that this step does not update:
+    rows: list                       # their rows, pulled by the worker at this step's store step ([rows])
+
+
+@dataclass
 class _Push:
     """What the push of one step needs, fixed at its forward (the worker may run it after the next
     step has begun)."""
@@ -333,6 +343,8 @@ class SelectiveSoftmax(ClassifierHead):
         cpk_sample: classes a CPK probe scores: all K when K <= cpk_sample (exact), else the active
             set plus a uniform sample of the rest (:meth:`sampled_mass`).
         pipeline: push from a background worker (its own store connection) instead of in end_step.
+        prefetch: with ``pipeline``, plan the next step from its labels while this step computes and
+            pull the rows this step does not update ahead (:meth:`prefetch`; label-only plans).
         comm: the head's collectives (default: a new :class:`HeadComm` when world_size > 1).
     """
 
@@ -343,7 +355,7 @@ class SelectiveSoftmax(ClassifierHead):
                  world_size: Optional[int] = None, shortcut_full: bool = True, cpk_probe: int = 64,
                  cpk_drop: float = 0.02, t_min: Optional[int] = None, t_max: Optional[int] = None,
                  block_size: int = 65536, pipeline: bool = False, comm: Optional[HeadComm] = None,
-                 cpk_sample: int = 200_000) -> None:
+                 cpk_sample: int = 200_000, prefetch: bool = True) -> None:
         super().__init__(num_classes, feature_dim)
         self.rule = Margin(margin, scale, margin_m)
         if int(store.num_classes) != num_classes or int(store.dim) != feature_dim:
@@ -398,6 +410,9 @@ class SelectiveSoftmax(ClassifierHead):
         self._push_store: Store = store.clone() if self.pipeline else store
         if self.pipeline:
             self._worker = Pusher(f"hfsoftmax-pusher-{self.rank}")
+        self.prefetch_ahead = bool(prefetch) and self.pipeline
+        self._ahead: Optional[_Ahead] = None     # the next step's plan and early rows (prefetch)
+        self._ahead_steps = 0                    # steps planned ahead since the last stats()
         self._job: Any = None                    # the push owed by end_step (not pipelined)
         self._grad_scale: Any = None             # fp16 loss scale of this step (begin_step)
         self._gate: Optional[StepGate] = None    # fp16: whether the scaler let this step's update through
@@ -411,7 +426,7 @@ class SelectiveSoftmax(ClassifierHead):
     @classmethod
     def from_config(cls, cfg: Any, store: Store, num_classes: int, feature_dim: int, *, seed: int = 0,
                     rank: Optional[int] = None, world_size: Optional[int] = None,
-                    pipeline: bool = False) -> "SelectiveSoftmax":
+                    pipeline: bool = False, prefetch: bool = True) -> "SelectiveSoftmax":
         """From a :class:`hfsoftmax.config.HeadConfig` (``name`` hf or random). M is capped at K."""
         if cfg.num_active > num_classes:
             logger.warning("head.num_active=%d exceeds num_classes=%d: using M = K (every class active)",
@@ -421,7 +436,7 @@ class SelectiveSoftmax(ClassifierHead):
                    scale=rule.scale, margin_m=rule.m, index=head_index_name(cfg, num_classes), candidates=cfg.candidates,
                    cpk_every=cfg.cpk_every, cpk_sample=cfg.cpk_sample, adaptive=cfg.adaptive, tau_cp=cfg.tau_cp, m_min=cfg.m_min,
                    m_max=cfg.m_max, rebuild_every=cfg.rebuild_every, seed=seed, rank=rank, world_size=world_size,
-                   pipeline=pipeline)
+                   pipeline=pipeline, prefetch=prefetch)
 
     # -- step protocol ------------------------------------------------------------------------
     def _lost(self, what: str, err: BaseException) -> ParamServerLostError:
@@ -494,16 +509,17 @@ class SelectiveSoftmax(ClassifierHead):
             raise self._lost("push", e) from None
 
     # -- selection ----------------------------------------------------------------------------
-    def _rng(self) -> np.random.Generator:
+    def _rng(self, train_step: Optional[int] = None) -> np.random.Generator:
         # Keyed by (seed, train step) only, not by rank: every rank (and one process with the global
         # batch) draws the same fill, and a resume selects the same classes.
-        return np.random.default_rng([self.seed, self._train_step or 0])
+        return np.random.default_rng([self.seed, (self._train_step if train_step is None else train_step) or 0])
 
     def select(self, feats: Optional[np.ndarray], labels: np.ndarray, num_active: int,
-               step: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+               step: Optional[int] = None, train_step: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """Active ids [M] (labels first) and labels remapped into 0..M-1, for features [B, d].
 
-        ``step``: the store step whose rows the index must reflect (the query waits for it)."""
+        ``step``: the store step whose rows the index must reflect (the query waits for it);
+        ``train_step``: the step whose fill to draw (default: the current one)."""
         from paramserver.index import select_active
 
         K = self.num_classes
@@ -518,7 +534,7 @@ class SelectiveSoftmax(ClassifierHead):
                 cand_ids, cand_scores = self.store.query(feats, min(self.candidates, K), labels=labels, **kw)
             except _LOST as e:
                 raise self._lost("query", e) from None
-        return select_active(cand_ids, cand_scores, labels, num_active, K, self._rng())
+        return select_active(cand_ids, cand_scores, labels, num_active, K, self._rng(train_step))
 
     def _needs_features(self, probe: bool) -> bool:
         """Whether the selection reads features (identical on every rank: decides a collective)."""
@@ -549,6 +565,19 @@ class SelectiveSoftmax(ClassifierHead):
             self._staged = torch.cuda.Event()
             self._staged.record(torch.cuda.current_stream(device))
         return out
+
+    def _grow(self, M: int, n_unique: int, training: bool, train_step: Optional[int]) -> int:
+        """M, or the global batch's number of unique labels if more: every label must be active
+        (Partial FC keeps its positives too), so M grows for that step only, logged the first time
+        and counted (m_grown_steps in the metrics)."""
+        if M >= n_unique:
+            return M
+        if training:
+            self._grown += 1
+        (logger.info if self._grown <= 1 else logger.debug)(
+            "step %s: M grows from %d to the batch's %d unique labels for this step (counted in "
+            "m_grown_steps; raise head.num_active to avoid it)", train_step, M, n_unique)
+        return n_unique
 
     # -- one step: plan (the active set), fetch (its rows), loss -------------------------------
     def plan(self, labels: np.ndarray, features: torch.Tensor, training: bool) -> ActiveSet:
@@ -582,15 +611,7 @@ class SelectiveSoftmax(ClassifierHead):
                     M = self._probe_cpk(probe, step, active=pre[1][0])                    # adaptive: new M
                 else:
                     M = self._probe_cpk(probe, step)                                      # adaptive: new M
-            if M < n_unique:
-                # Every label must be active (Partial FC keeps its positives too): M grows for this
-                # step only, logged the first time and counted (m_grown_steps in the metrics).
-                if training:
-                    self._grown += 1
-                (logger.info if self._grown <= 1 else logger.debug)(
-                    "step %s: M grows from %d to the batch's %d unique labels for this step (counted in "
-                    "m_grown_steps; raise head.num_active to avoid it)", self._train_step, M, n_unique)
-                M = n_unique
+            M = self._grow(M, n_unique, training, self._train_step)
             if pre is not None and pre[0] == M:
                 active, remap_g = pre[1]
             else:
@@ -613,12 +634,14 @@ class SelectiveSoftmax(ClassifierHead):
                          part=self.comm.my_slice(M) if coll else slice(0, M), step=step, gathered=coll,
                          probe=probe, wait_s=wait)
 
-    def fetch(self, plan: ActiveSet, features: torch.Tensor) -> tuple[torch.Tensor, np.dtype]:
+    def fetch(self, plan: ActiveSet, features: torch.Tensor, ahead: Optional[_Ahead] = None
+              ) -> tuple[torch.Tensor, np.dtype]:
         """The active rows Wa [M, d] on the features' device, in fp32 (fp64 for fp64 features) whatever
-        the autocast: this rank pulls its slice (at the plan's store step) and, with R ranks, the
-        slices are all-gathered. Returns (Wa, the store's dtype)."""
+        the autocast: this rank pulls its slice (at the plan's store step; with ``ahead``, only the
+        rows the previous step updated, the others were pulled while it computed) and, with R ranks,
+        the slices are all-gathered. Returns (Wa, the store's dtype)."""
         t0 = time.perf_counter()
-        mine = self._pull(plan.ids[plan.part], plan.step)                                # [~M/R, d]
+        mine = self._pull_rows(plan, ahead)                                              # [~M/R, d]
         plan.wait_s += time.perf_counter() - t0
         device, dtype = features.device, torch.promote_types(features.dtype, torch.float32)
         if plan.gathered:
@@ -626,6 +649,62 @@ class SelectiveSoftmax(ClassifierHead):
         else:
             Wa = self._to_device(mine, device)
         return Wa.to(device=device, dtype=dtype), mine.dtype
+
+    def _pull_rows(self, plan: ActiveSet, ahead: Optional[_Ahead]) -> np.ndarray:
+        """This rank's slice of the plan's rows [n, d] as of the plan's store step."""
+        ids = plan.ids[plan.part]
+        if ahead is None:
+            return self._pull(ids, plan.step)
+        late = np.ones(len(ids), dtype=bool)
+        late[ahead.early] = False
+        rows = self._pull(ids[late], plan.step)       # the rows the previous step updated (waits for it)
+        out = np.empty((len(ids), rows.shape[1]), dtype=rows.dtype)
+        out[late] = rows
+        out[ahead.early] = ahead.rows[0]
+        return out
+
+    def _plans_ahead(self, train_step: int) -> bool:
+        """Whether step ``train_step``'s plan can be made before its forward: from labels alone (the
+        random head, no CPK probe that step, fixed M), with a worker to pull on. Identical on every rank."""
+        return (self.prefetch_ahead and self.adapt is None and self.num_active < self.num_classes
+                and not self._needs_features(self.cpk.due(train_step)))
+
+    def prefetch(self, step: int, labels: torch.Tensor) -> None:
+        """The design's step 5: called after this step's forward with the NEXT step's host labels (the
+        loader's, a batch ahead). For a plan that needs only labels, make step ``step``'s plan now and
+        let the worker pull, before this step's push, the rows this step does not update (a row-sparse
+        update leaves them as they are); the forward of ``step`` then pulls only the rows this step
+        updated, once its push has landed. The rows and the plan are those the forward would have
+        made itself: results are bitwise the same (test). Every rank calls it at the same point."""
+        self._ahead = None
+        if (self._train_step is None or self._offset is None or step != self._train_step + 1
+                or not self._forwarded or self.last_active is None or not self._plans_ahead(step)):
+            return
+        lab = labels.detach().to(torch.int64).numpy()                               # [b] host labels
+        coll = self.comm.distributed
+        glab = self.comm.gather_batch(torch.from_numpy(lab)).numpy() if coll else lab       # [R*b]
+        if glab.size and (glab.min() < 0 or glab.max() >= self.num_classes):
+            return                       # the forward of that step names the bad label
+        store_step = step + self._offset
+        M = self._grow(self.num_active, int(np.unique(glab).size), True, step)
+        active, remap_g = self.select(None, glab, M, store_step, train_step=step)       # [M], [R*b]
+        remapped = remap_g[self.comm.rank::self.comm.world_size] if coll else remap_g
+        plan = ActiveSet(ids=active, target=np.ascontiguousarray(remapped, dtype=np.int64),
+                         part=self.comm.my_slice(len(active)) if coll else slice(0, len(active)),
+                         step=store_step, gathered=coll)
+        ids = plan.ids[plan.part]
+        early = np.flatnonzero(~np.isin(ids, self.last_active))
+        rows: list = []
+
+        def pull_early() -> None:
+            try:    # this step's rows (store step - 1): the step's own push is queued after this job
+                rows.append(self._push_store.pull(ids[early], step=store_step - 1))
+            except _LOST as e:
+                raise self._lost("prefetch pull", e) from None
+
+        assert self._worker is not None
+        self._worker.submit(pull_early)
+        self._ahead = _Ahead(train_step=step, labels=lab.copy(), plan=plan, early=early, rows=rows)
 
     def loss(self, features: torch.Tensor, Wa: torch.Tensor, target: torch.Tensor, plan: ActiveSet) -> torch.Tensor:
         """Mean cross-entropy of features [b, d] over the active rows Wa [M, d] (fp32 logits and margin),
@@ -657,8 +736,20 @@ class SelectiveSoftmax(ClassifierHead):
         if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
                              f"got range [{lab.min()}, {lab.max()}]")
-        plan = self.plan(lab, features, training)
-        Wa, store_dtype = self.fetch(plan, features)
+        ahead = None
+        if training:                     # (an evaluation forward between two steps leaves it be)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead.train_step != self._train_step:
+                ahead = None             # not this step's: plan as usual (its early pull is harmless)
+        if ahead is not None:
+            if not np.array_equal(ahead.labels, lab):
+                raise RuntimeError(f"SelectiveSoftmax: step {self._train_step} was prefetched for other labels "
+                                   f"than its forward's (head.prefetch must get the labels the step trains on)")
+            plan = ahead.plan
+            self._ahead_steps += 1
+        else:
+            plan = self.plan(lab, features, training)
+        Wa, store_dtype = self.fetch(plan, features, ahead)
         target = _host_to(torch.from_numpy(plan.target), features.device)          # [b] in 0..M-1
         if training:
             self.last_active = plan.ids
@@ -858,6 +949,9 @@ class SelectiveSoftmax(ClassifierHead):
             # exposed parameter-server wait of this rank: its blocking query, pull and push calls
             out["ps_wait_ms"] = 1000.0 * self._wait_s / self._wait_steps
             self._wait_s, self._wait_steps = 0.0, 0
+        if self._ahead_steps:
+            out["planned_ahead_steps"] = self._ahead_steps
+            self._ahead_steps = 0
         if self.index_name != "random":
             for k, v in self._index_stats().items():
                 if isinstance(v, (bool, int, float, str)) and not (isinstance(v, float) and not math.isfinite(v)):
