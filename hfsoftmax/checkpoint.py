@@ -173,9 +173,11 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 
 def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                     num_classes: int, keep: bool, rng: list[dict[str, Any]] | None = None,
-                    scaler: dict[str, Any] | None = None) -> str:
-    """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any."""
-    store_snapshot = None
+                    scaler: dict[str, Any] | None = None, sharded_snapshot: str | None = None) -> str:
+    """Write ckpt_last.pt (and ckpt_<step>.pt when ``keep``); store snapshot beside it if any.
+    ``sharded_snapshot``: the snapshot the ranks of a sharded head have just written (its name in
+    the run dir, :func:`write_sharded_snapshot`)."""
+    store_snapshot = sharded_snapshot
     head = model.head
     if head.store is not None:
         store_snapshot = run_snapshot_name(step)
@@ -204,6 +206,15 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, model: nn.Module, opti
     if keep:
         atomic_torch_save(state, checkpoint_path(run_dir, step))
     return path
+
+
+def write_sharded_snapshot(run_dir: str, step: int, head: nn.Module) -> str:
+    """Every rank of a sharded head: its rows into the run's store snapshot of ``step`` (older ones
+    pruned as a store prunes them); returns the snapshot's name for :func:`save_checkpoint`."""
+    name = run_snapshot_name(step)
+    head.snapshot(os.path.abspath(os.path.join(run_dir, name)),
+                  prune_keep=sorted(_kept_store_snapshots(run_dir) | {name}))
+    return name
 
 
 def _kept_store_snapshots(run_dir: str) -> set[str]:

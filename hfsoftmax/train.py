@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from . import dist as hdist
 from .backbones import get_backbone
 from .checkpoint import (CheckpointError, find_latest_checkpoint, git_sha, load_checkpoint, load_pretrained,
-                         rng_state, save_checkpoint, set_rng_state)
+                         rng_state, save_checkpoint, set_rng_state, write_sharded_snapshot)
 from .config import Config, ConfigError, OptimConfig, load_config, save_config
 from .data.sampler import batches_from
 from .data.transforms import normalize_images
@@ -216,7 +216,7 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
 
 def build_store(cfg: Config, num_classes: int, info: hdist.DistInfo) -> Any:
     """The parameter store behind a selective head (None for heads that keep W on the device)."""
-    if cfg.head.name not in ("hf", "random"):
+    if cfg.head.name not in ("hf", "random") or cfg.store.kind == "sharded":
         return None
     from .heads.selective import make_store
 
@@ -421,8 +421,12 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     store = build_store(cfg, num_classes, info)
-    head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
-                      seed=cfg.train.seed, pipeline=cfg.store.pipeline, prefetch=cfg.store.prefetch).to(device)
+    if cfg.store.kind == "sharded":            # W split by rows across the ranks' devices
+        from .heads.sharded import make_sharded_head
+        head: ClassifierHead = make_sharded_head(cfg, num_classes, device)
+    else:
+        head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
+                          seed=cfg.train.seed, pipeline=cfg.store.pipeline, prefetch=cfg.store.prefetch).to(device)
     model = Model(backbone, head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
@@ -447,6 +451,8 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
         start_step = int(ckpt["step"])
         if ckpt.get("store_snapshot") and head.store is not None and info.is_main:
             head.store.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
+        elif ckpt.get("store_snapshot") and head.sharded:              # every rank reads its rows
+            head.restore(os.path.join(os.path.dirname(resume), ckpt["store_snapshot"]))
         states = ckpt.get("rng")
         states = [states] if isinstance(states, dict) else states     # older checkpoints: rank 0's only
         if states and len(states) == info.world_size:
@@ -523,10 +529,13 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
             result["report"] = format_markdown(final)
             result["report_dir"] = eval_dir
             rec.update({f"{n}_acc": r["accuracy"] for n, r in final.items()})
-        if val_set is not None:
+        if (val_set is not None or (not cfg.data.path and cfg.data.val_samples > 0)) and not head.scores_alone():
+            logger.info("top-k over all K skipped: W is sharded across the %d ranks; score the checkpoint with "
+                        "python -m hfsoftmax.eval classify (it reads the store snapshot)", info.world_size)
+        elif val_set is not None:
             result["classification"] = classify(backbone, head, val_set, cfg, device)
             rec.update(val_record(result["classification"]))
-        if not cfg.data.path and cfg.data.val_samples > 0:
+        if not cfg.data.path and cfg.data.val_samples > 0 and head.scores_alone():
             from .data.synthetic import heldout_samples, spec_from_config
             images, labels = heldout_samples(spec_from_config(cfg.data), cfg.data.val_samples)
             result["identification"] = identify(backbone, head, images, labels, device)
@@ -622,7 +631,7 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
                 if ver_sets:
                     r = verify(backbone, ver_sets, device, cfg.data.image_size)
                     rec.update({f"{n}_acc": v["accuracy"] for n, v in r.items()})
-                if val_set is not None:
+                if val_set is not None and head.scores_alone():
                     rec.update(val_record(classify(backbone, head, val_set, cfg, device)))
                 metrics.log(event="eval", step=done, **rec)
             hdist.wait_for_main()     # every rank; a long evaluation must not trip the 600 s collectives
@@ -630,10 +639,11 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
             head.flush()              # the snapshot must hold this step's update
             rngs = hdist.all_gather_object(rng_state(device))
             hdist.barrier()
+            sharded = write_sharded_snapshot(run_dir, done, head) if head.sharded else None   # every rank
             if info.is_main:
                 keep = bool(cfg.train.keep_every) and done % cfg.train.keep_every == 0
                 save_checkpoint(run_dir, done, cfg, model, optimizer, num_classes, keep=keep, rng=rngs,
-                                scaler=precision.state_dict())
+                                scaler=precision.state_dict(), sharded_snapshot=sharded)
             hdist.wait_for_main()     # a large store snapshot may take minutes
         if done >= total:
             break

@@ -9,7 +9,8 @@
 # The parameter server: with store.address=tcp://... the trainer uses that server (or shards,
 # comma-separated); otherwise this script starts one on a free loopback port, prints where it
 # runs, and stops it when training ends, fails or is interrupted. store.kind=local runs without
-# any server (the store inside the single training process).
+# any server (the store inside the single training process); store.kind=sharded splits the class
+# matrix by rows across the training ranks' devices (model-parallel, no server).
 # Env: CONFIG=path.yaml, NPROC=N processes (default: one per GPU, else 1), PYTHON=interpreter.
 set -eu
 CALLER_DIR=$(pwd)
@@ -38,6 +39,12 @@ if [ "$KIND" = "local" ]; then
     exit 2
   fi
   echo "store: in-process (no parameter server)"
+  run_trainer "$@"
+  exit $?
+fi
+
+if [ "$KIND" = "sharded" ]; then
+  echo "store: sharded by rows across the $NPROC training rank(s) (no parameter server)"
   run_trainer "$@"
   exit $?
 fi

@@ -21,6 +21,9 @@ class ClassifierHead(nn.Module):
     ``store``: where W lives when not in this module (a :class:`paramserver.api.Store`), else None."""
 
     store: Any = None
+    # W split by rows across the training ranks (store.kind=sharded): every rank writes and restores
+    # its rows of a snapshot (:meth:`snapshot`, :meth:`restore`), and scoring over all K needs them all.
+    sharded: bool = False
 
     def __init__(self, num_classes: int, feature_dim: int) -> None:
         super().__init__()
@@ -73,6 +76,18 @@ class ClassifierHead(nn.Module):
 
     def flush(self) -> None:
         """Wait until this head's updates of W have landed (before a snapshot or an evaluation)."""
+
+    def scores_alone(self) -> bool:
+        """Whether this process can score features over all K by itself (rank 0's evaluations)."""
+        return True
+
+    def snapshot(self, path: str, prune_keep: Any = None) -> None:
+        """A sharded head: every rank writes its rows into the store snapshot ``path``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps W in its parameters (the checkpoint holds it)")
+
+    def restore(self, path: str) -> None:
+        """A sharded head: every rank reads its rows of the store snapshot ``path``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps W in its parameters (the checkpoint holds it)")
 
     def stats(self) -> dict[str, Any]:
         """Figures for the metrics log (num_active, CPK, ...)."""

@@ -116,23 +116,29 @@ class Margin:
         return None if self.kind == "none" else self.scale
 
     def logits(self, features: torch.Tensor, weight: torch.Tensor,
-               target: torch.Tensor | None = None) -> torch.Tensor:
+               target: torch.Tensor | None = None, partial: bool = False) -> torch.Tensor:
         """Logits [B, C] of features [B, d] against class rows weight [C, d], in fp32 (fp64 if an input
         is fp64) with autocast off, whatever the caller's autocast.
 
         Args:
             target: [B] column index of each sample's true class in ``weight`` (None: no margin, eval).
+            partial: ``weight`` is a part of the classes (a rank's shard): a target of -1 means the
+                sample's class is elsewhere, and its row gets no margin here.
         """
         dtype = logits_dtype(features, weight)
         with fp32_logits(features.device):
-            return self._logits(features.to(dtype), weight.to(dtype), target)
+            return self._logits(features.to(dtype), weight.to(dtype), target, partial)
 
-    def _logits(self, features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor | None,
+                partial: bool = False) -> torch.Tensor:
         if self.kind == "none":
             return features @ weight.t()
         cos = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t()        # [B, C]
-        if target is None:
+        if target is None or cos.shape[1] == 0:
             return self.scale * cos
+        here = None
+        if partial:
+            here, target = (target >= 0)[:, None], target.clamp_min(0)
         cos_t = cos.gather(1, target[:, None]).clamp(-1.0, 1.0)                    # [B, 1]
         if self.kind == "combined":
             m1, m2, m3 = self.m
@@ -146,6 +152,8 @@ class Margin:
             phi = cos_t * math.cos(m) - sin_t * math.sin(m)                       # cos(theta + m)
             # theta + m > pi  <=>  cos(theta) < cos(pi - m)
             new_t = torch.where(cos_t > math.cos(math.pi - m), phi, cos_t - m * math.sin(m))
+        if here is not None:      # rows whose class another rank holds: their column 0 written back as is
+            new_t = torch.where(here, new_t, cos.gather(1, target[:, None]))
         return self.scale * cos.scatter(1, target[:, None], new_t)
 
 

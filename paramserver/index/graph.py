@@ -273,6 +273,11 @@ class GraphIndex(ClassIndex):
         self._reps: Optional[np.ndarray] = None       # [nlist] member nearest each centroid
         self._lock = threading.Lock()
 
+    @property
+    def neighbours(self) -> Optional[np.ndarray]:
+        """The graph of the last build: [K, degree] int32 local class ids, best first, -1 = none."""
+        return self._graph
+
     def build(self, W: np.ndarray) -> None:
         """Build over W [K, d] float32 and keep a REFERENCE to it: queries score the rows W holds when
         they run (the store's live rows; :meth:`bind_rows` moves the reference, e.g. from the copy a

@@ -1,0 +1,687 @@
+"""W sharded by rows across the training ranks (``store.kind=sharded``): model-parallel HF-softmax.
+
+Partial FC's layout with HF's selection. Rank r of R holds the rows [lo_r, hi_r) of W (and the
+momentum buffer when the SGD rule keeps one) on its own device, as :class:`ShardedRows`. Per step:
+
+1. The ranks all-gather their features ([R*b, d], rank-major; the backward reduce-scatters the
+   feature gradient back to its rank) and their labels (host, gloo).
+2. ONE active set per global batch, identical on every rank without a broadcast: every label of
+   every rank, then the index's strongest classes, then the random fill seeded by (seed, step), by
+   the same :func:`paramserver.index.select_active` as the parameter-server path, fed the labels in
+   the same global order. Indexes: ``random`` (Partial FC's own sampling: no query) and ``exact``
+   (each rank scores the global features against its own rows, the per-rank top-n are all-gathered
+   and merged: every rank sees the same candidates). M = K is the model-parallel full softmax.
+3. Each rank computes the logits of the global batch against its own active rows only, in fp32,
+   with the margin applied where the target lives; the softmax is distributed
+   (:class:`DistCrossEntropy`: all-reduce of the row max, of the sum of exponentials and of the
+   target logit from its owner). Every rank holds the same loss, the mean over the global batch.
+4. The gradient of a rank's active rows stays on that rank: ``end_step`` applies the row-sparse
+   SGD of :mod:`paramserver.optim` (unrolled, lazy, nesterov, weight decay, the step's lr) on the
+   device, exactly when the backbone's optimizer stepped and every rank's gradient was finite.
+
+So R ranks with batch b train like one process with batch R*b and a local store (tested). Snapshots
+are the store's format (``paramserver/snapshot.py``: one ``W.npy`` of all K rows, each rank writing
+its range into it, a manifest with checksums), so a sharded run resumes on another number of ranks,
+in one process with ``store.kind=local`` or behind ``paramserver.py``, and a store snapshot resumes
+sharded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from paramserver import snapshot as snap
+from paramserver.api import BadRequestError
+from paramserver.optim import SGDConfig
+from paramserver.store import init_rows
+
+from .base import ClassifierHead
+from .collective import HeadComm
+from .margin import Margin, fp32_logits
+
+logger = logging.getLogger(__name__)
+
+SHARDED_INDEXES = ("random", "exact", "graph")
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank ``rank``: contiguous ranges whose sizes differ by at most one."""
+    return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+
+
+# --------------------------------------------------------------------------------------------- #
+# Collectives with a gradient.
+
+class _GatherFeatures(torch.autograd.Function):
+    """[b, d] on every rank -> [R*b, d] rank-major; backward: the sum over ranks of the gradient of
+    this rank's rows, times R (DDP averages the backbone's gradients over the ranks, while every
+    rank's loss is already the global mean)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: HeadComm) -> torch.Tensor:
+        ctx.comm = comm
+        R = comm.world_size
+        src = x.contiguous()
+        out = torch.empty((R * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+        dist.all_gather_into_tensor(out, src, group=comm.group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        comm = ctx.comm
+        g = grad.contiguous()
+        out = torch.empty((g.shape[0] // comm.world_size,) + tuple(g.shape[1:]), dtype=g.dtype, device=g.device)
+        dist.reduce_scatter_tensor(out, g, group=comm.group)
+        return out * comm.world_size, None
+
+
+class DistCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of N samples whose class logits are split by columns across the ranks.
+
+    ``logits`` [N, n_r]: this rank's columns; ``target`` [N]: the column of each sample's class on
+    this rank, -1 where another rank holds it. Forward: all-reduce of the row max, of the sum of
+    exp(logit - max) and of the target logit; every rank returns the same loss. Backward: this
+    rank's columns of (softmax - onehot) / N (no communication)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, comm: HeadComm) -> torch.Tensor:
+        N, n = logits.shape
+        group = comm.group if comm.distributed else None
+        if n:
+            row_max = logits.detach().max(dim=1).values
+        else:
+            row_max = torch.full((N,), -math.inf, dtype=logits.dtype, device=logits.device)
+        if group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(logits.detach() - row_max[:, None])                      # [N, n]
+        denom = e.sum(dim=1)
+        here = target >= 0
+        t = target.clamp_min(0)
+        z = torch.where(here, logits.detach().gather(1, t[:, None])[:, 0] if n else torch.zeros_like(row_max),
+                        torch.zeros_like(row_max))
+        if group is not None:
+            both = torch.stack([denom, z])                                      # one collective for two
+            dist.all_reduce(both, group=group)
+            denom, z = both[0], both[1]
+        ctx.save_for_backward(e / denom[:, None], here, t)
+        return (torch.log(denom) + row_max - z).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
+        prob, here, t = ctx.saved_tensors
+        g = prob.clone()
+        if g.shape[1]:
+            rows = torch.nonzero(here)[:, 0]
+            g[rows, t[rows]] -= 1.0
+        return g * (grad / g.shape[0]), None, None
+
+
+# --------------------------------------------------------------------------------------------- #
+# This rank's rows.
+
+def sgd_rows_(w: torch.Tensor, buf: Optional[torch.Tensor], grad: torch.Tensor, lr: float, cfg: SGDConfig) -> None:
+    """:func:`paramserver.optim.sgd_update_rows` on device tensors, in place: w, buf [n, d] gathered rows."""
+    g = grad.add(w, alpha=cfg.weight_decay) if cfg.weight_decay else grad
+    if cfg.momentum and cfg.sparse_momentum == "unrolled":
+        w.add_(g, alpha=-lr / (1.0 - cfg.momentum))          # the whole momentum series at once
+        return
+    if cfg.momentum:
+        assert buf is not None
+        buf.mul_(cfg.momentum).add_(g)
+        g = g.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
+    w.add_(g, alpha=-lr)
+
+
+class ShardedRows:
+    """Rows [lo, hi) of W [K, d] (and their momentum) on ``device``: the rank's shard of a sharded store.
+
+    The initial rows are :func:`paramserver.store.init_rows`' (the same numbers as a store with the
+    same seed, whatever R). ``step`` counts applied SGD steps (the snapshot's step)."""
+
+    def __init__(self, num_classes: int, dim: int, comm: HeadComm, device: torch.device, opt: SGDConfig, *,
+                 init: str = "normal", init_std: float = 0.01, seed: int = 0, dtype: str = "float32") -> None:
+        if dtype != "float32":
+            raise ValueError(f"store.kind=sharded holds W in float32, got dtype {dtype}")
+        self.num_classes, self.dim, self.comm, self.opt = int(num_classes), int(dim), comm, opt
+        self.lo, self.hi = shard_range(self.num_classes, comm.world_size, comm.rank)
+        self.init_desc = {"init": init, "init_std": float(init_std), "seed": int(seed)}
+        self.W = torch.from_numpy(init_rows(self.lo, self.hi, self.dim, dtype, init, init_std, seed)).to(device)
+        self.M = torch.zeros_like(self.W) if opt.has_buffer else None
+        self.step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.W.device
+
+    def update(self, local: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """One SGD step of rows ``local`` (indices into this shard, unique) with their gradient."""
+        if local.numel():
+            w = self.W.index_select(0, local)
+            buf = self.M.index_select(0, local) if self.M is not None else None
+            sgd_rows_(w, buf, grad.to(w.dtype), lr, self.opt)
+            self.W.index_copy_(0, local, w)
+            if self.M is not None and buf is not None:
+                self.M.index_copy_(0, local, buf)
+
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        return {"W": self.W} if self.M is None else {"W": self.W, "momentum": self.M}
+
+    # -- snapshots in the store's format -------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {"format": snap.FORMAT, "version": snap.VERSION, "num_classes": self.num_classes,
+                "class_offset": 0, "total_classes": self.num_classes, "dim": self.dim, "dtype": "float32",
+                "step": self.step, "optimizer": self.opt.to_dict(), "init": self.init_desc,
+                "files": snap.matrix_files(self._matrices()), "created_unix": time.time()}
+
+    def snapshot(self, path: str) -> None:
+        """Every rank: write the snapshot directory ``path`` (atomic, as a store writes it); rank 0
+        creates each file at its full size, every rank writes its rows into it, rank 0 checksums them
+        and writes the manifest last."""
+        comm = self.comm
+        if comm.rank != 0:
+            tmp = self._bcast(None)
+            if tmp:
+                self._write_rows(tmp)
+                self._barrier()
+            return
+        man = self.manifest()
+        shape = (self.num_classes, self.dim)
+        with snap.writing(path) as tmp:
+            for name in man["files"].values():
+                np.lib.format.open_memmap(os.path.join(tmp, name), mode="w+", dtype=np.float32, shape=shape).flush()
+            self._bcast(tmp)
+            self._write_rows(tmp)
+            self._barrier()                   # every rank's rows are in
+            man["crc32"] = {m: snap.file_crc32(os.path.join(tmp, f)) for m, f in man["files"].items()}
+            snap.write_manifest(tmp, man)
+        logger.info("sharded snapshot of step %d written to %s (%.1f MB)", self.step, path,
+                    4.0 * len(man["files"]) * self.num_classes * self.dim / 1e6)
+
+    def _write_rows(self, tmp: str) -> None:
+        for m, t in self._matrices().items():
+            arr = np.load(os.path.join(tmp, snap.matrix_files(self._matrices())[m]), mmap_mode="r+")
+            arr[self.lo:self.hi] = t.detach().cpu().numpy()
+            arr.flush()
+            del arr
+
+    def _barrier(self) -> None:
+        if self.comm.distributed:
+            dist.barrier(group=self.comm.host_group)
+
+    def _bcast(self, value: Optional[str]) -> Optional[str]:
+        """Rank 0's string to every rank (a barrier as well); one process: the value itself."""
+        if not self.comm.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.comm.host_group)
+        return box[0]
+
+    def restore(self, path: str) -> dict[str, Any]:
+        """Every rank: load its rows of snapshot ``path`` (a store's, a server's single shard, or a
+        sharded run's); checks K, d and the checksums (rank 0) before any row is replaced."""
+        path = snap.resolve_snapshot(path) if os.path.isdir(path) and not snap.is_snapshot(path) else path
+        man = snap.read_manifest(path)
+        if (int(man["total_classes"]) != self.num_classes or int(man["num_classes"]) != self.num_classes
+                or int(man["dim"]) != self.dim or man["dtype"] != "float32"):
+            raise BadRequestError(f"snapshot {path}: holds {man['num_classes']} of {man['total_classes']} rows x "
+                                  f"{man['dim']} ({man['dtype']}); the sharded store needs all {self.num_classes} "
+                                  f"rows x {self.dim} in float32")
+        err = ""
+        if self.comm.rank == 0:
+            try:
+                for m in man["files"]:
+                    f = os.path.join(path, man["files"][m])
+                    snap.check_array_file(f, (self.num_classes, self.dim), np.dtype(np.float32))
+                    want = (man.get("crc32") or {}).get(m)
+                    if want is not None and snap.file_crc32(f) != want:
+                        raise BadRequestError(f"snapshot {path}: {man['files'][m]} does not match its checksum")
+            except (BadRequestError, OSError, ValueError) as e:
+                err = str(e) or type(e).__name__
+        err = self._bcast(err) or ""
+        if err:
+            raise BadRequestError(err)
+        saved = SGDConfig.from_dict(man["optimizer"])
+        if saved.sparse_momentum != self.opt.sparse_momentum or saved.momentum != self.opt.momentum:
+            logger.warning("snapshot %s was trained with %s; this run continues with %s", path, saved.to_dict(),
+                           self.opt.to_dict())
+        rows = np.load(os.path.join(path, man["files"]["W"]), mmap_mode="r")[self.lo:self.hi]
+        self.W.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
+        if self.M is not None:
+            if "momentum" in man["files"]:
+                mom = np.load(os.path.join(path, man["files"]["momentum"]), mmap_mode="r")[self.lo:self.hi]
+                self.M.copy_(torch.from_numpy(np.ascontiguousarray(mom)))
+            else:
+                self.M.zero_()
+        self.step = int(man["step"])
+        return man
+
+
+# --------------------------------------------------------------------------------------------- #
+# The class-neighbour graph of the ranks' rows.
+
+class RanksGraph:
+    """Each class's ``degree`` nearest classes by cosine over W, for a sharded W.
+
+    Every ``every`` steps (T) the ranks gather their rows to rank 0, which builds the graph in the
+    background with the parameter server's own build (:class:`paramserver.index.graph.GraphIndex`:
+    coarse lists by k-means, then a search within each row's nearest lists; large K in a child
+    process); at the next multiple of T, fixed in advance, rank 0 waits for that build if it is not
+    done (logged: the price of reproducibility) and broadcasts it, and every rank swaps it in. So the
+    graph live during steps [s + T, s + 2T) is the one built from W as it was at step s, whatever
+    the machine's speed. Until the first graph is live (step T), selection fills at random."""
+
+    def __init__(self, rows: ShardedRows, metric: str, degree: int, nlist: int, every: int, seed: int) -> None:
+        if degree < 1 or every < 1:
+            raise ValueError(f"the graph needs head.degree >= 1 and head.rebuild_every >= 1, got {degree}, {every}")
+        self.rows, self.comm, self.metric = rows, rows.comm, metric
+        self.degree, self.nlist, self.every, self.seed = int(degree), int(nlist), int(every), int(seed)
+        self.graph: Optional[np.ndarray] = None          # [K, degree] int64, -1 = none (every rank)
+        self.live_since: Optional[int] = None
+        self.builds = self.waits = 0
+        self.wait_s = 0.0
+        self._box: dict[str, Any] = {}                   # rank 0: the background build's result or error
+        self._thread: Optional[threading.Thread] = None
+        self._started: Optional[int] = None              # the step the pending build's rows are from
+
+    def on_step(self, step: int) -> None:
+        """Before step ``step``'s selection, on every rank: at a multiple of T, the build started T
+        steps ago goes live, and the next one starts from the current rows."""
+        if step % self.every:
+            return
+        if self._started is not None and self._started < step:     # the same decision on every rank
+            self._swap(step)
+        self._start(step)
+
+    def _gather_rows(self) -> Optional[np.ndarray]:
+        """All K rows on rank 0's host (None elsewhere)."""
+        W = self.rows.W.detach()
+        if not self.comm.distributed:
+            return W.cpu().numpy().copy()
+        R = self.comm.world_size
+        c = -(-self.rows.num_classes // R) + 1
+        buf = torch.zeros((c, W.shape[1]), dtype=W.dtype, device=W.device)
+        buf[: W.shape[0]] = W
+        out = [torch.empty_like(buf) for _ in range(R)] if self.comm.rank == 0 else None
+        dist.gather(buf, out, dst=0, group=self.comm.group)
+        if out is None:
+            return None
+        return np.concatenate([o[: hi - lo].cpu().numpy() for o, (lo, hi) in
+                               zip(out, (shard_range(self.rows.num_classes, R, r) for r in range(R)))])
+
+    def _start(self, step: int) -> None:
+        W = self._gather_rows()
+        self._started = step
+        if W is None:
+            return
+
+        def build() -> None:
+            from paramserver.index.graph import GraphIndex
+            try:
+                index = GraphIndex(self.rows.dim, self.metric, seed=self.seed, degree=self.degree,
+                                   nlist=self.nlist or None, cold_nprobe=0)
+                index.build(W)
+                self._box["graph"] = index.neighbours
+            except Exception as e:     # reported at the swap; the old graph serves on
+                self._box["error"] = e
+
+        self._box = {}
+        self._thread = threading.Thread(target=build, name=f"hfsoftmax-graph-{step}", daemon=True)
+        self._thread.start()
+
+    def _swap(self, step: int) -> None:
+        ok = torch.zeros(1, dtype=torch.int64)
+        g = None
+        if self.comm.rank == 0:
+            t0 = time.perf_counter()
+            if self._thread is not None:
+                if self._thread.is_alive():
+                    self.waits += 1
+                self._thread.join()
+            waited = time.perf_counter() - t0
+            self.wait_s += waited
+            if waited > 0.05:
+                logger.info("step %d: waited %.2f s for the class graph built from step %d (it goes live at a "
+                            "fixed step, so that a seed reproduces the run)", step, waited, step - self.every)
+            self._thread = None
+            if "error" in self._box:
+                logger.warning("step %d: the class graph build failed (%s); the previous graph serves on",
+                               step, self._box["error"])
+            elif "graph" in self._box:
+                g = torch.from_numpy(np.ascontiguousarray(self._box["graph"], dtype=np.int32))
+                ok[0] = 1
+        if self.comm.distributed:
+            dist.broadcast(ok, 0, group=self.comm.host_group)
+        if not int(ok[0]):
+            return
+        if self.comm.distributed:
+            if g is None:
+                g = torch.empty((self.rows.num_classes, self.degree), dtype=torch.int32)
+            dist.broadcast(g, 0, group=self.comm.host_group)
+        self.graph = g.numpy().astype(np.int64)
+        self.live_since = step
+        self.builds += 1
+
+    def candidates(self, feats: torch.Tensor, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours of each sample's label [N, degree] and their scores against the sample's
+        feature (the same on every rank: each scores the rows it holds, then an all-reduce max)."""
+        assert self.graph is not None
+        nb = self.graph[labels]                                                       # [N, deg]
+        lo, hi = self.rows.lo, self.rows.hi
+        mine = (nb >= lo) & (nb < hi)
+        W = self.rows.W
+        with torch.no_grad(), fp32_logits(W.device):
+            idx = torch.from_numpy(np.where(mine, nb - lo, 0)).to(W.device)
+            Wc = W[idx]                                                               # [N, deg, d]
+            Q = feats.to(device=W.device, dtype=torch.float32)
+            if self.metric == "angular":
+                Q, Wc = F.normalize(Q, dim=1), F.normalize(Wc, dim=2)
+            S = torch.einsum("nd,nkd->nk", Q, Wc)
+            S = torch.where(torch.from_numpy(mine).to(W.device), S, torch.full_like(S, -math.inf))
+            if self.comm.distributed:
+                dist.all_reduce(S, op=dist.ReduceOp.MAX, group=self.comm.group)
+        return nb, S.cpu().numpy()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+# --------------------------------------------------------------------------------------------- #
+# The head.
+
+class ShardedSoftmax(ClassifierHead):
+    """Softmax over M active classes (M = K: the full softmax) with W sharded by rows across the ranks.
+
+    Args:
+        rows: this rank's :class:`ShardedRows`.
+        num_active: M (K: every class, the model-parallel full softmax).
+        margin, scale, margin_m: the logit rule (:class:`~hfsoftmax.heads.margin.Margin`).
+        index: ``random`` (Partial FC's sampling) or ``exact`` (the distributed exact top-n).
+        candidates: classes asked of the index per sample.
+        seed: seed of the per-step selection Generator (keyed by (seed, step), as the store path).
+    """
+
+    store = None
+    sharded = True
+
+    def __init__(self, rows: ShardedRows, num_active: int, *, margin: str = "none", scale: float = 64.0,
+                 margin_m: Any = 0.35, index: str = "random", candidates: int = 64, seed: int = 0,
+                 degree: int = 32, nlist: int = 0, rebuild_every: int = 100) -> None:
+        super().__init__(rows.num_classes, rows.dim)
+        if index not in SHARDED_INDEXES:
+            raise ValueError(f"store.kind=sharded: head.index must be one of {', '.join(SHARDED_INDEXES)} "
+                             f"(or auto: graph), got '{index}'")
+        if not 1 <= num_active <= rows.num_classes:
+            raise ValueError(f"head.num_active M={num_active} must lie in [1, num_classes={rows.num_classes}]")
+        self.rows, self.comm = rows, rows.comm
+        self.rule = Margin(margin, scale, margin_m)
+        self.num_active, self.index_name, self.candidates, self.seed = int(num_active), index, int(candidates), int(seed)
+        self.graph = (RanksGraph(rows, self.rule.metric, degree, nlist, rebuild_every, seed)
+                      if index == "graph" and num_active < rows.num_classes else None)
+        self._train_step: Optional[int] = None
+        self._lr = 0.0
+        self._scale: Any = None
+        self._host_labels: Optional[torch.Tensor] = None
+        self._owed: Optional[tuple[torch.Tensor, list]] = None   # this step's active rows and their grad box
+        self.last_active: Optional[np.ndarray] = None
+        self._grown = 0
+
+    # -- step protocol ------------------------------------------------------------------------
+    def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: Optional[torch.Tensor] = None) -> None:
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"begin_step: lr must be finite and >= 0, got {lr}")
+        self._train_step, self._lr, self._scale = int(step), float(lr), grad_scale
+        self._host_labels = labels if labels is not None and labels.device.type == "cpu" else None
+        self._owed = None
+
+    def end_step(self, step: int, applied: bool = True) -> None:
+        """The row-sparse SGD of this step's active rows, on the device: when the backbone's optimizer
+        stepped (``applied``) and every rank's gradient is finite (else W stays, as the store does)."""
+        owed, self._owed = self._owed, None
+        if owed is None:
+            return
+        local, box = owed
+        if not box:
+            logger.warning("step %d: no gradient reached the active rows; W is not updated", step)
+            grad = torch.zeros((local.numel(), self.feature_dim), device=self.rows.device)
+        else:
+            grad = box[0]
+        bad = (~torch.isfinite(grad)).any().to(torch.float32).reshape(1)
+        if self.comm.distributed:
+            dist.all_reduce(bad, group=self.comm.group)
+        if self._scale is not None:
+            grad = grad / self._scale
+        if applied and float(bad) == 0:
+            self.rows.update(local, grad, self._lr)
+        elif applied:
+            logger.warning("step %d: non-finite gradient of the active rows; W is not updated this step", step)
+        self.rows.step += 1
+
+    @property
+    def store_step(self) -> int:
+        return self.rows.step
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self._train_step or 0])
+
+    # -- selection ----------------------------------------------------------------------------
+    def _candidates(self, feats: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-n classes of each feature [N, d] over all K (ids and scores [N, n]): each rank
+        scores its rows, the ranks' top-n are all-gathered and merged (the same on every rank)."""
+        W = self.rows.W
+        with torch.no_grad(), fp32_logits(W.device):
+            Q, Wn = feats.float(), W
+            if self.rule.metric == "angular":
+                Q, Wn = F.normalize(Q, dim=1), F.normalize(W, dim=1)
+            S = Q @ Wn.t()                                                             # [N, n_r]
+            k = min(n, S.shape[1])
+            s, i = S.topk(k, dim=1) if k else (S[:, :0], torch.zeros_like(S[:, :0], dtype=torch.int64))
+            pad = n - k
+            if pad:
+                s = torch.cat([s, torch.full((S.shape[0], pad), -math.inf, device=S.device)], 1)
+                i = torch.cat([i, torch.full((S.shape[0], pad), -1 - self.rows.lo, device=S.device,
+                                             dtype=torch.int64)], 1)
+            i = i + self.rows.lo
+            if self.comm.distributed:
+                R, N = self.comm.world_size, S.shape[0]
+                s_all = torch.empty((R * N, n), dtype=s.dtype, device=s.device)
+                i_all = torch.empty((R * N, n), dtype=i.dtype, device=i.device)
+                dist.all_gather_into_tensor(s_all, s.contiguous(), group=self.comm.group)
+                dist.all_gather_into_tensor(i_all, i.contiguous(), group=self.comm.group)
+                s = s_all.view(R, N, n).permute(1, 0, 2).reshape(N, -1)                  # [N, R*n]
+                i = i_all.view(R, N, n).permute(1, 0, 2).reshape(N, -1)
+                s, top = s.topk(min(n, s.shape[1]), dim=1)
+                i = i.gather(1, top)
+        return i.cpu().numpy(), s.cpu().numpy()
+
+    def select(self, feats: Optional[torch.Tensor], labels: np.ndarray, num_active: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Active ids [M] (labels first) and labels remapped into 0..M-1, for the global batch's
+        features and labels (both in global order); the same on every rank."""
+        from paramserver.index import select_active
+
+        K = self.num_classes
+        if num_active == K:
+            return np.arange(K, dtype=np.int64), labels.astype(np.int64)
+        none = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if self.index_name == "random" or feats is None:
+            ids, scores = none
+        elif self.index_name == "graph":
+            ids, scores = self.graph.candidates(feats, labels) if self.graph and self.graph.graph is not None \
+                else none
+        else:
+            ids, scores = self._candidates(feats, min(self.candidates, K))
+        return select_active(ids, scores, labels, num_active, K, self._rng())
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the GLOBAL batch over its M active classes (the same value on
+        every rank); the gradient of this rank's active rows waits for ``end_step``."""
+        self.check_features(features)
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels must be [B={features.shape[0]}], got {tuple(labels.shape)}")
+        training = torch.is_grad_enabled()
+        if training and self._train_step is None:
+            raise RuntimeError("ShardedSoftmax: call head.begin_step(step, lr) before a training forward")
+        if training and self.comm.device != features.device:
+            raise RuntimeError(f"ShardedSoftmax: features on {features.device}, but the head's collectives "
+                               f"run on {self.comm.device}")
+        host = self._host_labels if (training and self._host_labels is not None
+                                     and self._host_labels.shape == labels.shape) else labels.detach().to("cpu")
+        self._host_labels = None
+        lab = host.to(torch.int64)
+        R, b = self.comm.world_size, features.shape[0]
+        glab = self.comm.gather_batch(lab).numpy() if self.comm.distributed else lab.numpy()   # [R*b] i*R + r
+        if glab.size and (glab.min() < 0 or glab.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
+                             f"got range [{glab.min()}, {glab.max()}]")
+        feats = _GatherFeatures.apply(features, self.comm) if self.comm.distributed else features   # [R*b, d] r*b + i
+        M = self.num_active
+        n_unique = int(np.unique(glab).size)
+        if M < n_unique:
+            self._grown += int(training)
+            M = n_unique
+        if training and self.graph is not None:
+            self.graph.on_step(self._train_step)
+        gfeats = None
+        if self.index_name != "random":     # global order i*R + r from rank-major r*b + i
+            pos = np.arange(R * b)
+            gfeats = feats.detach()[torch.from_numpy((pos % R) * b + pos // R).to(feats.device)]
+        active, remap_g = self.select(gfeats, glab, M)
+        # rank-major targets: sample i of rank r sits at i*R + r in the global order, r*b + i in feats
+        target = remap_g.reshape(b, R).T.reshape(-1) if R > 1 else remap_g                        # [R*b] in 0..M-1
+        lo, hi = self.rows.lo, self.rows.hi
+        cols = np.flatnonzero((active >= lo) & (active < hi))            # positions of my rows in active
+        colmap = np.full(len(active), -1, dtype=np.int64)
+        colmap[cols] = np.arange(cols.size)
+        dev = self.rows.device
+        local = torch.from_numpy(active[cols] - lo).to(dev)
+        t_local = torch.from_numpy(colmap[target]).to(features.device)
+        Wa = self.rows.W.index_select(0, local)                                                   # [n_r, d]
+        if training:
+            self.last_active = active
+            box: list = []
+            Wa.requires_grad_(True)
+            Wa.register_hook(box.append)
+            self._owed = (local, box)
+        with fp32_logits(features.device):
+            logits = self.rule.logits(feats, Wa.to(features.device), t_local, partial=True)       # [R*b, n_r]
+            return DistCrossEntropy.apply(logits, t_local, self.comm)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def scores_alone(self) -> bool:
+        return not self.comm.distributed
+
+    @torch.no_grad()
+    def topk(self, features: torch.Tensor, k: int = 5, block_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (eval scores, class ids) over all K: every rank scores its rows, the ranks' top-k are
+        all-gathered and merged. Every rank must call it with the same features."""
+        self.check_features(features)
+        W = self.rows.W
+        with fp32_logits(W.device):
+            Fd = features.to(device=W.device, dtype=torch.float32)
+            best_v = torch.full((Fd.shape[0], 0), -math.inf, device=W.device)
+            best_i = torch.zeros((Fd.shape[0], 0), dtype=torch.int64, device=W.device)
+            for s in range(0, W.shape[0], block_size):
+                v = self.rule.logits(Fd, W[s:s + block_size])
+                v, i = v.topk(min(k, v.shape[1]), dim=1)
+                best_v, sel = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
+                best_i = torch.cat([best_i, i + s + self.rows.lo], 1).gather(1, sel)
+            if self.comm.distributed:
+                kk = min(k, self.num_classes)
+                pad = kk - best_v.shape[1]
+                if pad:
+                    best_v = torch.cat([best_v, torch.full((Fd.shape[0], pad), -math.inf, device=W.device)], 1)
+                    best_i = torch.cat([best_i, torch.full((Fd.shape[0], pad), -1, dtype=torch.int64,
+                                                           device=W.device)], 1)
+                vs = [torch.empty_like(best_v) for _ in range(self.comm.world_size)]
+                is_ = [torch.empty_like(best_i) for _ in range(self.comm.world_size)]
+                dist.all_gather(vs, best_v.contiguous(), group=self.comm.group)
+                dist.all_gather(is_, best_i.contiguous(), group=self.comm.group)
+                best_v, sel = torch.cat(vs, 1).topk(kk, dim=1)
+                best_i = torch.cat(is_, 1).gather(1, sel)
+        return best_v.to(features.device), best_i.to(features.device)
+
+    @torch.no_grad()
+    def scores_block(self, features: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Scores of classes [start, end): one process only (with R ranks use :meth:`topk`)."""
+        if self.comm.distributed:
+            raise RuntimeError("ShardedSoftmax.scores_block: W is sharded across the ranks; use topk")
+        return self.rule.logits(features.float(), self.rows.W[start:end].to(features.device))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def snapshot(self, path: str, prune_keep: Any = None) -> None:
+        """Every rank: W (and momentum) into the store snapshot ``path``; then rank 0 removes its older
+        ``store_NNNNNNNN`` siblings but ``prune_keep`` and the newest older one (as a store does)."""
+        self.rows.snapshot(path)
+        if prune_keep is not None and self.comm.rank == 0:
+            snap.prune_snapshots(os.path.abspath(path), set(prune_keep), keep_previous=True)
+
+    def restore(self, path: str) -> None:
+        """Every rank: this rank's rows from the store snapshot ``path``."""
+        self.rows.restore(path)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_active": self.num_active}
+        if self._grown:
+            out["m_grown_steps"] = self._grown
+        if self.graph is not None:
+            out.update(index_builds=self.graph.builds, index_waits=self.graph.waits,
+                       index_wait_s=round(self.graph.wait_s, 3))
+            if self.graph.live_since is not None:
+                out["index_live_since"] = self.graph.live_since
+        return out
+
+    def close(self) -> None:
+        if self.graph is not None:
+            self.graph.close()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"num_active": self.num_active}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """M is the config's (no adaptive allocation here), also on resume."""
+
+    def extra_repr(self) -> str:
+        return (f"rows=[{self.rows.lo}, {self.rows.hi}) of {self.num_classes} x {self.feature_dim}, "
+                f"M={self.num_active}, index={self.index_name}, margin={self.rule.kind}")
+
+
+def make_sharded_head(cfg: Any, num_classes: int, device: torch.device, *, rank: Optional[int] = None,
+                      world_size: Optional[int] = None, comm: Optional[HeadComm] = None) -> ShardedSoftmax:
+    """The sharded head of a run from the full :class:`hfsoftmax.config.Config`: ``head.name`` hf,
+    random or full (M = K), the store's init and SGD rule from ``optim.*`` / ``train.seed``
+    (:func:`~hfsoftmax.heads.selective.store_spec`: the same rows and rule as a local store)."""
+    from .selective import head_index_name, store_spec
+
+    dist_on = dist.is_available() and dist.is_initialized()
+    rank = int(rank if rank is not None else (dist.get_rank() if dist_on else 0))
+    world_size = int(world_size if world_size is not None else (dist.get_world_size() if dist_on else 1))
+    comm = comm if comm is not None else HeadComm(rank, world_size)
+    if comm.distributed and comm.device.type != device.type:
+        raise ValueError(f"store.kind=sharded: the ranks train on {device} but their process group moves "
+                         f"{comm.device.type} tensors (NCCL for CUDA, gloo for CPU)")
+    spec = store_spec(cfg, num_classes)
+    opt = SGDConfig(momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov,
+                    exact_rounding=spec.exact_rounding, sparse_momentum=spec.sparse_momentum)
+    rows = ShardedRows(num_classes, spec.dim, comm, device, opt, init=spec.init, init_std=spec.init_std,
+                       seed=spec.seed, dtype=spec.dtype)
+    h = cfg.head
+    if h.adaptive:
+        raise ValueError("store.kind=sharded does not adapt M yet (head.adaptive=false)")
+    M = num_classes if h.name == "full" else min(int(h.num_active), num_classes)
+    index = "random" if h.name == "full" else ("graph" if h.index == "auto" else head_index_name(h, num_classes))
+    rule = Margin.from_config(h)
+    return ShardedSoftmax(rows, M, margin=rule.kind, scale=rule.scale, margin_m=rule.m, index=index,
+                          candidates=int(h.candidates), seed=int(cfg.train.seed), degree=int(h.degree),
+                          nlist=int(h.nlist), rebuild_every=int(h.rebuild_every))

@@ -1,0 +1,337 @@
+"""W sharded by rows across the ranks (store.kind=sharded, hfsoftmax/heads/sharded.py).
+
+- The distributed softmax (columns split unevenly across 2 gloo ranks) equals one cross-entropy.
+- 2 sharded ranks with batch b train like one process with batch 2b and a local store, at M < K with
+  K not divisible by R: the same active sets, backbone and W within 1e-5; random sampling (Partial
+  FC's), HF with the exact index and a margin, the full softmax (M = K), the lazy momentum rule.
+- Snapshots are the store's format: a 2-rank snapshot restores in a local store, on 1 and 3 ranks;
+  a store snapshot (with momentum) restores sharded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from hfsoftmax.backbones import get_backbone
+from hfsoftmax.config import Config
+from hfsoftmax.dist import DistInfo
+from hfsoftmax.heads.collective import HeadComm
+from hfsoftmax.heads.selective import SelectiveSoftmax, make_store, store_spec
+from hfsoftmax.heads.sharded import DistCrossEntropy, ShardedRows, make_sharded_head, shard_range
+from hfsoftmax.train import Model
+from paramserver.open import open_store
+from paramserver.optim import SGDConfig
+from paramserver.snapshot import read_manifest
+
+from servers import free_port, train_steps
+
+K, D, IMG, GLOBAL_B, STEPS, M = 63, 16, 16, 8, 4, 12
+LRS = [0.2, 0.1, 0.05, 0.05]
+SPLIT = [3, 9]                      # the distributed CE test: columns of rank 0 and rank 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    head: str = "hf"
+    index: str = "exact"
+    margin: str = "cosface"
+    momentum_rule: str = "unrolled"
+
+
+VARIANTS = [
+    Variant("random", head="random", index="random"),
+    Variant("exact_arcface", margin="arcface"),
+    Variant("exact_plain_lazy", margin="none", momentum_rule="lazy"),
+    Variant("full", head="full", margin="cosface"),
+    Variant("graph", index="graph"),
+]
+LOCAL = [v for v in VARIANTS if v.index != "graph"]     # the graph's timeline is its own (see its test)
+
+
+def config(v: Variant, kind: str) -> Config:
+    cfg = Config()
+    cfg.model.feature_dim = D
+    cfg.train.seed = 5
+    cfg.head.name, cfg.head.index, cfg.head.margin = v.head, v.index, v.margin
+    cfg.head.scale, cfg.head.margin_m = 8.0, 0.2
+    cfg.head.num_active, cfg.head.candidates = (K if v.head == "full" else M), 6
+    cfg.optim.sparse_momentum = v.momentum_rule
+    cfg.head.rebuild_every, cfg.head.degree, cfg.head.nlist = 2, 4, 4
+    cfg.store.kind = kind
+    return cfg
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(GLOBAL_B, 3, IMG, IMG, generator=g), torch.randint(0, K, (GLOBAL_B,), generator=g)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_backbone("tiny", D, IMG, norm="group")      # GroupNorm: per-sample, DDP == 1 process
+
+
+def train_sharded(v: Variant, rank: int, world: int, snap: str) -> tuple[dict, list]:
+    cfg = config(v, "sharded")
+    head = make_sharded_head(cfg, K, torch.device("cpu"), rank=rank, world_size=world)
+    model = Model(_model(), head)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
+    actives = train_steps(net, head, opt, rank, world, global_batch, LRS[:STEPS])
+    head.snapshot(snap)
+    if head.graph is not None:      # the live graph and when it went live
+        actives.append((head.graph.graph, head.graph.live_since, head.graph.builds))
+    head.close()
+    return {k: t.clone() for k, t in model.backbone.state_dict().items()}, actives
+
+
+def train_local(v: Variant) -> tuple[dict, np.ndarray, list]:
+    cfg = config(v, "local")
+    cfg.head.name = "hf" if v.head == "full" else v.head     # the full softmax = the store path at M = K
+    store = make_store(cfg, K, DistInfo(0, 1, 0, torch.device("cpu")))
+    head = SelectiveSoftmax.from_config(cfg.head, store, K, D, seed=cfg.train.seed)
+    model = Model(_model(), head)
+    opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
+    actives = train_steps(model, head, opt, 0, 1, global_batch, LRS[:STEPS])
+    W = store.pull(np.arange(K))
+    head.close()
+    return {k: t.clone() for k, t in model.backbone.state_dict().items()}, W, actives
+
+
+def dist_ce(rank: int, world: int, comm: HeadComm) -> tuple[float, torch.Tensor]:
+    """This rank's columns of a fixed [6, 12] logit matrix; its loss and its columns' gradient."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, sum(SPLIT), generator=g, dtype=torch.float64) * 3
+    target = torch.tensor([0, 2, 3, 11, 5, 2])
+    lo = sum(SPLIT[:rank])
+    mine = logits[:, lo:lo + SPLIT[rank]].clone().requires_grad_(True)
+    t = torch.where((target >= lo) & (target < lo + SPLIT[rank]), target - lo, torch.full_like(target, -1))
+    loss = DistCrossEntropy.apply(mine, t, comm)
+    loss.backward()
+    return float(loss.detach()), mine.grad
+
+
+def _rank_main(rank: int, world: int, init: str, out: str, snaps: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {"ce": dist_ce(rank, world, HeadComm(rank, world))}
+        for v, s in zip(VARIANTS, snaps):
+            results[v.name] = train_sharded(v, rank, world, s)
+        torch.save(results, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
+    tmp = tmp_path_factory.mktemp("sharded")
+    out = str(tmp / "ranks")
+    snaps = [str(tmp / f"store_{v.name}") for v in VARIANTS]
+    mp.spawn(_rank_main, args=(2, f"tcp://127.0.0.1:{free_port()}", out, snaps), nprocs=2, join=True)
+    return {r: torch.load(f"{out}.{r}", weights_only=False) for r in range(2)}, dict(zip([v.name for v in VARIANTS], snaps))
+
+
+def test_distributed_cross_entropy_equals_one_cross_entropy(two_ranks) -> None:
+    ranks, _ = two_ranks
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(6, sum(SPLIT), generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    ref = F.cross_entropy(logits, torch.tensor([0, 2, 3, 11, 5, 2]))
+    ref.backward()
+    assert ranks[0]["ce"][0] == pytest.approx(float(ref), abs=1e-12)
+    assert ranks[1]["ce"][0] == pytest.approx(float(ref), abs=1e-12)
+    got = torch.cat([ranks[0]["ce"][1], ranks[1]["ce"][1]], dim=1)
+    torch.testing.assert_close(got, logits.grad, rtol=0, atol=1e-12)
+    # one process: the same function is the plain cross-entropy
+    one = logits.detach().clone().requires_grad_(True)
+    loss = DistCrossEntropy.apply(one, torch.tensor([0, 2, 3, 11, 5, 2]), HeadComm(0, 1))
+    loss.backward()
+    assert float(loss) == pytest.approx(float(ref), abs=1e-12)
+    torch.testing.assert_close(one.grad, logits.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("v", LOCAL, ids=[v.name for v in LOCAL])
+def test_two_sharded_ranks_equal_one_process_with_a_local_store(two_ranks, v: Variant) -> None:
+    ranks, snaps = two_ranks
+    state, W, actives = train_local(v)
+    s0, a0 = ranks[0][v.name]
+    s1, a1 = ranks[1][v.name]
+    for a, b, c in zip(actives, a0, a1):
+        np.testing.assert_array_equal(a, b, err_msg=f"{v.name}: active sets differ")
+        np.testing.assert_array_equal(b, c, err_msg=f"{v.name}: the ranks' active sets differ")
+    assert all(len(a) == (K if v.head == "full" else M) for a in actives)
+    man = read_manifest(snaps[v.name])
+    assert man["step"] == STEPS and man["num_classes"] == K
+    W2 = np.load(os.path.join(snaps[v.name], man["files"]["W"]))
+    # float32 rounding relative to the matrix's scale (margin heads' rows grow to ~100 here)
+    np.testing.assert_allclose(W2, W, rtol=1e-5, atol=1e-6 * np.abs(W).max(), err_msg=v.name)
+    for name, p in state.items():
+        torch.testing.assert_close(s0[name], p, rtol=1e-5, atol=1e-5, msg=f"{v.name}: {name}")
+        torch.testing.assert_close(s1[name], s0[name], rtol=0, atol=0, msg=f"{v.name}: DDP ranks differ in {name}")
+    W0 = ShardedRows(K, D, _stub(0, 1), torch.device("cpu"), SGDConfig(), seed=5).W.numpy()
+    assert np.abs(W2 - W0).max() > 1e-4, f"{v.name}: W did not train"
+
+
+def test_the_ranks_graph_is_the_servers_goes_live_at_its_step_and_two_ranks_equal_one(two_ranks, tmp_path) -> None:
+    from paramserver.index.graph import GraphIndex
+
+    ranks, snaps = two_ranks
+    v = next(v for v in VARIANTS if v.index == "graph")
+    s0, a0 = ranks[0][v.name]
+    s1, a1 = ranks[1][v.name]
+    (g0, live0, builds0), (g1, live1, builds1) = a0.pop(), a1.pop()
+    # T = 2, 4 steps: built from the rows of step 0, live from step 2 (the step-2 build never went live)
+    assert (live0, builds0) == (live1, builds1) == (2, 1)
+    W0 = ShardedRows(K, D, _stub(0, 1), torch.device("cpu"), SGDConfig(), seed=5).W.numpy()
+    ref = GraphIndex(D, "angular", seed=5, degree=4, nlist=4, cold_nprobe=0)
+    ref.build(W0)
+    np.testing.assert_array_equal(g0, ref.neighbours)
+    np.testing.assert_array_equal(g1, g0)
+    # steps 2 and 3 select from the graph: every label's active neighbours rank right after the labels
+    for step in (2, 3):
+        labels = global_batch(step)[1].numpy()
+        act = a0[step]
+        nb = set(ref.neighbours[labels].reshape(-1).tolist()) - set(labels.tolist())
+        after = act[len(set(labels.tolist())):]
+        assert set(after[: min(len(nb), M - len(set(labels.tolist())))].tolist()) <= nb, step
+    # one process with the global batch: the same run
+    state, actives = train_sharded(v, 0, 1, str(tmp_path / "one"))
+    for a, b in zip(actives[:-1], a0):
+        np.testing.assert_array_equal(a, b)
+    W1 = np.load(tmp_path / "one" / read_manifest(str(tmp_path / "one"))["files"]["W"])
+    W2 = np.load(os.path.join(snaps[v.name], read_manifest(snaps[v.name])["files"]["W"]))
+    np.testing.assert_allclose(W2, W1, rtol=1e-5, atol=1e-6 * np.abs(W1).max())
+    for name, p in state.items():
+        torch.testing.assert_close(s0[name], p, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _stub(rank: int, world: int) -> types.SimpleNamespace:
+    """A rank's view for restoring rows without a process group (each rank reads its own range)."""
+    return types.SimpleNamespace(rank=rank, world_size=world, distributed=False)
+
+
+def test_a_sharded_snapshot_restores_in_a_local_store_and_on_1_and_3_ranks(two_ranks) -> None:
+    _, snaps = two_ranks
+    path = snaps["exact_plain_lazy"]                          # lazy: W and momentum
+    man = read_manifest(path)
+    assert set(man["files"]) == {"W", "momentum"} and man["crc32"]
+    cfg = config(Variant("x", momentum_rule="lazy"), "local")
+    store = open_store(store_spec(cfg, K), restore=path)
+    W = store.pull(np.arange(K))
+    mom = store.pull(np.arange(K), matrix="momentum")
+    assert store.step == STEPS
+    store.close()
+    opt = SGDConfig(sparse_momentum="lazy")
+    for R in (1, 3):
+        parts = []
+        for r in range(R):
+            rows = ShardedRows(K, D, _stub(r, R), torch.device("cpu"), opt, seed=5)
+            rows.restore(path)
+            assert (rows.lo, rows.hi) == shard_range(K, R, r) and rows.step == STEPS
+            parts.append((rows.W.numpy(), rows.M.numpy()))
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), W)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), mom)
+
+
+def test_a_store_snapshot_restores_sharded(tmp_path) -> None:
+    cfg = config(Variant("x", momentum_rule="lazy"), "local")
+    store = open_store(store_spec(cfg, K))
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        ids = rng.choice(K, 10, replace=False)
+        store.push(ids, rng.standard_normal((10, D)).astype(np.float32), step, 0.1)
+    store.snapshot(str(tmp_path / "snap"))
+    W, mom = store.pull(np.arange(K)), store.pull(np.arange(K), matrix="momentum")
+    store.close()
+    assert np.abs(mom).max() > 0
+    parts = []
+    for r in range(2):
+        rows = ShardedRows(K, D, _stub(r, 2), torch.device("cpu"), SGDConfig(sparse_momentum="lazy"), seed=5)
+        rows.restore(str(tmp_path / "snap"))
+        parts.append((rows.W.numpy(), rows.M.numpy(), rows.step))
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), W)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), mom)
+    assert parts[0][2] == parts[1][2] == 3
+    # a corrupt file is refused before a row is replaced
+    f = tmp_path / "snap" / read_manifest(str(tmp_path / "snap"))["files"]["W"]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    rows = ShardedRows(K, D, _stub(0, 2), torch.device("cpu"), SGDConfig(sparse_momentum="lazy"), seed=5)
+    before = rows.W.clone()
+    with pytest.raises(Exception, match="checksum"):
+        rows.restore(str(tmp_path / "snap"))
+    torch.testing.assert_close(rows.W, before, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Through hfsoftmax.train: checkpoints, resume on another number of ranks and in another store.
+
+TINY = ["data.num_classes=41", "data.samples_per_class=4", "data.image_size=16", "data.val_identities=10",
+        "data.val_pairs=20", "data.val_samples=0", "model.feature_dim=16", "model.norm=group",
+        "train.progress=false", "train.log_every=1", "optim.lr=0.05", "optim.warmup_steps=2",
+        "head.name=hf", "head.index=exact", "head.num_active=12", "head.candidates=4", "head.margin=cosface",
+        "head.scale=8", "head.margin_m=0.2", "train.deterministic=true"]
+
+
+def _train_rank(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    from hfsoftmax.config import load_config
+    from hfsoftmax.train import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(load_config(None, overrides))
+
+
+def _run(out, *overrides: str) -> None:
+    from hfsoftmax.config import load_config
+    from hfsoftmax.train import train
+
+    train(load_config(None, TINY + [f"train.out_dir={out}", *overrides]))
+
+
+def _final(out) -> tuple[dict, np.ndarray]:
+    ck = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    snap = out / ck["store_snapshot"]
+    W = np.load(snap / read_manifest(str(snap))["files"]["W"])
+    return ck["model"], W
+
+
+def test_sharded_training_resumes_exactly_on_other_ranks_and_in_a_local_store(tmp_path) -> None:
+    two = tmp_path / "two"
+    mp.spawn(_train_rank, args=(2, free_port(), TINY + [
+        "store.kind=sharded", "train.batch_size=4", "train.steps=6", "train.ckpt_every=3", "train.keep_every=3",
+        f"train.out_dir={two}"]), nprocs=2, join=True)
+    m2, W2 = _final(two)
+    assert read_manifest(str(two / "store_00000006"))["step"] == 6
+    # one process, the same global batch, from the 2-rank step-3 checkpoint: sharded, then a local store
+    for kind in ("sharded", "local"):
+        _run(tmp_path / kind, f"store.kind={kind}", "train.batch_size=8", "train.steps=6",
+             f"train.resume={two / 'ckpt_00000003.pt'}")
+        m1, W1 = _final(tmp_path / kind)
+        np.testing.assert_allclose(W1, W2, rtol=1e-5, atol=1e-6 * np.abs(W2).max(), err_msg=kind)
+        for k in m2:
+            torch.testing.assert_close(m1[k], m2[k], rtol=1e-4, atol=1e-5, msg=f"{kind}: {k}")
+    # ...and one process, 6 steps straight, equals 3 + a resumed 3, bitwise
+    _run(tmp_path / "a", "store.kind=sharded", "train.batch_size=8", "train.steps=6", "train.ckpt_every=3",
+         "train.keep_every=3")
+    _run(tmp_path / "b", "store.kind=sharded", "train.batch_size=8", "train.steps=6",
+         f"train.resume={tmp_path / 'a' / 'ckpt_00000003.pt'}")
+    (ma, Wa), (mb, Wb) = _final(tmp_path / "a"), _final(tmp_path / "b")
+    np.testing.assert_array_equal(Wa, Wb)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    snap3 = tmp_path / "a" / "store_00000003"
+    W3 = np.load(snap3 / read_manifest(str(snap3))["files"]["W"])
+    assert np.abs(W3 - Wa).max() > 1e-4                       # the last 3 steps moved W (not vacuous)
