@@ -11,7 +11,9 @@
 # runs, and stops it when training ends, fails or is interrupted. store.kind=local runs without
 # any server (the store inside the single training process); store.kind=sharded splits the class
 # matrix by rows across the training ranks' devices (model-parallel, no server).
-# Env: CONFIG=path.yaml, NPROC=N processes (default: one per GPU, else 1), PYTHON=interpreter.
+# Env: CONFIG=path.yaml, NPROC=N processes per node (default: one per GPU, else 1), PYTHON=interpreter;
+# several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or RDZV_ENDPOINT), run on every node
+# (scripts/_launch_args.sh), with NODE_ADDRS and PARAMSERVER_TOKEN for a server shard per node.
 set -eu
 CALLER_DIR=$(pwd)
 cd "$(dirname "$0")/.."
@@ -26,15 +28,16 @@ OUT_DIR=$(printf '%s\n' "$RESOLVED" | sed -n 3p)
 
 # exec: the trainer replaces the (sub)shell running this, so its pid is the trainer's own.
 run_trainer() {
-  if [ "$NPROC" -gt 1 ]; then
-    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m hfsoftmax.train --config "$CONFIG" "$@"
+  if [ "$WORLD" -gt 1 ]; then
+    # shellcheck disable=SC2086
+    exec "$PY" -m torch.distributed.run $TORCHRUN -m hfsoftmax.train --config "$CONFIG" "$@"
   else
     exec "$PY" -m hfsoftmax.train --config "$CONFIG" "$@"
   fi
 }
 
 if [ "$KIND" = "local" ]; then
-  if [ "$NPROC" -gt 1 ]; then
+  if [ "$WORLD" -gt 1 ]; then
     echo "error: store.kind=local keeps the class matrix inside one process; use NPROC=1 or a parameter server" >&2
     exit 2
   fi
@@ -44,7 +47,7 @@ if [ "$KIND" = "local" ]; then
 fi
 
 if [ "$KIND" = "sharded" ]; then
-  echo "store: sharded by rows across the $NPROC training rank(s) (no parameter server)"
+  echo "store: sharded by rows across the $WORLD training rank(s) (no parameter server)"
   run_trainer "$@"
   exit $?
 fi
@@ -56,15 +59,44 @@ if [ -n "$ADDRESS" ]; then
 fi
 
 # Start our own server. Its arguments come from the resolved config so the store matches the run.
-SERVER_ARGS=$("$PY" -m hfsoftmax.launch server-args --num-clients "$NPROC" --config "$CONFIG" "$@")
+# Several nodes: each node serves shard NODE_RANK of NNODES at NODE_ADDRS[NODE_RANK]:PS_PORT+NODE_RANK
+# (NODE_ADDRS: the nodes' addresses, comma-separated, the same list on every node), every rank uses
+# all the shards, and PARAMSERVER_TOKEN (the same secret on every node) guards them.
+SERVER_ARGS=$("$PY" -m hfsoftmax.launch server-args --num-clients "$WORLD" --config "$CONFIG" "$@")
 mkdir -p "$OUT_DIR"
-READY="$OUT_DIR/paramserver.addr"
-LOG="$OUT_DIR/paramserver.log"
-TOKEN=$("$PY" -c "import secrets; print(secrets.token_hex(16))")
+if [ "$NNODES" -gt 1 ]; then
+  if [ -z "${NODE_ADDRS:-}" ] || [ -z "${PARAMSERVER_TOKEN:-}" ]; then
+    echo "error: NNODES=$NNODES with a parameter server needs NODE_ADDRS=host0,host1,... (every node's address, in node order) and PARAMSERVER_TOKEN (the same secret on every node); or store.address=..., or store.kind=sharded" >&2
+    exit 2
+  fi
+  PS_PORT=${PS_PORT:-29600}
+  BIND=""
+  ADDRESS=""
+  i=0
+  for host in $(printf '%s\n' "$NODE_ADDRS" | tr ',' ' '); do
+    ADDRESS="${ADDRESS:+$ADDRESS,}tcp://$host:$((PS_PORT + i))"
+    if [ $i -eq "$NODE_RANK" ]; then BIND="tcp://$host:$((PS_PORT + i))"; fi
+    i=$((i + 1))
+  done
+  if [ $i -ne "$NNODES" ] || [ -z "$BIND" ]; then
+    echo "error: NODE_ADDRS lists $i address(es), NNODES=$NNODES (NODE_RANK=$NODE_RANK)" >&2
+    exit 2
+  fi
+  SHARD="--shard $NODE_RANK/$NNODES"
+  READY="$OUT_DIR/paramserver-$NODE_RANK.addr"
+  LOG="$OUT_DIR/paramserver-$NODE_RANK.log"
+  TOKEN=$PARAMSERVER_TOKEN
+else
+  BIND="tcp://127.0.0.1:0"
+  SHARD=""
+  READY="$OUT_DIR/paramserver.addr"
+  LOG="$OUT_DIR/paramserver.log"
+  TOKEN=$("$PY" -c "import secrets; print(secrets.token_hex(16))")
+fi
 rm -f "$READY"
 # shellcheck disable=SC2086
-PARAMSERVER_TOKEN="$TOKEN" "$PY" paramserver/paramserver.py --bind "tcp://127.0.0.1:0" --ready-file "$READY" \
-  --no-final-snapshot $SERVER_ARGS >"$LOG" 2>&1 &
+PARAMSERVER_TOKEN="$TOKEN" "$PY" paramserver/paramserver.py --bind "$BIND" --ready-file "$READY" \
+  --no-final-snapshot $SHARD $SERVER_ARGS >"$LOG" 2>&1 &
 PS_PID=$!
 cleanup() {
   if kill -0 "$PS_PID" 2>/dev/null; then
@@ -92,8 +124,12 @@ while [ ! -s "$READY" ]; do
   fi
   sleep 0.1
 done
-ADDRESS=$(cat "$READY")
-echo "store: parameter server started at $ADDRESS (pid $PS_PID, log $LOG)"
+if [ "$NNODES" -gt 1 ]; then
+  echo "store: parameter server shard $NODE_RANK/$NNODES started at $(cat "$READY") (pid $PS_PID, log $LOG); all shards: $ADDRESS"
+else
+  ADDRESS=$(cat "$READY")
+  echo "store: parameter server started at $ADDRESS (pid $PS_PID, log $LOG)"
+fi
 set +e
 # The token reaches the trainer through the environment, not its command line (ps shows that).
 export PARAMSERVER_TOKEN="$TOKEN"
@@ -115,6 +151,6 @@ trap 'stop_all; exit 143' TERM
 wait "$TRAINER_PID"
 STATUS=$?
 set -e
-if [ "$NPROC" -gt 1 ] && [ -s "$HFSOFTMAX_ERROR_FILE" ]; then cat "$HFSOFTMAX_ERROR_FILE" >&2; fi   # a rank's one-line error, last
+if [ "$WORLD" -gt 1 ] && [ -s "$HFSOFTMAX_ERROR_FILE" ]; then cat "$HFSOFTMAX_ERROR_FILE" >&2; fi   # a rank's one-line error, last
 rm -f "$HFSOFTMAX_ERROR_FILE"
 exit $STATUS
