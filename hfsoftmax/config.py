@@ -160,7 +160,7 @@ class TrainConfig:
 
 @dataclass
 class StoreConfig:
-    kind: str = "local"            # local (in-process) | remote (parameter server) | sharded (rows across the ranks)
+    kind: str = "local"            # local (in-process) | remote (server) | sharded (rows across the ranks) | auto
     address: str = ""              # remote: comma-separated shard addresses tcp://host:port
     token: str = ""                # prefer $PARAMSERVER_TOKEN or token_file: never saved in run artifacts
     token_file: str = ""           # a file (mode 0600) holding the token
@@ -344,7 +344,7 @@ _CHOICES = {
     "head.index": ("auto", "forest", "ivf", "graph", "hnsw", "exact", "random"),
     "optim.schedule": ("constant", "step", "cosine"),
     "optim.sparse_momentum": ("lazy", "unrolled"),
-    "store.kind": ("local", "remote", "sharded"),
+    "store.kind": ("local", "remote", "sharded", "auto"),
     "model.norm": ("batch", "group"),
 }
 

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("server-args", "get"))
     p.add_argument("--config", default=None)
     p.add_argument("--num-clients", type=int, default=1)
+    p.add_argument("--world", type=int, default=1, help="ranks of the run (resolves store.kind=auto)")
     p.add_argument("rest", nargs="*", help="for get: the KEYs first; then key=value overrides")
     a = p.parse_intermixed_args(argv)
     try:
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         while a.what == "get" and rest and "=" not in rest[0]:
             keys.append(rest.pop(0))
         cfg = load_config(a.config, rest)
+        if a.what == "get" and "store.kind" in keys and cfg.store.kind == "auto" and cfg.head.name in ("hf", "random"):
+            from .heads.sharded import resolve_store_kind
+            cfg.store.kind, why = resolve_store_kind(cfg, num_classes_of(cfg), a.world)
+            print(f"store.kind=auto: {cfg.store.kind}: {why}", file=sys.stderr)
         if a.what == "get":
             for key in keys:
                 value: object = cfg

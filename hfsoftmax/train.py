@@ -214,6 +214,23 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
     return train_set, int(train_set.num_classes), ver
 
 
+def resolve_store(cfg: Config, num_classes: int, info: hdist.DistInfo) -> None:
+    """``store.kind=auto`` -> local, remote or sharded (:func:`hfsoftmax.heads.sharded.choose_store_kind`),
+    logged with the reason. The full softmax keeps W replicated in the module (``auto``: local)."""
+    from .heads.sharded import resolve_store_kind
+
+    if cfg.head.name not in ("hf", "random"):
+        cfg.store.kind = "local"
+        return
+    kind, why = resolve_store_kind(cfg, num_classes, info.world_size, info.device)
+    if kind == "remote" and not cfg.store.address:
+        raise ConfigError(f"store.kind=auto chose a parameter server ({why}); scripts/train_hf.sh starts one, "
+                          f"or give store.address=tcp://host:port")
+    if info.is_main:
+        logger.info("store.kind=auto: %s (%s)", kind, why)
+    cfg.store.kind = kind
+
+
 def build_store(cfg: Config, num_classes: int, info: hdist.DistInfo) -> Any:
     """The parameter store behind a selective head (None for heads that keep W on the device)."""
     if cfg.head.name not in ("hf", "random") or cfg.store.kind == "sharded":
@@ -420,6 +437,8 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
         load_pretrained(backbone, cfg.model.pretrained)
     if info.distributed and cfg.model.sync_bn and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    if cfg.store.kind == "auto":
+        resolve_store(cfg, num_classes, info)
     store = build_store(cfg, num_classes, info)
     if cfg.store.kind == "sharded":            # W split by rows across the ranks' devices
         from .heads.sharded import make_sharded_head

@@ -21,7 +21,7 @@ SYNTHETIC_CONFIG=configs/synthetic_hf.yaml
 DATASET_CONFIG=configs/faces_hf.yaml
 . scripts/_launch_args.sh
 
-RESOLVED=$("$PY" -m hfsoftmax.launch get store.kind store.address train.out_dir --config "$CONFIG" "$@")
+RESOLVED=$("$PY" -m hfsoftmax.launch get --world "$WORLD" store.kind store.address train.out_dir --config "$CONFIG" "$@")
 KIND=$(printf '%s\n' "$RESOLVED" | sed -n 1p)
 ADDRESS=$(printf '%s\n' "$RESOLVED" | sed -n 2p)
 OUT_DIR=$(printf '%s\n' "$RESOLVED" | sed -n 3p)
@@ -42,13 +42,13 @@ if [ "$KIND" = "local" ]; then
     exit 2
   fi
   echo "store: in-process (no parameter server)"
-  run_trainer "$@"
+  run_trainer "$@" store.kind=local
   exit $?
 fi
 
 if [ "$KIND" = "sharded" ]; then
   echo "store: sharded by rows across the $WORLD training rank(s) (no parameter server)"
-  run_trainer "$@"
+  run_trainer "$@" store.kind=sharded
   exit $?
 fi
 

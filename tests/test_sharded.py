@@ -335,3 +335,39 @@ def test_sharded_training_resumes_exactly_on_other_ranks_and_in_a_local_store(tm
     snap3 = tmp_path / "a" / "store_00000003"
     W3 = np.load(snap3 / read_manifest(str(snap3))["files"]["W"])
     assert np.abs(W3 - Wa).max() > 1e-4                       # the last 3 steps moved W (not vacuous)
+
+
+def test_store_kind_auto_picks_the_home_of_w_and_says_why() -> None:
+    from hfsoftmax.heads.sharded import choose_store_kind
+
+    GiB = 2**30
+    # 1M x 256 fp32 = 1 GiB; over 8 ranks of 80 GiB GPUs: sharded
+    kind, why = choose_store_kind("", "cuda", 80 * GiB, 1_000_000, 256, False, 8)
+    assert kind == "sharded" and "GiB per rank" in why
+    # 100M x 512 with a momentum buffer (400 GB) over 8 x 80 GiB: the server
+    kind, why = choose_store_kind("", "cuda", 80 * GiB, 100_000_000, 512, True, 8)
+    assert kind == "remote" and "more than 40%" in why
+    assert choose_store_kind("", "cuda", 80 * GiB, 100_000_000, 512, True, 1)[0] == "local"
+    assert choose_store_kind("", "cpu", 0, 1000, 64, False, 2)[0] == "remote"       # CPU training
+    assert choose_store_kind("", "cpu", 0, 1000, 64, False, 1)[0] == "local"
+    kind, why = choose_store_kind("tcp://h:1", "cuda", 80 * GiB, 1000, 64, False, 8)  # a shared server
+    assert kind == "remote" and "tcp://h:1" in why
+
+
+def test_store_kind_auto_through_the_launcher_and_the_trainer(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from hfsoftmax.config import load_config
+    from hfsoftmax.train import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "hfsoftmax.launch", "get", "--world", "2", "store.kind",
+                        "train.device=cpu", "store.kind=auto", "head.name=hf"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "remote" and "store.kind=auto: remote" in r.stderr
+    res = train(load_config(None, TINY + ["store.kind=auto", "train.steps=2", "train.batch_size=8",
+                                          f"train.out_dir={tmp_path}"]))
+    assert res["steps"] == 2
+    cfg = load_config(str(tmp_path / "config.yaml"), [])
+    assert cfg.store.kind == "auto"      # the saved config is the user's; the log says what auto chose

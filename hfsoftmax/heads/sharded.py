@@ -685,3 +685,44 @@ def make_sharded_head(cfg: Any, num_classes: int, device: torch.device, *, rank:
     return ShardedSoftmax(rows, M, margin=rule.kind, scale=rule.scale, margin_m=rule.m, index=index,
                           candidates=int(h.candidates), seed=int(cfg.train.seed), degree=int(h.degree),
                           nlist=int(h.nlist), rebuild_every=int(h.rebuild_every))
+
+
+# --------------------------------------------------------------------------------------------- #
+# store.kind=auto: which home of W.
+
+SHARDED_MEMORY_SHARE = 0.4   # W and its state may take this share of a GPU; the backbone needs the rest
+
+
+def choose_store_kind(address: str, device_type: str, gpu_bytes: int, num_classes: int, dim: int,
+                      has_buffer: bool, world_size: int) -> tuple[str, str]:
+    """``store.kind=auto``: (kind, why). Sharded when the ranks train on CUDA and each rank's rows of W
+    (with the momentum buffer, if the SGD rule keeps one) take at most SHARDED_MEMORY_SHARE of its
+    GPU; otherwise the parameter server (remote, or in-process with one rank), which also serves
+    CPU training and several jobs sharing one W (a ``store.address`` given)."""
+    per_rank = 4 * num_classes * dim * (2 if has_buffer else 1) / max(1, world_size)
+    server = "local" if world_size == 1 else "remote"
+    if address:
+        return "remote", f"store.address is given ({address}): W lives in that parameter server"
+    if device_type != "cuda":
+        return server, f"the ranks train on {device_type}: W stays on the hosts (parameter server)"
+    if per_rank > SHARDED_MEMORY_SHARE * gpu_bytes:
+        return server, (f"W and its state need {per_rank / 2**30:.1f} GiB per rank over {world_size} rank(s), more "
+                        f"than {SHARDED_MEMORY_SHARE:.0%} of a GPU's {gpu_bytes / 2**30:.0f} GiB: W stays on the "
+                        f"hosts (parameter server)")
+    return "sharded", (f"W and its state take {per_rank / 2**30:.2f} GiB per rank over {world_size} rank(s), at most "
+                       f"{SHARDED_MEMORY_SHARE:.0%} of a GPU's {gpu_bytes / 2**30:.0f} GiB: W sharded in the GPUs' memory")
+
+
+def resolve_store_kind(cfg: Any, num_classes: int, world_size: int, device: Optional[torch.device] = None
+                       ) -> tuple[str, str]:
+    """:func:`choose_store_kind` for a run's config (the device from ``train.device``, or the one given)."""
+    if cfg.store.kind != "auto":
+        return cfg.store.kind, "store.kind"
+    if device is None:
+        want = cfg.train.device
+        device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else
+                              ("cpu" if want == "auto" else want))
+    gpu = torch.cuda.get_device_properties(device.index or 0).total_memory if device.type == "cuda" else 0
+    has_buffer = cfg.optim.sparse_momentum == "lazy" and cfg.optim.momentum != 0
+    return choose_store_kind(cfg.store.address, device.type, int(gpu), num_classes, int(cfg.model.feature_dim),
+                             has_buffer, world_size)
