@@ -371,3 +371,31 @@ def test_store_kind_auto_through_the_launcher_and_the_trainer(tmp_path) -> None:
     assert res["steps"] == 2
     cfg = load_config(str(tmp_path / "config.yaml"), [])
     assert cfg.store.kind == "auto"      # the saved config is the user's; the log says what auto chose
+
+
+def test_a_two_shard_server_snapshot_restores_sharded(tmp_path) -> None:
+    """Two server shards (rows [0, 31) and [31, 63)) snapshot into shard-III-of-SSS directories; 3 ranks
+    read their rows across the shard boundary."""
+    from paramserver.snapshot import shard_dir
+
+    cfg = config(Variant("x", momentum_rule="lazy"), "local")
+    W, mom = [], []
+    for i in range(2):
+        spec = dataclasses.replace(store_spec(cfg, K), shard=(i, 2))
+        store = open_store(spec)
+        lo, hi = shard_range(K, 2, i)
+        ids = np.arange(lo, hi)
+        store.push(ids[:5], np.ones((5, D), dtype=np.float32), 0, 0.1)
+        store.snapshot(shard_dir(str(tmp_path / "snap"), i, 2))
+        W.append(store.pull(ids))
+        mom.append(store.pull(ids, matrix="momentum"))
+        store.close()
+    W, mom = np.concatenate(W), np.concatenate(mom)
+    parts = []
+    for r in range(3):
+        rows = ShardedRows(K, D, _stub(r, 3), torch.device("cpu"), SGDConfig(sparse_momentum="lazy"), seed=5)
+        rows.restore(str(tmp_path / "snap"))
+        parts.append((rows.W.numpy(), rows.M.numpy()))
+        assert rows.step == 1
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), W)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), mom)

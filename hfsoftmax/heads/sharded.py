@@ -27,6 +27,7 @@ sharded.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from paramserver import snapshot as snap
 from paramserver.api import BadRequestError
 from paramserver.optim import SGDConfig
-from paramserver.store import init_rows
+from paramserver.store import init_rows, shard_ranges
 
 from .base import ClassifierHead
 from .collective import HeadComm
@@ -54,8 +55,8 @@ SHARDED_INDEXES = ("random", "exact", "graph")
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rows [lo, hi) of rank ``rank``: contiguous ranges whose sizes differ by at most one."""
-    return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+    """Rows [lo, hi) of rank ``rank``: the parameter server's shard ranges (sizes differ by at most one)."""
+    return shard_ranges(num_classes, world_size)[rank]
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -226,43 +227,71 @@ class ShardedRows:
         return box[0]
 
     def restore(self, path: str) -> dict[str, Any]:
-        """Every rank: load its rows of snapshot ``path`` (a store's, a server's single shard, or a
-        sharded run's); checks K, d and the checksums (rank 0) before any row is replaced."""
-        path = snap.resolve_snapshot(path) if os.path.isdir(path) and not snap.is_snapshot(path) else path
-        man = snap.read_manifest(path)
-        if (int(man["total_classes"]) != self.num_classes or int(man["num_classes"]) != self.num_classes
-                or int(man["dim"]) != self.dim or man["dtype"] != "float32"):
-            raise BadRequestError(f"snapshot {path}: holds {man['num_classes']} of {man['total_classes']} rows x "
-                                  f"{man['dim']} ({man['dtype']}); the sharded store needs all {self.num_classes} "
-                                  f"rows x {self.dim} in float32")
+        """Every rank: load its rows of snapshot ``path``: a store's, a sharded run's, or a parameter
+        server's with one shard or several (``shard-III-of-SSS`` directories, rows by class range).
+        Checks K, d and the steps (every rank) and the checksums (rank 0) before a row is replaced.
+        Returns the (first) manifest."""
+        parts = self._parts(path)
         err = ""
         if self.comm.rank == 0:
             try:
-                for m in man["files"]:
-                    f = os.path.join(path, man["files"][m])
-                    snap.check_array_file(f, (self.num_classes, self.dim), np.dtype(np.float32))
-                    want = (man.get("crc32") or {}).get(m)
-                    if want is not None and snap.file_crc32(f) != want:
-                        raise BadRequestError(f"snapshot {path}: {man['files'][m]} does not match its checksum")
+                for d, man in parts:
+                    for m, name in man["files"].items():
+                        f = os.path.join(d, name)
+                        snap.check_array_file(f, (int(man["num_classes"]), self.dim), np.dtype(np.float32))
+                        want = (man.get("crc32") or {}).get(m)
+                        if want is not None and snap.file_crc32(f) != want:
+                            raise BadRequestError(f"snapshot {d}: {name} does not match its checksum")
             except (BadRequestError, OSError, ValueError) as e:
                 err = str(e) or type(e).__name__
         err = self._bcast(err) or ""
         if err:
             raise BadRequestError(err)
+        man = parts[0][1]
         saved = SGDConfig.from_dict(man["optimizer"])
         if saved.sparse_momentum != self.opt.sparse_momentum or saved.momentum != self.opt.momentum:
             logger.warning("snapshot %s was trained with %s; this run continues with %s", path, saved.to_dict(),
                            self.opt.to_dict())
-        rows = np.load(os.path.join(path, man["files"]["W"]), mmap_mode="r")[self.lo:self.hi]
-        self.W.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
-        if self.M is not None:
-            if "momentum" in man["files"]:
-                mom = np.load(os.path.join(path, man["files"]["momentum"]), mmap_mode="r")[self.lo:self.hi]
-                self.M.copy_(torch.from_numpy(np.ascontiguousarray(mom)))
-            else:
-                self.M.zero_()
+        W = np.empty((self.hi - self.lo, self.dim), dtype=np.float32)
+        M = np.zeros_like(W) if self.M is not None else None
+        for d, pm in parts:                      # the parts overlapping this rank's rows [lo, hi)
+            off, n = int(pm["class_offset"]), int(pm["num_classes"])
+            a, b = max(self.lo, off), min(self.hi, off + n)
+            if a >= b:
+                continue
+            W[a - self.lo:b - self.lo] = np.load(os.path.join(d, pm["files"]["W"]), mmap_mode="r")[a - off:b - off]
+            if M is not None and "momentum" in pm["files"]:
+                M[a - self.lo:b - self.lo] = np.load(os.path.join(d, pm["files"]["momentum"]),
+                                                     mmap_mode="r")[a - off:b - off]
+        self.W.copy_(torch.from_numpy(W))
+        if self.M is not None and M is not None:
+            self.M.copy_(torch.from_numpy(M))
         self.step = int(man["step"])
         return man
+
+    def _parts(self, path: str) -> list[tuple[str, dict[str, Any]]]:
+        """(directory, manifest) of each part of snapshot ``path``, by class range; checked to tile
+        [0, K) with rows of this d in float32, all at one step."""
+        shards = sorted(glob.glob(os.path.join(path, "shard-[0-9][0-9][0-9]-of-[0-9][0-9][0-9]")))
+        if not snap.is_snapshot(path) and shards:
+            parts = [(d, snap.read_manifest(d)) for d in shards]
+        else:
+            path = snap.resolve_snapshot(path) if os.path.isdir(path) and not snap.is_snapshot(path) else path
+            parts = [(path, snap.read_manifest(path))]
+        parts.sort(key=lambda p: int(p[1]["class_offset"]))
+        at = 0
+        for d, man in parts:
+            if (int(man["total_classes"]) != self.num_classes or int(man["class_offset"]) != at
+                    or int(man["dim"]) != self.dim or man["dtype"] != "float32"
+                    or int(man["step"]) != int(parts[0][1]["step"])):
+                raise BadRequestError(f"snapshot {d}: holds rows [{man['class_offset']}, +{man['num_classes']}) of "
+                                      f"{man['total_classes']} x {man['dim']} ({man['dtype']}) at step {man['step']}; "
+                                      f"the sharded store needs all {self.num_classes} rows x {self.dim} in float32, "
+                                      f"its parts at one step")
+            at += int(man["num_classes"])
+        if at != self.num_classes:
+            raise BadRequestError(f"snapshot {path}: its parts hold {at} of {self.num_classes} rows")
+        return parts
 
 
 # --------------------------------------------------------------------------------------------- #
