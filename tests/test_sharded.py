@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 
@@ -399,3 +400,26 @@ def test_a_two_shard_server_snapshot_restores_sharded(tmp_path) -> None:
         assert rows.step == 1
     np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), W)
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), mom)
+
+
+def test_sharded_hf_with_the_graph_resumes_exactly(tmp_path) -> None:
+    """T = 2: graphs built at steps 0, 2, 4, live from 2 and 4. A checkpoint at step 3 holds the live
+    graph and the pending build (from step 2's rows), so 3 + a resumed 3 steps equal 6, bitwise."""
+    g = ["head.index=graph", "head.rebuild_every=2", "head.degree=4", "head.nlist=4", "train.batch_size=8",
+         "train.steps=6", "store.kind=sharded"]
+    _run(tmp_path / "a", *g, "train.ckpt_every=3", "train.keep_every=3")
+    _run(tmp_path / "b", *g, f"train.resume={tmp_path / 'a' / 'ckpt_00000003.pt'}")
+    snap3 = tmp_path / "a" / "store_00000003"
+    meta = json.loads((snap3 / "graph.json").read_text())
+    assert meta["live_since"] == 2 and meta["started"] == 2 and meta["pending"]
+    (ma, Wa), (mb, Wb) = _final(tmp_path / "a"), _final(tmp_path / "b")
+    np.testing.assert_array_equal(Wa, Wb)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    # without the pending graph the resumed run selects differently from step 4 on (not vacuous)
+    (snap3 / "graph_pending.npy").unlink()
+    meta["pending"] = False
+    (snap3 / "graph.json").write_text(json.dumps(meta))
+    _run(tmp_path / "c", *g, f"train.resume={tmp_path / 'a' / 'ckpt_00000003.pt'}")
+    _, Wc = _final(tmp_path / "c")
+    assert not np.array_equal(Wa, Wc)

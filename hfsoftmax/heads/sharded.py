@@ -28,6 +28,7 @@ sharded.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import math
 import os
@@ -183,10 +184,11 @@ class ShardedRows:
                 "step": self.step, "optimizer": self.opt.to_dict(), "init": self.init_desc,
                 "files": snap.matrix_files(self._matrices()), "created_unix": time.time()}
 
-    def snapshot(self, path: str) -> None:
+    def snapshot(self, path: str, extra: Optional[dict[str, Any]] = None) -> None:
         """Every rank: write the snapshot directory ``path`` (atomic, as a store writes it); rank 0
         creates each file at its full size, every rank writes its rows into it, rank 0 checksums them
-        and writes the manifest last."""
+        and writes the manifest last. ``extra`` (rank 0): more files inside it, ``name: array`` as
+        ``name.npy``, ``name: dict`` as ``name.json`` (a store reads only its manifest's files)."""
         comm = self.comm
         if comm.rank != 0:
             tmp = self._bcast(None)
@@ -202,6 +204,12 @@ class ShardedRows:
             self._bcast(tmp)
             self._write_rows(tmp)
             self._barrier()                   # every rank's rows are in
+            for name, value in (extra or {}).items():
+                if isinstance(value, np.ndarray):
+                    np.save(os.path.join(tmp, f"{name}.npy"), value)
+                else:
+                    with open(os.path.join(tmp, f"{name}.json"), "w", encoding="utf-8") as f:
+                        json.dump(value, f)
             man["crc32"] = {m: snap.file_crc32(os.path.join(tmp, f)) for m, f in man["files"].items()}
             snap.write_manifest(tmp, man)
         logger.info("sharded snapshot of step %d written to %s (%.1f MB)", self.step, path,
@@ -398,6 +406,47 @@ class RanksGraph:
         self.graph = g.numpy().astype(np.int64)
         self.live_since = step
         self.builds += 1
+
+    def state(self) -> dict[str, Any]:
+        """Rank 0: what a resumed run needs to select exactly as this one: the live graph and the
+        pending build's result (waited for here: it depends only on the rows of its start step, which
+        a snapshot of a later step no longer holds); {} elsewhere."""
+        if self.comm.rank != 0:
+            return {}
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+        if time.perf_counter() - t0 > 0.05:
+            logger.info("checkpoint: waited %.2f s for the class graph being built (saved with the snapshot, so "
+                        "that a resumed run selects as this one)", time.perf_counter() - t0)
+        pending = self._box.get("graph")
+        out: dict[str, Any] = {"graph": {"degree": self.degree, "live_since": self.live_since, "builds": self.builds,
+                                         "started": self._started, "pending": pending is not None}}
+        if self.graph is not None:
+            out["graph_live"] = self.graph.astype(np.int32)
+        if pending is not None:
+            out["graph_pending"] = np.asarray(pending, dtype=np.int32)
+        return out
+
+    def load_state(self, path: str) -> None:
+        """Every rank: the graph state a sharded snapshot holds (none in a server's: the graph then
+        starts afresh, random fill until its first build goes live)."""
+        meta_path = os.path.join(path, "graph.json")
+        if not os.path.isfile(meta_path):
+            logger.info("snapshot %s holds no class graph: random fill until the first build goes live", path)
+            return
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if int(meta["degree"]) != self.degree:
+            logger.warning("snapshot %s holds a class graph of degree %s, this run asks for %d: rebuilt afresh",
+                           path, meta["degree"], self.degree)
+            return
+        if meta["live_since"] is not None:
+            self.graph = np.load(os.path.join(path, "graph_live.npy")).astype(np.int64)
+        self.live_since, self.builds, self._started = meta["live_since"], int(meta["builds"]), meta["started"]
+        self._thread = None
+        self._box = {"graph": np.load(os.path.join(path, "graph_pending.npy"))} \
+            if meta["pending"] and self.comm.rank == 0 else {}
 
     def candidates(self, feats: torch.Tensor, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The neighbours of each sample's label [N, degree] and their scores against the sample's
@@ -652,13 +701,21 @@ class ShardedSoftmax(ClassifierHead):
     def snapshot(self, path: str, prune_keep: Any = None) -> None:
         """Every rank: W (and momentum) into the store snapshot ``path``; then rank 0 removes its older
         ``store_NNNNNNNN`` siblings but ``prune_keep`` and the newest older one (as a store does)."""
-        self.rows.snapshot(path)
+        extra = None
+        if self.graph is not None:
+            from ..dist import wait_for_main
+            extra = self.graph.state()          # rank 0 may wait for a running build ...
+            wait_for_main()                     # ... the others in a barrier that outlasts it
+        self.rows.snapshot(path, extra)
         if prune_keep is not None and self.comm.rank == 0:
             snap.prune_snapshots(os.path.abspath(path), set(prune_keep), keep_previous=True)
 
     def restore(self, path: str) -> None:
-        """Every rank: this rank's rows from the store snapshot ``path``."""
+        """Every rank: this rank's rows from the store snapshot ``path`` (and the class graph's state,
+        when a sharded run wrote it)."""
         self.rows.restore(path)
+        if self.graph is not None:
+            self.graph.load_state(path)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_active": self.num_active}
