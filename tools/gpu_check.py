@@ -738,6 +738,56 @@ def check_uint8_workers(ctx: Ctx) -> str:
 
 # --------------------------------------------------------------------------------------------- #
 
+# --------------------------------------------------------------------------------------------- #
+# 12. W sharded on this device (store.kind=sharded, one rank): the same steps as on the CPU.
+
+def check_sharded(ctx: Ctx) -> str:
+    """Sharded HF (exact index, CosFace) on this device equals the CPU run step by step; its logits
+    and loss stay fp32 under low-precision autocast; the snapshot written from the device restores."""
+    from hfsoftmax.heads.collective import HeadComm
+    from hfsoftmax.heads.sharded import ShardedRows, ShardedSoftmax
+    from paramserver.optim import SGDConfig
+
+    n_cls, d, M, B = 300, 16, 40, 32
+
+    def run(device: torch.device, dtype: torch.dtype | None = None) -> tuple[ShardedSoftmax, list[float]]:
+        rows = ShardedRows(n_cls, d, HeadComm(0, 1), device, SGDConfig(sparse_momentum="lazy"), seed=3,
+                           init_std=0.5)
+        head = ShardedSoftmax(rows, M, margin="cosface", scale=8.0, margin_m=0.2, index="exact", candidates=8)
+        losses = []
+        for step in range(3):
+            g = np.random.default_rng(step)
+            feats = torch.from_numpy(g.standard_normal((B, d)).astype(np.float32)).to(device).requires_grad_(True)
+            labels = torch.from_numpy(g.integers(0, n_cls, B))
+            head.begin_step(step, 0.5, labels=labels)
+            if dtype is not None:
+                with torch.autocast(device.type, dtype=dtype):
+                    loss = head(feats.to(dtype), labels.to(device))
+                expect(loss.dtype == torch.float32, f"{dtype}: the sharded loss is {loss.dtype}")
+            else:
+                loss = head(feats, labels.to(device))
+            loss.backward()
+            head.end_step(step)
+            losses.append(float(loss))
+        return head, losses
+
+    ref, ref_losses = run(torch.device("cpu"))
+    dev, dev_losses = run(ctx.device)
+    err = float((dev.rows.W.cpu() - ref.rows.W).abs().max())
+    scale = max(1.0, float(ref.rows.W.abs().max()))
+    expect(err <= 1e-4 * scale, f"W on {ctx.device} differs from the CPU's by {err:.3g}")
+    expect(max(abs(a - b) for a, b in zip(dev_losses, ref_losses)) <= 1e-4, f"losses {dev_losses} vs {ref_losses}")
+    for dtype in low_dtypes(ctx):
+        run(ctx.device, dtype)
+    path = os.path.join(ctx.workdir("sharded"), "store_00000003")
+    dev.snapshot(path)
+    back = ShardedRows(n_cls, d, HeadComm(0, 1), ctx.device, SGDConfig(sparse_momentum="lazy"), seed=9)
+    back.restore(path)
+    expect(torch.equal(back.W, dev.rows.W) and back.M is not None and torch.equal(back.M, dev.rows.M),
+           "the snapshot did not restore W and momentum bitwise")
+    return f"K={n_cls} M={M}: 3 steps == CPU within {err:.1g}; fp32 loss under autocast; snapshot round trip bitwise"
+
+
 CHECKS = [
     Check("heads_amp", check_heads_amp),
     Check("logits_dtype", check_logits_dtype),
@@ -750,6 +800,7 @@ CHECKS = [
     Check("train_hf_sh", check_train_hf_sh),
     Check("eval_rp_recover", check_eval_rp_recover),
     Check("uint8_workers", check_uint8_workers),
+    Check("sharded", check_sharded),
 ]
 
 

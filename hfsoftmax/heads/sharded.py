@@ -8,9 +8,11 @@ momentum buffer when the SGD rule keeps one) on its own device, as :class:`Shard
 2. ONE active set per global batch, identical on every rank without a broadcast: every label of
    every rank, then the index's strongest classes, then the random fill seeded by (seed, step), by
    the same :func:`paramserver.index.select_active` as the parameter-server path, fed the labels in
-   the same global order. Indexes: ``random`` (Partial FC's own sampling: no query) and ``exact``
-   (each rank scores the global features against its own rows, the per-rank top-n are all-gathered
-   and merged: every rank sees the same candidates). M = K is the model-parallel full softmax.
+   the same global order. Indexes: ``random`` (Partial FC's own sampling: no query), ``graph``
+   (:class:`RanksGraph`: each class's nearest classes, built by the ranks from their shards in the
+   background, live at steps fixed in advance) and ``exact`` (each rank scores the global features
+   against its own rows, the per-rank top-n are all-gathered and merged: every rank sees the same
+   candidates). M = K is the model-parallel full softmax.
 3. Each rank computes the logits of the global batch against its own active rows only, in fp32,
    with the margin applied where the target lives; the softmax is distributed
    (:class:`DistCrossEntropy`: all-reduce of the row max, of the sum of exponentials and of the
@@ -305,29 +307,113 @@ class ShardedRows:
 # --------------------------------------------------------------------------------------------- #
 # The class-neighbour graph of the ranks' rows.
 
+def _top_merge(best_i: np.ndarray, best_s: np.ndarray, rows: np.ndarray, cand_i: np.ndarray,
+               cand_s: np.ndarray) -> None:
+    """Merge candidates [q, c] into the running top-deg (best_i / best_s [n, deg]) of rows ``rows``."""
+    deg = best_i.shape[1]
+    ci = np.concatenate([best_i[rows], cand_i], axis=1)
+    cs = np.concatenate([best_s[rows], cand_s], axis=1)
+    keep = np.argpartition(-cs, deg - 1, axis=1)[:, :deg] if cs.shape[1] > deg else \
+        np.broadcast_to(np.arange(cs.shape[1]), cs.shape)
+    best_i[rows] = np.take_along_axis(ci, keep, axis=1)
+    best_s[rows] = np.take_along_axis(cs, keep, axis=1)
+
+
+def ring_neighbours(X: np.ndarray, lo: int, num_classes: int, C: np.ndarray, probe: int, degree: int,
+                    group: Any = None, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The class-neighbour graph rows of this rank's rows X [n, d] (global ids lo .. lo + n - 1), built
+    with the other ranks and never more than two shards in memory: each row's ``probe`` nearest lists
+    among the unit centroids C [nlist, d] (the parameter server's graph build, first step); then the
+    shards travel once around the ring and each rank scores its rows against the visiting rows of
+    the lists they probe, keeping a running top-``degree`` by cosine (not its own row). The cost is
+    the server's build divided by R, plus R - 1 transfers of a shard. Returns int64 [n, degree],
+    best first, -1 where fewer were found."""
+    from paramserver.index.graph import _nearest_lists, _unit
+
+    n, d = X.shape
+    nlist = C.shape[0]
+    p = min(probe, nlist)
+    Xu = _unit(X)
+    top, _ = _nearest_lists(X, C, p)                                                # [n, p]
+    assign = top[:, 0].astype(np.int32)
+    by_list = np.argsort(top.reshape(-1), kind="stable")                          # (row, slot) by list
+    qb = np.concatenate(([0], np.cumsum(np.bincount(top.reshape(-1), minlength=nlist))))
+    deg = max(1, min(degree, num_classes - 1))
+    best_i = np.full((n, deg), -1, dtype=np.int64)
+    best_s = np.full((n, deg), -np.inf, dtype=np.float32)
+    ranges = shard_ranges(num_classes, world_size)
+    V, vid, vas = Xu, np.arange(lo, lo + n, dtype=np.int64), assign
+    for hop in range(world_size):
+        order = np.argsort(vas, kind="stable")
+        vb = np.concatenate(([0], np.cumsum(np.bincount(vas, minlength=nlist))))
+        for j in np.flatnonzero((np.diff(qb) > 0) & (np.diff(vb) > 0)):
+            rq = by_list[qb[j]:qb[j + 1]] // p                                     # my rows probing list j
+            mem = order[vb[j]:vb[j + 1]]                                          # visiting members of j
+            for a in range(0, rq.size, 4096):
+                r = rq[a:a + 4096]
+                S = Xu[r] @ V[mem].T                                              # [q, members]
+                S[vid[mem][None, :] == (r + lo)[:, None]] = -np.inf              # not its own neighbour
+                k = min(deg, mem.size)
+                t = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < mem.size else \
+                    np.broadcast_to(np.arange(mem.size), S.shape)
+                _top_merge(best_i, best_s, r, vid[mem][t], np.take_along_axis(S, t, axis=1))
+        if hop == world_size - 1:
+            break
+        # pass the visiting shard on: to rank + 1, from rank - 1 (its size is known from the ranges)
+        src_lo, src_hi = ranges[(rank - hop - 1) % world_size]
+        m = src_hi - src_lo
+        out = torch.from_numpy(np.concatenate([V.view(np.int32), vas[:, None]], axis=1).copy())
+        inc = torch.empty((m, d + 1), dtype=torch.int32)
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, out, (rank + 1) % world_size, group),
+                                       dist.P2POp(dist.irecv, inc, (rank - 1) % world_size, group)])
+        for q in reqs:
+            q.wait()
+        arr = inc.numpy()
+        V, vas = np.ascontiguousarray(arr[:, :d]).view(np.float32), np.ascontiguousarray(arr[:, d])
+        vid = np.arange(src_lo, src_hi, dtype=np.int64)
+    srt = np.argsort(-best_s, axis=1, kind="stable")
+    out_i = np.take_along_axis(best_i, srt, axis=1)
+    out_i[~np.isfinite(np.take_along_axis(best_s, srt, axis=1))] = -1
+    if deg < degree:
+        out_i = np.concatenate([out_i, np.full((n, degree - deg), -1, dtype=np.int64)], axis=1)
+    return out_i
+
+
 class RanksGraph:
-    """Each class's ``degree`` nearest classes by cosine over W, for a sharded W.
+    """Each class's ``degree`` nearest classes by cosine over W, for a sharded W, built by the ranks.
 
-    Every ``every`` steps (T) the ranks gather their rows to rank 0, which builds the graph in the
-    background with the parameter server's own build (:class:`paramserver.index.graph.GraphIndex`:
-    coarse lists by k-means, then a search within each row's nearest lists; large K in a child
-    process); at the next multiple of T, fixed in advance, rank 0 waits for that build if it is not
-    done (logged: the price of reproducibility) and broadcasts it, and every rank swaps it in. So the
-    graph live during steps [s + T, s + 2T) is the one built from W as it was at step s, whatever
-    the machine's speed. Until the first graph is live (step T), selection fills at random."""
+    Every ``every`` steps (T) each rank copies its rows and starts a background thread that, on a
+    gloo group of its own (never interleaved with training collectives): samples its rows for the
+    k-means of the coarse lists (rank 0 clusters the sample and broadcasts the centroids), then
+    builds the graph rows of its own classes with :func:`ring_neighbours` (the server's algorithm:
+    coarse lists, then a search within each row's nearest lists; the shards go once around the
+    ring). At the next multiple of T, fixed in advance, every rank waits for its build if it is not
+    done (logged: the price of reproducibility) and the new graph goes live everywhere at once. So
+    the graph live during steps [s + T, s + 2T) is built from W as it was at step s, whatever the
+    machine's speed. Until the first graph is live (step T), selection fills at random. Each rank
+    keeps its own classes' rows of the graph; a step looks up the neighbours of the batch's labels
+    on their owners (one all-reduce of B x degree ids)."""
 
-    def __init__(self, rows: ShardedRows, metric: str, degree: int, nlist: int, every: int, seed: int) -> None:
+    def __init__(self, rows: ShardedRows, metric: str, degree: int, nlist: int, every: int, seed: int, *,
+                 probe: int = 3, niter: int = 10, tppc: int = 64) -> None:
         if degree < 1 or every < 1:
             raise ValueError(f"the graph needs head.degree >= 1 and head.rebuild_every >= 1, got {degree}, {every}")
         self.rows, self.comm, self.metric = rows, rows.comm, metric
         self.degree, self.nlist, self.every, self.seed = int(degree), int(nlist), int(every), int(seed)
-        self.graph: Optional[np.ndarray] = None          # [K, degree] int64, -1 = none (every rank)
+        self.probe, self.niter, self.tppc = int(probe), int(niter), int(tppc)
+        self.part: Optional[np.ndarray] = None           # [hi - lo, degree] this rank's classes' neighbours
         self.live_since: Optional[int] = None
         self.builds = self.waits = 0
         self.wait_s = 0.0
-        self._box: dict[str, Any] = {}                   # rank 0: the background build's result or error
+        self._box: dict[str, Any] = {}                   # the background build's result or error
         self._thread: Optional[threading.Thread] = None
         self._started: Optional[int] = None              # the step the pending build's rows are from
+        # the builds' own gloo group (created by every rank, in the same order, with the head)
+        self._group = dist.new_group(backend="gloo") if self.comm.distributed else None
+
+    @property
+    def live(self) -> bool:
+        return self.part is not None
 
     def on_step(self, step: int) -> None:
         """Before step ``step``'s selection, on every rank: at a multiple of T, the build started T
@@ -338,99 +424,128 @@ class RanksGraph:
             self._swap(step)
         self._start(step)
 
-    def _gather_rows(self) -> Optional[np.ndarray]:
-        """All K rows on rank 0's host (None elsewhere)."""
-        W = self.rows.W.detach()
-        if not self.comm.distributed:
-            return W.cpu().numpy().copy()
-        R = self.comm.world_size
-        c = -(-self.rows.num_classes // R) + 1
-        buf = torch.zeros((c, W.shape[1]), dtype=W.dtype, device=W.device)
-        buf[: W.shape[0]] = W
-        out = [torch.empty_like(buf) for _ in range(R)] if self.comm.rank == 0 else None
-        dist.gather(buf, out, dst=0, group=self.comm.group)
-        if out is None:
-            return None
-        return np.concatenate([o[: hi - lo].cpu().numpy() for o, (lo, hi) in
-                               zip(out, (shard_range(self.rows.num_classes, R, r) for r in range(R)))])
-
     def _start(self, step: int) -> None:
-        W = self._gather_rows()
+        X = self.rows.W.detach().cpu().numpy().copy()                # this rank's rows at this step
         self._started = step
-        if W is None:
-            return
+        self._box = {}
 
         def build() -> None:
-            from paramserver.index.graph import GraphIndex
             try:
-                index = GraphIndex(self.rows.dim, self.metric, seed=self.seed, degree=self.degree,
-                                   nlist=self.nlist or None, cold_nprobe=0)
-                index.build(W)
-                self._box["graph"] = index.neighbours
+                self._box["part"] = self._build(X)
             except Exception as e:     # reported at the swap; the old graph serves on
                 self._box["error"] = e
 
-        self._box = {}
         self._thread = threading.Thread(target=build, name=f"hfsoftmax-graph-{step}", daemon=True)
         self._thread.start()
 
+    def _centroids(self, X: np.ndarray) -> np.ndarray:
+        """The coarse lists' unit centroids [nlist, d], the same on every rank and for any R: the
+        parameter server's k-means sample (the same seeded class ids), gathered from the ranks that
+        hold them and clustered by rank 0 (spherical k-means), then broadcast."""
+        from paramserver.index.base import MAX_TRAIN_ROWS, _default_nlist, _normalize_rows, kmeans_centroids
+        from paramserver.index.graph import _unit
+
+        K, lo, hi = self.rows.num_classes, self.rows.lo, self.rows.hi
+        nlist = min(self.nlist or _default_nlist(K), K)
+        n_train = min(K, nlist * self.tppc, max(MAX_TRAIN_ROWS, nlist))
+        ids = np.arange(K) if n_train == K else np.sort(np.random.default_rng(self.seed).choice(K, n_train,
+                                                                                                replace=False))
+        sample = X[ids[(ids >= lo) & (ids < hi)] - lo]
+        if self.comm.distributed:
+            box: list = [None] * self.comm.world_size if self.comm.rank == 0 else None
+            dist.gather_object(sample, box, dst=0, group=self._group)
+            sample = np.concatenate(box) if self.comm.rank == 0 else None
+        C = None
+        if sample is not None:
+            C = _normalize_rows(kmeans_centroids(sample, min(nlist, len(sample)), self.niter, self.tppc, self.seed,
+                                                 None, True, _unit)).astype(np.float32)
+        if self.comm.distributed:
+            box = [C]
+            dist.broadcast_object_list(box, src=0, group=self._group)
+            C = box[0]
+        return C
+
+    def _build(self, X: np.ndarray) -> np.ndarray:
+        C = self._centroids(X)
+        return ring_neighbours(X, self.rows.lo, self.rows.num_classes, C, self.probe, self.degree, self._group,
+                               self.comm.rank, self.comm.world_size)
+
     def _swap(self, step: int) -> None:
-        ok = torch.zeros(1, dtype=torch.int64)
-        g = None
-        if self.comm.rank == 0:
-            t0 = time.perf_counter()
-            if self._thread is not None:
-                if self._thread.is_alive():
-                    self.waits += 1
-                self._thread.join()
-            waited = time.perf_counter() - t0
-            self.wait_s += waited
-            if waited > 0.05:
-                logger.info("step %d: waited %.2f s for the class graph built from step %d (it goes live at a "
-                            "fixed step, so that a seed reproduces the run)", step, waited, step - self.every)
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            if self._thread.is_alive():
+                self.waits += 1
+            self._thread.join()
             self._thread = None
-            if "error" in self._box:
-                logger.warning("step %d: the class graph build failed (%s); the previous graph serves on",
-                               step, self._box["error"])
-            elif "graph" in self._box:
-                g = torch.from_numpy(np.ascontiguousarray(self._box["graph"], dtype=np.int32))
-                ok[0] = 1
-        if self.comm.distributed:
-            dist.broadcast(ok, 0, group=self.comm.host_group)
+        waited = time.perf_counter() - t0
+        self.wait_s += waited
+        if waited > 0.05 and self.comm.rank == 0:
+            logger.info("step %d: waited %.2f s for the class graph built from step %d (it goes live at a fixed "
+                        "step, so that a seed reproduces the run)", step, waited, step - self.every)
+        ok = torch.tensor([1 if "part" in self._box else 0], dtype=torch.int64)
+        if self.comm.distributed:                # live only if every rank's part is there
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.comm.host_group)
         if not int(ok[0]):
+            if self.comm.rank == 0:
+                logger.warning("step %d: the class graph build failed (%s); the previous graph serves on", step,
+                               self._box.get("error", "on another rank"))
             return
-        if self.comm.distributed:
-            if g is None:
-                g = torch.empty((self.rows.num_classes, self.degree), dtype=torch.int32)
-            dist.broadcast(g, 0, group=self.comm.host_group)
-        self.graph = g.numpy().astype(np.int64)
+        self.part = self._box.pop("part")
         self.live_since = step
         self.builds += 1
 
+    def neighbours(self, labels: np.ndarray) -> np.ndarray:
+        """The neighbours [N, degree] of global labels [N], -1 = none: each from its owner rank."""
+        assert self.part is not None
+        lo, hi = self.rows.lo, self.rows.hi
+        mine = (labels >= lo) & (labels < hi)
+        nb = np.full((labels.size, self.degree), -1, dtype=np.int64)
+        nb[mine] = self.part[labels[mine] - lo]
+        if self.comm.distributed:
+            t = torch.from_numpy(nb)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.comm.host_group)
+            nb = t.numpy()
+        return nb
+
     def state(self) -> dict[str, Any]:
-        """Rank 0: what a resumed run needs to select exactly as this one: the live graph and the
-        pending build's result (waited for here: it depends only on the rows of its start step, which
-        a snapshot of a later step no longer holds); {} elsewhere."""
-        if self.comm.rank != 0:
-            return {}
+        """Every rank (a collective): what a resumed run needs to select exactly as this one, the live
+        graph and the pending build's result (waited for here: it depends only on the rows of its
+        start step, which a snapshot of a later step no longer holds), gathered on rank 0 as [K,
+        degree] arrays (rank 0 gets them; {} elsewhere)."""
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
-        if time.perf_counter() - t0 > 0.05:
+            self._thread = None
+        if time.perf_counter() - t0 > 0.05 and self.comm.rank == 0:
             logger.info("checkpoint: waited %.2f s for the class graph being built (saved with the snapshot, so "
                         "that a resumed run selects as this one)", time.perf_counter() - t0)
-        pending = self._box.get("graph")
+        parts = {"graph_live": self.part, "graph_pending": self._box.get("part")}
+        have = {k: v is not None for k, v in parts.items()}
+        if self.comm.distributed:
+            flags = torch.tensor([int(have["graph_live"]), int(have["graph_pending"])], dtype=torch.int64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.comm.host_group)
+            have = {"graph_live": bool(flags[0]), "graph_pending": bool(flags[1])}
         out: dict[str, Any] = {"graph": {"degree": self.degree, "live_since": self.live_since, "builds": self.builds,
-                                         "started": self._started, "pending": pending is not None}}
-        if self.graph is not None:
-            out["graph_live"] = self.graph.astype(np.int32)
-        if pending is not None:
-            out["graph_pending"] = np.asarray(pending, dtype=np.int32)
-        return out
+                                         "started": self._started, "pending": have["graph_pending"]}}
+        for name, part in parts.items():
+            if not have[name]:
+                continue
+            full = self._gather_part(np.asarray(part, dtype=np.int32))
+            if full is not None:
+                out[name] = full
+        return out if self.comm.rank == 0 else {}
+
+    def _gather_part(self, part: np.ndarray) -> Optional[np.ndarray]:
+        """Every rank's part [hi - lo, degree] -> [K, degree] on rank 0 (None elsewhere)."""
+        if not self.comm.distributed:
+            return part
+        box: Optional[list] = [None] * self.comm.world_size if self.comm.rank == 0 else None
+        dist.gather_object(part, box, dst=0, group=self.comm.host_group)
+        return np.concatenate(box) if box is not None else None
 
     def load_state(self, path: str) -> None:
-        """Every rank: the graph state a sharded snapshot holds (none in a server's: the graph then
-        starts afresh, random fill until its first build goes live)."""
+        """Every rank: its rows of the graph state a sharded snapshot holds (none in a server's: the
+        graph then starts afresh, random fill until its first build goes live)."""
         meta_path = os.path.join(path, "graph.json")
         if not os.path.isfile(meta_path):
             logger.info("snapshot %s holds no class graph: random fill until the first build goes live", path)
@@ -441,18 +556,20 @@ class RanksGraph:
             logger.warning("snapshot %s holds a class graph of degree %s, this run asks for %d: rebuilt afresh",
                            path, meta["degree"], self.degree)
             return
-        if meta["live_since"] is not None:
-            self.graph = np.load(os.path.join(path, "graph_live.npy")).astype(np.int64)
+        lo, hi = self.rows.lo, self.rows.hi
+
+        def rows_of(name: str) -> np.ndarray:
+            return np.asarray(np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")[lo:hi], dtype=np.int64)
+
+        self.part = rows_of("graph_live") if meta["live_since"] is not None else None
         self.live_since, self.builds, self._started = meta["live_since"], int(meta["builds"]), meta["started"]
         self._thread = None
-        self._box = {"graph": np.load(os.path.join(path, "graph_pending.npy"))} \
-            if meta["pending"] and self.comm.rank == 0 else {}
+        self._box = {"part": rows_of("graph_pending")} if meta["pending"] else {}
 
     def candidates(self, feats: torch.Tensor, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The neighbours of each sample's label [N, degree] and their scores against the sample's
         feature (the same on every rank: each scores the rows it holds, then an all-reduce max)."""
-        assert self.graph is not None
-        nb = self.graph[labels]                                                       # [N, deg]
+        nb = self.neighbours(labels)                                                  # [N, deg]
         lo, hi = self.rows.lo, self.rows.hi
         mine = (nb >= lo) & (nb < hi)
         W = self.rows.W
@@ -461,8 +578,10 @@ class RanksGraph:
             Wc = W[idx]                                                               # [N, deg, d]
             Q = feats.to(device=W.device, dtype=torch.float32)
             if self.metric == "angular":
-                Q, Wc = F.normalize(Q, dim=1), F.normalize(Wc, dim=2)
+                Q = F.normalize(Q, dim=1)
             S = torch.einsum("nd,nkd->nk", Q, Wc)
+            if self.metric == "angular":        # cosines: one pass over the gathered rows for their norms
+                S = S / torch.linalg.vector_norm(Wc, dim=2).clamp_min(1e-12)
             S = torch.where(torch.from_numpy(mine).to(W.device), S, torch.full_like(S, -math.inf))
             if self.comm.distributed:
                 dist.all_reduce(S, op=dist.ReduceOp.MAX, group=self.comm.group)
@@ -503,7 +622,8 @@ class ShardedSoftmax(ClassifierHead):
             raise ValueError(f"head.num_active M={num_active} must lie in [1, num_classes={rows.num_classes}]")
         self.rows, self.comm = rows, rows.comm
         self.rule = Margin(margin, scale, margin_m)
-        self.num_active, self.index_name, self.candidates, self.seed = int(num_active), index, int(candidates), int(seed)
+        self.num_active, self.index_name = int(num_active), index
+        self.candidates, self.seed = int(candidates), int(seed)
         self.graph = (RanksGraph(rows, self.rule.metric, degree, nlist, rebuild_every, seed)
                       if index == "graph" and num_active < rows.num_classes else None)
         self._train_step: Optional[int] = None
@@ -595,8 +715,7 @@ class ShardedSoftmax(ClassifierHead):
         if self.index_name == "random" or feats is None:
             ids, scores = none
         elif self.index_name == "graph":
-            ids, scores = self.graph.candidates(feats, labels) if self.graph and self.graph.graph is not None \
-                else none
+            ids, scores = self.graph.candidates(feats, labels) if self.graph and self.graph.live else none
         else:
             ids, scores = self._candidates(feats, min(self.candidates, K))
         return select_active(ids, scores, labels, num_active, K, self._rng())
@@ -796,7 +915,8 @@ def choose_store_kind(address: str, device_type: str, gpu_bytes: int, num_classe
                         f"than {SHARDED_MEMORY_SHARE:.0%} of a GPU's {gpu_bytes / 2**30:.0f} GiB: W stays on the "
                         f"hosts (parameter server)")
     return "sharded", (f"W and its state take {per_rank / 2**30:.2f} GiB per rank over {world_size} rank(s), at most "
-                       f"{SHARDED_MEMORY_SHARE:.0%} of a GPU's {gpu_bytes / 2**30:.0f} GiB: W sharded in the GPUs' memory")
+                       f"{SHARDED_MEMORY_SHARE:.0%} of a GPU's {gpu_bytes / 2**30:.0f} GiB: W sharded in the GPUs' "
+                       f"memory")
 
 
 def resolve_store_kind(cfg: Any, num_classes: int, world_size: int, device: Optional[torch.device] = None
