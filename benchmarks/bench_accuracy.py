@@ -4,6 +4,16 @@ same backbone init, same steps and seeds for every method.
 
     .venv/bin/python benchmarks/bench_accuracy.py             # default: K = 100K (see below)
     .venv/bin/python benchmarks/bench_accuracy.py --quick     # K = 5K, 150 steps
+    .venv/bin/python benchmarks/bench_accuracy.py --data data/shapes data.flip=false   # your own data
+
+``--data PATH [key=value ...]``: the same comparison on a user's dataset (an image list, a rec2img
+or class folder, a features file), through ``hfsoftmax.train`` with ``--config`` (default
+configs/small_data_hf.yaml) and the overrides given: full softmax with the selective heads'
+classifier rule (``head.name=full store.kind=sharded``: the fair baseline, README "Comparing heads
+fairly"), HF-softmax and random sampling at the same M (``--m``, default max(1 % of K, 2 x batch)), each trained for
+``--steps`` from the same seed, then top-1 / top-5 over all K on the held-out list (``data.val_path``,
+or the ``val_list.txt`` beside ``data.path``), wall time and samples/s. ``tools/make_shapes.py``
+renders a real-like dataset of up to 2496 classes to try it on.
 
 The task. K identities in families (default 1000 families x 100 members): identity code
 z_k = normalize(u_f + spread * v_k) in R^c (u_f the family centre, v_k the member's own direction,
@@ -301,6 +311,66 @@ def sweep_m(args: Any, spec: dict[str, Any], K: int, fractions: list[float], t_s
     return 0
 
 
+DATA_METHODS = {"full": ["head.name=full", "store.kind=sharded"],        # the store's rule at M = K
+                "full-torch": ["head.name=full", "store.kind=local"],     # W a torch parameter (dense SGD)
+                "hf": ["head.name=hf", "store.kind=local"],
+                "random": ["head.name=random", "store.kind=local"]}
+
+
+def data_compare(args: argparse.Namespace, overrides: list[str], t_start: float) -> int:
+    """--data: full / HF / random through hfsoftmax.train on a user's dataset; top-k on its held-out list."""
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(SCRIPT))
+    sys.path.insert(0, root)
+    from hfsoftmax.config import load_config
+    from hfsoftmax.launch import num_classes_of
+
+    base = [f"data.path={os.path.abspath(args.data)}", f"train.steps={args.data_steps}", "train.eval_every=0",
+            "train.progress=false", f"train.seed={args.seed}", *overrides]
+    cfg = load_config(args.config, base)
+    K = num_classes_of(cfg)
+    M = min(K, args.m or max(K // 100, 2 * cfg.train.batch_size))   # a batch's labels fit, with room
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy_data_") as tmp:
+        for method in [m for m in args.data_methods.split(",") if m]:
+            if method not in DATA_METHODS:
+                print(f"error: --data-methods: unknown '{method}' (choose from {', '.join(DATA_METHODS)})",
+                      file=sys.stderr)
+                return 2
+            out = os.path.join(tmp, method)
+            cmd = [sys.executable, "-m", "hfsoftmax.train", "--config", args.config, *base, *DATA_METHODS[method],
+                   f"head.num_active={M}", f"train.out_dir={out}"]
+            logger.info("%s: %s", method, " ".join(cmd[3:]))
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"error: {method} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
+                      file=sys.stderr)
+                return 1
+            recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+            ev = [x for x in recs if x.get("event") == "eval" and "val_top1" in x]
+            done = [x for x in recs if x.get("event") == "done"][-1]
+            if not ev:
+                print(f"error: {method}: no held-out list was evaluated (give data.val_path=...)", file=sys.stderr)
+                return 1
+            rows[method] = {"top1": ev[-1]["val_top1"], "top5": ev[-1]["val_top5"], "sps": done["samples_per_s"],
+                            "wall": done["wall_s"]}
+            logger.info("%s: top-1 %.4f top-5 %.4f, %.0f samples/s", method, rows[method]["top1"],
+                        rows[method]["top5"], rows[method]["sps"])
+    print(f"\n{args.data}: K={K}, M={M} ({100 * M / K:.1f} %), {args.data_steps} steps, config {args.config}")
+    print(f"{'method':<12}{'top-1':>8}{'top-5':>8}{'samples/s':>11}{'wall s':>8}")
+    kv = [f"K={K}", f"M={M}", f"steps={args.data_steps}"]
+    for name, r in rows.items():
+        print(f"{name:<12}{r['top1']:>8.4f}{r['top5']:>8.4f}{r['sps']:>11.0f}{r['wall']:>8.0f}")
+        tag = name.replace("-", "_")
+        kv += [f"{tag}_top1={r['top1']:.4f}", f"{tag}_top5={r['top5']:.4f}", f"{tag}_sps={r['sps']:.0f}"]
+    if "hf" in rows and "random" in rows:
+        kv.append(f"hf_minus_random_top1={100 * (rows['hf']['top1'] - rows['random']['top1']):+.2f}pt")
+    print_result(kv, t_start)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="accuracy: full softmax vs HF-softmax vs random sampling vs MACH vs RP")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -329,7 +399,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="e.g. 0.005,0.01,0.02,0.05: HF (graph) and random sampling at each M = fraction x K, "
                          "full softmax once; writes --sweep-out (the paper's accuracy-vs-M figure)")
     ap.add_argument("--sweep-out", default="accuracy_vs_m.png", help="the PNG of --sweep-m (top-1 and verification)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--data", default="", help="a dataset (list, folder, features): full / HF / random through "
+                                               "hfsoftmax.train; key=value overrides may follow")
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(SCRIPT)), "configs",
+                                                     "small_data_hf.yaml"), help="--data: the training config")
+    ap.add_argument("--data-steps", type=int, default=2000, help="--data: steps per method")
+    ap.add_argument("--data-methods", default="full,hf,random", help=f"--data: of {', '.join(DATA_METHODS)}")
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad or (overrides and not args.data):
+        ap.error(f"unrecognized arguments: {' '.join(bad or overrides)} (key=value overrides go with --data)")
     if args.worker:
         logging.basicConfig(level=logging.WARNING)
         emit(train_eval(json.loads(args.worker)))
@@ -345,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             "scale": args.scale, "margin_m": args.margin_m,
             "rp_m": args.rp_m, "eval_samples": args.eval_samples, "pairs": args.pairs, "seed": args.seed}
     t_start = time.perf_counter()
+    if args.data:
+        return data_compare(args, overrides, t_start)
     if args.sweep_m:
         return sweep_m(args, spec, K, [float(x) for x in args.sweep_m.split(",") if x], t_start)
     rows: dict[str, dict[str, Any]] = {}

@@ -445,3 +445,46 @@ def test_sharded_hf_with_the_graph_resumes_exactly(tmp_path) -> None:
     _run(tmp_path / "c", *g, f"train.resume={tmp_path / 'a' / 'ckpt_00000003.pt'}")
     _, Wc = _final(tmp_path / "c")
     assert not np.array_equal(Wa, Wc)
+
+
+def test_full_softmax_in_the_sharded_home_is_torch_sgd_with_lazy_and_the_store_rule_with_unrolled() -> None:
+    """The fair comparison of heads (issue 22): ``head.name=full store.kind=sharded`` trains W with the
+    store's row rule. With M = K every row is touched every step, so ``lazy`` equals torch.optim.SGD on
+    the dense parameter (the plain full softmax), and ``unrolled`` is the rule HF and random sampling use."""
+    from hfsoftmax.heads.full import FullSoftmax
+    from hfsoftmax.heads.sharded import ShardedSoftmax
+
+    n_cls, d, B, lrs = 50, 8, 16, [0.3, 0.2, 0.1, 0.1, 0.05]
+    W0 = ShardedRows(n_cls, d, _stub(0, 1), torch.device("cpu"), SGDConfig(), seed=1, init_std=0.5).W.clone()
+
+    def run(kind: str) -> torch.Tensor:
+        if kind == "torch":
+            head = FullSoftmax(n_cls, d, margin="cosface", scale=8.0, margin_m=0.2)
+            with torch.no_grad():
+                head.weight.copy_(W0)
+            opt = torch.optim.SGD(head.parameters(), lr=lrs[0], momentum=0.9, weight_decay=5e-4)
+        else:
+            rows = ShardedRows(n_cls, d, HeadComm(0, 1), torch.device("cpu"),
+                               SGDConfig(momentum=0.9, weight_decay=5e-4, sparse_momentum=kind), seed=1)
+            rows.W.copy_(W0)
+            head = ShardedSoftmax(rows, n_cls, margin="cosface", scale=8.0, margin_m=0.2)
+        for step, lr in enumerate(lrs):
+            g = np.random.default_rng(step)
+            feats = torch.from_numpy(g.standard_normal((B, d)).astype(np.float32))
+            labels = torch.from_numpy(g.integers(0, n_cls, B))
+            head.begin_step(step, lr)
+            loss = head(feats, labels)
+            if kind == "torch":
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            else:
+                loss.backward()
+            head.end_step(step)
+        return (head.weight if kind == "torch" else head.rows.W).detach()
+
+    dense, lazy, unrolled = run("torch"), run("lazy"), run("unrolled")
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
+    assert (unrolled - dense).abs().max() > 1e-3          # the selective heads' rule is another one
