@@ -199,8 +199,11 @@ def build_datasets(cfg: Config, run_dir: str | None) -> tuple[Dataset, int, list
 
     # uint8 through the workers' queues (a quarter of float32's bytes), normalised on the device;
     # a features file's float32 rows pass normalize_images untouched
-    train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad,
-                                  uint8=True, labels=cfg.data.labels, flip=cfg.data.flip)
+    try:      # a malformed list line, labels of the wrong length...: one line naming the file and line
+        train_set = dataset_from_path(cfg.data.path, cfg.data.image_size, train=True, skip_bad=cfg.data.skip_bad,
+                                      uint8=True, labels=cfg.data.labels, flip=cfg.data.flip)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
     ver: list[VerificationSet] = []
     if run_dir is not None and getattr(train_set, "classes", None) is not None:
         # an image folder's class-name -> id map (sorted folder names): what the ids in logs mean
@@ -296,7 +299,10 @@ def open_val_set(cfg: Config, num_classes: int) -> Dataset | None:
     if not cfg.data.val_path:
         logger.info("held-out list %s found beside data.path: top-1/top-5 over all K on it (data.val_path=none: off)",
                     path)
-    val_set = open_set(path, cfg.data.image_size, skip_bad=cfg.data.skip_bad)
+    try:
+        val_set = open_set(path, cfg.data.image_size, skip_bad=cfg.data.skip_bad)
+    except ValueError as e:
+        raise ConfigError(f"data.val_path: {e}") from None
     n = int(getattr(val_set, "num_classes", 0))
     if n > num_classes:
         raise ConfigError(f"data.val_path {path}: labels up to {n - 1}, but the run trains num_classes={num_classes}: "

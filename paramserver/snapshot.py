@@ -313,6 +313,29 @@ def read_matrices(path: str, man: dict, names: Collection[str],
     return dict(zip(names, got))
 
 
+# ------------------------------------------------------------------ the class index's state
+INDEX_META, INDEX_ARRAYS = "index.json", "index.npz"
+
+
+def write_index_state(path: str, meta: dict, arrays: dict) -> None:
+    """The class index's state (IndexManager.export_state) beside a snapshot's matrices: JSON and an
+    .npz of plain arrays (no pickle)."""
+    np.savez(os.path.join(path, INDEX_ARRAYS), **arrays)
+    _write_atomic(os.path.join(path, INDEX_META), json.dumps(meta))
+
+
+def read_index_state(path: str) -> Optional[tuple]:
+    """(meta, arrays) of a snapshot's class index state, or None when it holds none."""
+    mpath, apath = os.path.join(path, INDEX_META), os.path.join(path, INDEX_ARRAYS)
+    if not (os.path.isfile(mpath) and os.path.isfile(apath)):
+        return None
+    with open(mpath, encoding="utf-8") as f:
+        meta = json.load(f)
+    with np.load(apath, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
+
+
 # ------------------------------------------------------------------ atomic directory write, recovery
 @contextlib.contextmanager
 def writing(path: str) -> Iterator[str]:

@@ -735,6 +735,9 @@ class WeightStore:
             with self._cond:   # no update between the manifest's step and the rows written
                 man = self.manifest()
                 snap.write_matrices(tmp, man, self._matrices(), fsync)
+                index = self._index.export_state() if self._index is not None else None
+            if index is not None:     # the class index, for an exact resume (read only by restore)
+                snap.write_index_state(tmp, *index)
             snap.write_manifest(tmp, man)
         logger.info("snapshot of step %d written to %s (%.1f MB)", man["step"], path,
                     self._nbytes() / 1e6)
@@ -793,11 +796,19 @@ class WeightStore:
             self.opt = restored
             self._cond.notify_all()
         logger.info("restored step %d from %s", self._step, path)
-        # The attached index was built over the old rows: drop it and rebuild over the restored ones
-        # (in the background for a large W: restore answers at once; selection falls back to a
-        # random fill until the new index is live; a build still running is retired).
+        # The attached index: the one the snapshot saved (the live index and the build due, so that
+        # a resumed run selects exactly as the saved one would have), else dropped and rebuilt over
+        # the restored rows (in the background for a large W: restore answers at once; selection
+        # falls back to a random fill until the new index is live; a build still running is retired).
         if self._index is not None:
-            self._index.reset(self.rows_view(), self._step)
+            state = snap.read_index_state(path)
+            try:
+                if state is None:
+                    raise ValueError("the snapshot holds no index state")
+                self._index.import_state(*state, self.rows_view(), self._step)
+            except (ValueError, KeyError, OSError) as e:
+                logger.info("restore %s: index rebuilt over the restored rows (%s)", path, e)
+                self._index.reset(self.rows_view(), self._step)
         return man
 
     def set_rebuild_every(self, steps: int) -> None:

@@ -170,3 +170,48 @@ def test_image_folder_trains_and_writes_classes_json(tmp_path):
         "train.steps=2", "train.batch_size=4", "model.width=8"]))
     assert res["num_classes"] == 4 and res["steps"] == 2
     assert json.loads((out / "classes.json").read_text()) == {n: i for i, n in enumerate(sorted(names))}
+
+
+def test_a_features_run_is_scored_by_the_classify_tool_with_npy_labels_beside(tmp_path, separable):
+    """python -m hfsoftmax.eval classify on a features checkpoint and a held-out .npy whose labels sit
+    beside it (val.labels.npy): the same top-1 as the run's own final evaluation."""
+    import subprocess
+    import sys
+
+    feats, labels, val = separable
+    with np.load(val) as z:
+        vx, vy = z["features"], z["labels"]
+    np.save(tmp_path / "val.npy", vx)
+    np.save(tmp_path / "val.labels.npy", vy)
+    res = train(load_config(None, COMMON + [
+        f"data.path={feats}", f"data.labels={labels}", f"data.val_path={tmp_path / 'val.npy'}",
+        f"train.out_dir={tmp_path / 'run'}", "model.backbone=mlp", "model.feature_dim=16", "head.name=hf",
+        "store.kind=local", "head.num_active=10", "head.index=exact", "head.scale=16", "train.steps=40"]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "hfsoftmax.eval", "classify", "--model",
+                        str(tmp_path / "run" / "ckpt_last.pt"), "--data", str(tmp_path / "val.npy"), "--out",
+                        str(tmp_path / "cls")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "cls" / "classify.json").read_text())
+    assert got["samples"] == 200 and abs(got["top1"] - res["classification"]["top1"]) < 1e-9
+    # no labels anywhere: one line naming both ways
+    np.save(tmp_path / "lone.npy", vx)
+    with pytest.raises(ValueError, match="lone.labels.npy"):
+        FeatureDataset(str(tmp_path / "lone.npy"))
+
+
+def test_rp_recover_rebuilds_an_mlp_backbone_and_reads_the_features_labels(tmp_path, separable):
+    import importlib.util
+    import sys
+
+    feats, labels, _ = separable
+    train(load_config(None, COMMON + [f"data.path={feats}", f"data.labels={labels}", "data.val_path=none",
+                                      f"train.out_dir={tmp_path}", "model.backbone=mlp", "model.feature_dim=16",
+                                      "head.name=rp", "head.rp.proj_dim=8", "train.steps=5"]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("rp_recover", os.path.join(root, "tools", "rp_recover.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rp_recover"] = mod
+    spec.loader.exec_module(mod)
+    W = mod.recover_from_checkpoint(str(tmp_path / "ckpt_last.pt"), str(tmp_path / "W.npy"))
+    assert tuple(W.shape) == (K, 16) and np.load(tmp_path / "W.npy").shape == (K, 16)

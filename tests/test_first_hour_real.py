@@ -2,6 +2,8 @@
 runs, the Ctrl-C message, the pip remedies of optional extras, train.threads."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,26 @@ def test_train_threads_reaches_torch_and_is_restored(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         htrain.train(cfg)
     assert torch.get_num_threads() == before
+
+
+def test_a_malformed_list_line_is_one_line_naming_the_file_and_line(tmp_path):
+    """data.path and data.val_path alike: no traceback, the file, the line number and the line."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    img = tmp_path / "a.jpg"
+    from PIL import Image
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(img)
+    good = tmp_path / "good.txt"
+    good.write_text("a.jpg 0\na.jpg 1\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.jpg 0\nno-label-here\n")
+    for key, extra in (("data.path", [f"data.path={bad}"]), ("data.val_path", [f"data.path={good}",
+                                                                                f"data.val_path={bad}"])):
+        r = subprocess.run([sys.executable, "-m", "hfsoftmax.train", *extra, "data.image_size=16", "train.steps=1",
+                            f"train.out_dir={tmp_path / key}", "train.progress=false"], cwd=root,
+                           capture_output=True, text=True, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert last.startswith(f"error: {key}: ") and "bad.txt: line 2" in last and "no-label-here" in last

@@ -402,8 +402,9 @@ def test_query_sends_labels_to_a_graph_index_on_every_shard() -> None:
 
 
 def test_index_stats_rebuild_period_and_restore_rebuilds(tmp_path) -> None:
-    """The server's stats carry its index's, set_rebuild_every reaches the index, and a restore
-    rebuilds the index over the restored rows (a query right after it sees the new matrix)."""
+    """The server's stats carry its index's, set_rebuild_every reaches the index, and a restore takes
+    the snapshot's saved index over (bound to the restored rows), or, from a snapshot without one,
+    rebuilds it over them: either way a query right after it sees the restored matrix."""
     from paramserver.index import IndexManager, make_index
 
     K, d = 30, 4
@@ -423,6 +424,12 @@ def test_index_stats_rebuild_period_and_restore_rebuilds(tmp_path) -> None:
         rows[17, 0] = 1.0
         rs.set_rows(np.arange(K), rows)
         rs.snapshot(str(tmp_path / "snap"))
+        rs.set_rows(np.arange(K), np.random.default_rng(0).standard_normal((K, d)).astype(np.float32))
+        rs.restore(str(tmp_path / "snap"))
+        ids, _ = rs.query(np.array([[1.0, 0, 0, 0]], np.float32), 1)
+        assert ids[0, 0] == 17
+        assert rs.stats()["shards"][0]["index"]["builds"] == 1           # the saved index, not a rebuild
+        os.remove(tmp_path / "snap" / "index.json")                         # an older snapshot: rebuilt
         rs.set_rows(np.arange(K), np.random.default_rng(0).standard_normal((K, d)).astype(np.float32))
         rs.restore(str(tmp_path / "snap"))
         ids, _ = rs.query(np.array([[1.0, 0, 0, 0]], np.float32), 1)

@@ -488,3 +488,23 @@ def test_full_softmax_in_the_sharded_home_is_torch_sgd_with_lazy_and_the_store_r
     dense, lazy, unrolled = run("torch"), run("lazy"), run("unrolled")
     torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
     assert (unrolled - dense).abs().max() > 1e-3          # the selective heads' rule is another one
+
+
+def test_a_sharded_run_is_scored_from_its_snapshot_by_the_eval_tools(tmp_path) -> None:
+    """python -m hfsoftmax.eval classify's head of a sharded run (full softmax too): W from the store
+    snapshot, the same top-k as the sharded head's own."""
+    from hfsoftmax.eval.classify import open_head
+    from hfsoftmax.heads.sharded import ShardedSoftmax
+
+    _run(tmp_path, "store.kind=sharded", "head.name=full", "train.batch_size=8", "train.steps=3")
+    ck = torch.load(tmp_path / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    head = open_head(ck, str(tmp_path / "ckpt_last.pt"))
+    rows = ShardedRows(41, D, _stub(0, 1), torch.device("cpu"), SGDConfig(), seed=0)
+    rows.restore(str(tmp_path / ck["store_snapshot"]))
+    own = ShardedSoftmax(rows, 41, margin="cosface", scale=8.0, margin_m=0.2)
+    feats = torch.randn(5, D, generator=torch.Generator().manual_seed(0))
+    v1, i1 = head.topk(feats, 5)
+    v2, i2 = own.topk(feats, 5)
+    torch.testing.assert_close(i1, i2, rtol=0, atol=0)
+    torch.testing.assert_close(v1.float(), v2, rtol=1e-5, atol=1e-5)
+    head.close()

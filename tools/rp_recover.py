@@ -48,7 +48,8 @@ def build_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
     cfg = ckpt["config"]
     mcfg, hcfg = cfg["model"], cfg["head"]
     backbone = get_backbone(mcfg["backbone"], mcfg["feature_dim"], cfg["data"]["image_size"],
-                            dropout=mcfg.get("dropout", 0.0), **{k: mcfg[k] for k in ("norm", "width") if k in mcfg})
+                            dropout=mcfg.get("dropout", 0.0), **{k: mcfg[k] for k in ("norm", "width", "input_dim",
+                                                                                     "hidden_dim") if k in mcfg})
     backbone.load_state_dict(ckpt["model"])
     K, m = ckpt["head"]["weight"].shape
     d = ckpt["head"]["proj"].shape[0]
@@ -66,7 +67,9 @@ def training_dataset(cfg: dict[str, Any], data_path: str | None) -> Dataset:
     path = data_path if data_path else cfg["data"].get("path", "")
     if path:
         from hfsoftmax.data.datasets import dataset_from_path
-        return dataset_from_path(path, cfg["data"]["image_size"], train=False)
+        # a features file's labels: --data's own (an .npz, x.labels.npy beside it), else data.labels
+        labels = "" if data_path else cfg["data"].get("labels", "")
+        return dataset_from_path(path, cfg["data"]["image_size"], train=False, labels=labels)
     from hfsoftmax.data import synthetic
     return synthetic.SyntheticIdentities(synthetic.spec_from_config(SimpleNamespace(**cfg["data"])))
 

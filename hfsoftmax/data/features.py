@@ -74,13 +74,25 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
                          f"({bad.size} such labels)")
 
 
+def beside_labels(path: str) -> Optional[str]:
+    """The labels file named after features file ``path`` (``x.npy`` -> ``x.labels.npy`` or
+    ``x.labels.txt`` in the same folder), or None when there is none."""
+    stem = os.path.splitext(path)[0]
+    for cand in (f"{stem}.labels.npy", f"{stem}.labels.txt"):
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
 class FeatureDataset(Dataset):
     """Precomputed features and their labels (see the module docstring).
 
     Args:
         path: ``feats.npy`` or ``data.npz``.
-        labels_path: labels (``.npy`` or text); required for ``.npy`` features. A relative path that
-            does not exist as given is looked for beside the features file.
+        labels_path: labels (``.npy`` or text); for ``.npy`` features without it, the file named
+            :func:`beside_labels` (``feats.labels.npy`` or ``feats.labels.txt`` beside ``feats.npy``)
+            is used when it exists (how a held-out ``data.val_path=val.npy`` finds its labels). A
+            relative path that does not exist as given is looked for beside the features file.
         num_classes: K (default: max label + 1); every label must lie in [0, K).
     """
 
@@ -92,6 +104,8 @@ class FeatureDataset(Dataset):
             labels_path = beside      # a relative data.labels is also looked for beside the features file
         if labels_path and not os.path.isfile(labels_path):
             raise FileNotFoundError(f"labels file not found (data.labels): {labels_path}")
+        if not labels_path and not path.lower().endswith(".npz"):
+            labels_path = beside_labels(path) or ""
         self.path = path
         self.is_npz = path.lower().endswith(".npz")
         shape = features_shape(path)
@@ -109,8 +123,10 @@ class FeatureDataset(Dataset):
                 raise ValueError(f"{path}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
             labels = labels.astype(np.int64, copy=False)
         else:
+            stem = os.path.splitext(os.path.basename(path))[0]
             raise ValueError(f"{path}: a .npy features file needs its labels: data.labels=labels.npy (or a text "
-                             f"file, one integer per line)")
+                             f"file, one integer per line), or {stem}.labels.npy / {stem}.labels.txt beside it "
+                             f"(a held-out data.val_path), or an .npz with a 'labels' array")
         if len(labels) != self.n:
             raise ValueError(f"{where}: {len(labels)} labels for {self.n} feature rows in {path}")
         if self.n == 0:

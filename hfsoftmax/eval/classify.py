@@ -44,14 +44,14 @@ def val_list_path(data_path: str, val_path: str) -> str:
     return found if os.path.isfile(found) else ""
 
 
-def open_val_set(path: str, image_size: int, skip_bad: bool = False) -> Dataset:
+def open_val_set(path: str, image_size: int, skip_bad: bool = False, labels: str = "") -> Dataset:
     """The Dataset of a held-out list or ``.rec`` (no augmentation; float images, normalised); a
     ``tools/rec2img.py`` folder means its ``val_list.txt``. Missing: FileNotFoundError naming it."""
     from hfsoftmax.data.datasets import dataset_from_path
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "val_list.txt")):
         path = os.path.join(path, "val_list.txt")
-    return dataset_from_path(path, image_size, train=False, skip_bad=skip_bad)
+    return dataset_from_path(path, image_size, train=False, skip_bad=skip_bad, labels=labels)
 
 
 @torch.no_grad()
@@ -128,7 +128,7 @@ def open_head(ckpt: dict[str, Any], ckpt_path: str, server: Optional[str] = None
               timeout: float = 60.0, device: Union[str, torch.device] = "cpu") -> ClassifierHead:
     """The trained head of a checkpoint, ready for ``topk``.
 
-    Selective heads (hf, random) score on a store: the run's store snapshot (``ckpt["store_snapshot"]``,
+    Selective heads (hf, random, and any head of a ``store.kind=sharded`` run) score on a store: the run's store snapshot (``ckpt["store_snapshot"]``,
     relative to the checkpoint's folder) opened in this process, or, with ``server``, the running
     parameter server (comma-separated shard addresses) holding W. Other heads (full, mach, rp) hold
     their rows in ``ckpt["head"]``. The margin and scale come from the checkpoint's ``head`` config.
@@ -145,6 +145,9 @@ def open_head(ckpt: dict[str, Any], ckpt_path: str, server: Optional[str] = None
         raise ValueError(f"{ckpt_path}: its config does not load ({exc})") from None
     K = int(ckpt.get("num_classes") or cfg.data.num_classes)
     d = int(cfg.model.feature_dim)
+    sharded_full = cfg.head.name == "full" and cfg.store.kind == "sharded"   # W in the run's store snapshot
+    if sharded_full:
+        cfg.head.name = "hf"              # scored like a selective head: topk over all K on the rows
     if cfg.head.name not in ("hf", "random"):
         if server:
             logger.warning("--server ignored: a %s head holds W in the checkpoint", cfg.head.name)

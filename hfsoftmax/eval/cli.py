@@ -184,7 +184,7 @@ def _classify(args: argparse.Namespace) -> int:
         ckpt = read_checkpoint(args.model, need=("config", "head"), mmap=True)
     except CheckpointError as exc:
         raise EvalError(str(exc)) from None
-    dataset = open_val_set(args.data, size)
+    dataset = open_val_set(args.data, size, labels=args.labels)
     try:
         head = open_head(ckpt, args.model, server=args.server, token=resolve_token(args.token, args.token_file),
                          timeout=args.timeout, device=args.device)
@@ -194,8 +194,12 @@ def _classify(args: argparse.Namespace) -> int:
         if int(getattr(dataset, "num_classes", 0)) > head.num_classes:
             raise EvalError(f"{args.data}: labels up to {dataset.num_classes - 1}, but {args.model} has "
                             f"K={head.num_classes} classes: the list must hold training identities")
-        r = classify_dataset(model, head, dataset, device=args.device, batch_size=args.batch_size,
-                             num_workers=args.num_workers, progress=True)
+        from hfsoftmax.data.features import FeatureDataset, classify_features
+        if isinstance(dataset, FeatureDataset):        # [n, d_in] rows: through the backbone, no flip
+            r = classify_features(model, head, dataset, args.device, batch_size=args.batch_size)
+        else:
+            r = classify_dataset(model, head, dataset, device=args.device, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, progress=True)
     except (StoreError, ConnectionError, TimeoutError) as exc:
         raise EvalError(f"parameter server {args.server}: {exc}") from None
     finally:
@@ -249,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-detector-score", action="store_true", help="do not weight images by detector score")
     c = sub.add_parser("classify", help="top-1 / top-5 of a held-out image list over all K classes")
     c.add_argument("--model", required=True, help="checkpoint written by training (its head and store snapshot)")
-    c.add_argument("--data", required=True, help="'relative/path label' list (val_list.txt), a .rec, or a rec2img folder")
+    c.add_argument("--data", required=True, help="'relative/path label' list (val_list.txt), a .rec, a rec2img "
+                   "folder, or held-out features (.npz with labels, or .npy: --labels or x.labels.npy beside it)")
+    c.add_argument("--labels", default="", help="labels of a .npy features file (.npy or text, one per line)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--server", default=None, help="score on the running parameter server, tcp://host:port[,...] "
                    "(token: $PARAMSERVER_TOKEN or --token-file), instead of the checkpoint's store snapshot")

@@ -123,9 +123,8 @@ class DistCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
         prob, here, t = ctx.saved_tensors
         g = prob.clone()
-        if g.shape[1]:
-            rows = torch.nonzero(here)[:, 0]
-            g[rows, t[rows]] -= 1.0
+        if g.shape[1]:          # minus the one-hot where the target is here (no host sync on a GPU)
+            g.scatter_add_(1, t[:, None], -here.to(g.dtype)[:, None])
         return g * (grad / g.shape[0]), None, None
 
 
@@ -650,7 +649,8 @@ class ShardedSoftmax(ClassifierHead):
             return
         local, box = owed
         if not box:
-            logger.warning("step %d: no gradient reached the active rows; W is not updated", step)
+            if local.numel():
+                logger.warning("step %d: no gradient reached the active rows; W is not updated", step)
             grad = torch.zeros((local.numel(), self.feature_dim), device=self.rows.device)
         else:
             grad = box[0]

@@ -162,6 +162,73 @@ class ClassIndex:
         """Rows of W changed (incremental indexes only)."""
         raise NotImplementedError(f"{type(self).__name__} is not incremental; rebuild it instead")
 
+    # -- state, for exact resume (IndexManager.export_state) --------------------------------------
+    # Attributes that are not the index's state: synchronisation, the store's rows (a reference the
+    # importer binds again), a previous index kept for a rebuild, library handles kept alive only.
+    _NOT_STATE = frozenset({"_lock", "_cancel", "_rows", "_W", "_inherit_ivf", "_keep_quantizer"})
+
+    def export_state(self) -> Tuple[dict, dict]:
+        """(meta, arrays): the built index as JSON-able values and numpy arrays, no pickle; library
+        objects through :meth:`_export_objects`. Raises NotImplementedError for a value it cannot
+        write (the caller then rebuilds instead)."""
+        meta: dict = {"class": type(self).__name__}
+        arrays: dict = {}
+        for key, value in vars(self).items():
+            if key in self._NOT_STATE or key in self._OBJECTS:
+                continue
+            if isinstance(value, np.ndarray):
+                arrays[key] = value
+            elif isinstance(value, np.generic):
+                meta[key] = value.item()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                meta[key] = value
+            elif isinstance(value, ClassIndex):
+                sub_meta, sub_arrays = value.export_state()
+                meta[key] = sub_meta
+                arrays.update({f"{key}.{k}": v for k, v in sub_arrays.items()})
+            else:
+                raise NotImplementedError(f"{type(self).__name__}.{key} ({type(value).__name__}) has no exported form")
+        for key, value in self._objects().items():
+            if value is not None:
+                arrays[key] = value
+        return meta, arrays
+
+    def import_state(self, meta: dict, arrays: dict, rows: Optional[np.ndarray]) -> None:
+        """Become the index :meth:`export_state` wrote (this object made by the same factory), reading
+        the store's ``rows`` where the index scores on them."""
+        if meta.get("class") != type(self).__name__:
+            raise ValueError(f"index state of a {meta.get('class')}, not a {type(self).__name__}")
+        objects = self._OBJECTS
+        for key, value in meta.items():
+            if key == "class":
+                continue
+            if isinstance(value, dict) and "class" in value:       # a nested index (the graph's IVF)
+                sub = self._nested(key)
+                sub.import_state(value, {k[len(key) + 1:]: v for k, v in arrays.items()
+                                         if k.startswith(key + ".")}, rows)
+                setattr(self, key, sub)
+            else:
+                setattr(self, key, value)
+        for key, value in arrays.items():
+            if "." not in key and key not in objects:
+                setattr(self, key, value)
+        self._import_objects({k: v for k, v in arrays.items() if k in objects})
+        if rows is not None and self.num_classes:
+            self.bind_rows(rows)
+
+    _OBJECTS: frozenset = frozenset()     # attributes holding library objects (:meth:`_objects`)
+
+    def _objects(self) -> dict:
+        """Library objects of the built index (the attributes of ``_OBJECTS``) as uint8 arrays."""
+        return {}
+
+    def _import_objects(self, arrays: dict) -> None:
+        """Library objects back from :meth:`_objects`' arrays."""
+
+    def _nested(self, key: str) -> "ClassIndex":
+        """A fresh index for the nested index attribute ``key`` (its state is imported into it)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no nested index '{key}'")
+
     def _pad(self, ids: np.ndarray, scores: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
         """Pad [B, m] results to [B, n] with id -1 / score -inf (when K < n)."""
         B, m = ids.shape
@@ -175,6 +242,35 @@ class ClassIndex:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, K={self.num_classes})"
+
+
+def _file_bytes(save) -> np.ndarray:
+    """What ``save(path)`` writes, as a uint8 array (a library index that only saves to files)."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="hfsoftmax-index-")
+    os.close(fd)
+    try:
+        save(path)
+        return np.fromfile(path, dtype=np.uint8)
+    finally:
+        os.remove(path)
+
+
+def _from_bytes(data: np.ndarray, load) -> None:
+    """``load(path)`` of a file holding ``data`` (removed afterwards: a library that maps it keeps the
+    mapping)."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="hfsoftmax-index-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(np.asarray(data, dtype=np.uint8).tobytes())
+        load(path)
+    finally:
+        os.remove(path)
 
 
 # k-means samples at most this many rows (at 10M classes nlist * 64 would be 640K rows x 10K lists

@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .base import ClassIndex, _sort_desc
+from .base import ClassIndex, _file_bytes, _from_bytes, _sort_desc
 from .spawn import run_in_child
 
 
@@ -52,6 +52,19 @@ class HashingForest(ClassIndex):
         self.search_k = int(search_k)
         self.subprocess = subprocess
         self._annoy: Any = None
+
+    _OBJECTS = frozenset({"_annoy"})
+
+    def _objects(self) -> dict:
+        return {"_annoy": _file_bytes(self._annoy.save)} if self._annoy is not None else {}
+
+    def _import_objects(self, arrays: dict) -> None:
+        import annoy
+        if "_annoy" not in arrays:
+            return
+        index = annoy.AnnoyIndex(self.dim, self.metric)
+        _from_bytes(arrays["_annoy"], index.load)        # an mmap: it outlives the file's removal
+        self._annoy = index
 
     def build(self, W: np.ndarray) -> None:
         import annoy

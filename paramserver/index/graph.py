@@ -273,6 +273,11 @@ class GraphIndex(ClassIndex):
         self._reps: Optional[np.ndarray] = None       # [nlist] member nearest each centroid
         self._lock = threading.Lock()
 
+    def _nested(self, key: str) -> ClassIndex:
+        if key != "_ivf":
+            return super()._nested(key)
+        return IVFIndex(self.dim, self.metric, class_offset=self.class_offset, seed=self.seed, codec=self.cold_codec)
+
     @property
     def neighbours(self) -> Optional[np.ndarray]:
         """The graph of the last build: [K, degree] int32 local class ids, best first, -1 = none."""

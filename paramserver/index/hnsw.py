@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .base import ClassIndex, _sort_desc
+from .base import ClassIndex, _file_bytes, _from_bytes, _sort_desc
 
 
 class HNSWIndex(ClassIndex):
@@ -26,6 +26,19 @@ class HNSWIndex(ClassIndex):
         self.ef_search = int(ef_search)
         self._hnsw: Any = None
         self._lock = threading.Lock()  # set_ef + knn_query must pair up
+
+    _OBJECTS = frozenset({"_hnsw"})
+
+    def _objects(self) -> dict:
+        return {"_hnsw": _file_bytes(self._hnsw.save_index)} if self._hnsw is not None else {}
+
+    def _import_objects(self, arrays: dict) -> None:
+        import hnswlib
+        if "_hnsw" not in arrays:
+            return
+        index = hnswlib.Index(space="cosine" if self.metric == "angular" else "ip", dim=self.dim)
+        _from_bytes(arrays["_hnsw"], lambda path: index.load_index(path, max_elements=self.num_classes))
+        self._hnsw = index
 
     def build(self, W: np.ndarray) -> None:
         import hnswlib

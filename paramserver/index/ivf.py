@@ -72,6 +72,16 @@ class IVFIndex(ClassIndex):
         self._centroids: Optional[np.ndarray] = None  # [nlist, d], for probing by q . c
         self._lock = threading.Lock()  # update_vectors reshapes the lists under a concurrent search
 
+    _OBJECTS = frozenset({"_ivf"})
+
+    def _objects(self) -> dict:
+        import faiss
+        return {"_ivf": faiss.serialize_index(self._ivf)} if self._ivf is not None else {}
+
+    def _import_objects(self, arrays: dict) -> None:
+        import faiss
+        self._ivf = faiss.deserialize_index(np.asarray(arrays["_ivf"])) if "_ivf" in arrays else None
+
     def _prep(self, X: np.ndarray) -> np.ndarray:
         return _normalize_rows(X) if self.metric == "angular" else np.ascontiguousarray(X, dtype=np.float32)
 

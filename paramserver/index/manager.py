@@ -255,6 +255,80 @@ class IndexManager:
             self._live_rows = W
         self._start_build(W, int(step), first=True, after=old)
 
+    # -- exact resume -------------------------------------------------------------------------
+    def export_state(self) -> Optional[Tuple[Dict[str, Any], Dict[str, np.ndarray]]]:
+        """(meta, arrays) of what a restored store needs to select exactly as this one from here on:
+        the live index, and in deterministic mode the build due to go live (waited for, up to its
+        deadline: it depends only on the rows of its start step, which a later snapshot no longer
+        holds) with the ids changed since it started. None when no index is live or one cannot be
+        written (logged: a restore then rebuilds). Call with the store's updates held back."""
+        with self._lock:
+            build = self._build
+        if build is not None and build.live_at is not None and build.thread is not None \
+                and build.state is BuildState.BUILDING:
+            t0 = time.perf_counter()
+            build.thread.join(max(0.0, build.deadline - time.monotonic()))
+            if time.perf_counter() - t0 > 0.05:
+                logger.info("snapshot: waited %.2fs for the index build due at step %d (saved with it, so that a "
+                            "resumed run selects as this one)", time.perf_counter() - t0, build.live_at)
+        with self._lock:
+            live, build = self._live, self._build
+            if live is None:
+                return None
+            try:
+                lm, la = live.index.export_state()
+                meta: Dict[str, Any] = {"name": live.index.name, "num_classes": int(live.index.num_classes),
+                                        "last_start": self._last_start[0],
+                                        "live": {"index": lm, "step": live.step, "source_step": live.source_step}}
+                arrays = {f"live.{k}": v for k, v in la.items()}
+                if build is not None and build.live_at is not None and build.state is BuildState.READY:
+                    bm, ba = build.index.export_state()
+                    meta["pending"] = {"index": bm, "step": build.step, "live_at": build.live_at,
+                                       "changed_step": build.changed_step, "logs_changes": build.changed is not None}
+                    arrays.update({f"pending.{k}": v for k, v in ba.items()})
+                    arrays["pending_changed"] = (np.unique(np.concatenate(build.changed)) if build.changed
+                                                 else np.empty(0, dtype=np.int64))
+                elif build is not None and build.live_at is not None:
+                    logger.warning("snapshot: the index build due at step %d is %s; a resumed run rebuilds it",
+                                   build.live_at, build.state.value)
+            except NotImplementedError as e:
+                logger.warning("snapshot: the index is not saved (%s); a restore rebuilds it", e)
+                return None
+        return meta, arrays
+
+    def import_state(self, meta: Dict[str, Any], arrays: Dict[str, np.ndarray], W: np.ndarray, step: int) -> None:
+        """The store was restored to rows ``W`` at ``step`` from a snapshot that saved this manager's
+        state (:meth:`export_state`): the live index and the pending build become those saved (a
+        running build is retired). Raises ValueError when the state is another index's."""
+        def index_of(part: str) -> ClassIndex:
+            index = self.factory()
+            if index.name != meta["name"]:
+                raise ValueError(f"saved index is {meta['name']}, this store's is {index.name}")
+            index.import_state(meta[part]["index"], {k[len(part) + 1:]: v for k, v in arrays.items()
+                                                     if k.startswith(part + ".")}, W)
+            return index
+
+        if int(meta["num_classes"]) != W.shape[0]:
+            raise ValueError(f"saved index covers {meta['num_classes']} rows, the store {W.shape[0]}")
+        live = Build(index_of("live"), int(meta["live"]["step"]), None, state=BuildState.LIVE)
+        live.source_step = int(meta["live"]["source_step"])
+        pending = None
+        if "pending" in meta:
+            p = meta["pending"]
+            pending = Build(index_of("pending"), int(p["step"]), None, live_at=int(p["live_at"]),
+                            changed=[np.asarray(arrays["pending_changed"], dtype=np.int64)] if p["logs_changes"]
+                            else None, state=BuildState.READY)
+            pending.changed_step = int(p["changed_step"])
+        with self._lock:
+            self._retire()
+            self._live, self._build = live, pending
+            self._step = int(step)
+            self._live_rows = W
+            self._last_start = (meta["last_start"], time.monotonic())
+        logger.info("index %s restored with the snapshot (live since the rows of step %d%s)", meta["name"],
+                    live.step, f"; the build of step {pending.step} goes live at step {pending.live_at}"
+                    if pending is not None else "")
+
     def maybe_rebuild(self, store: Any, step: int) -> bool:
         """Called by the store after each applied update (its lock held): report a failed background
         build, swap in a deterministic build whose live step has come (waiting for it if late), and

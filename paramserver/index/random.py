@@ -23,6 +23,17 @@ class RandomIndex(ClassIndex):
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # numpy Generators are not thread-safe
 
+    _OBJECTS = frozenset({"_rng"})
+
+    def _objects(self) -> dict:
+        import json
+        return {"_rng": np.frombuffer(json.dumps(self._rng.bit_generator.state).encode(), dtype=np.uint8)}
+
+    def _import_objects(self, arrays: dict) -> None:
+        import json
+        if "_rng" in arrays:
+            self._rng.bit_generator.state = json.loads(bytes(np.asarray(arrays["_rng"], dtype=np.uint8)).decode())
+
     def build(self, W: np.ndarray) -> None:
         self.num_classes = self._check_W(W).shape[0]
 
