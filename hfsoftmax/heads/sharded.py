@@ -573,15 +573,16 @@ class RanksGraph:
         mine = (nb >= lo) & (nb < hi)
         W = self.rows.W
         with torch.no_grad(), fp32_logits(W.device):
-            idx = torch.from_numpy(np.where(mine, nb - lo, 0)).to(W.device)
-            Wc = W[idx]                                                               # [N, deg, d]
+            n_i, k_i = np.nonzero(mine)                     # only the (sample, neighbour) pairs held here
+            Wc = W[torch.from_numpy(nb[n_i, k_i] - lo).to(W.device)]                  # [pairs, d]
             Q = feats.to(device=W.device, dtype=torch.float32)
             if self.metric == "angular":
                 Q = F.normalize(Q, dim=1)
-            S = torch.einsum("nd,nkd->nk", Q, Wc)
-            if self.metric == "angular":        # cosines: one pass over the gathered rows for their norms
-                S = S / torch.linalg.vector_norm(Wc, dim=2).clamp_min(1e-12)
-            S = torch.where(torch.from_numpy(mine).to(W.device), S, torch.full_like(S, -math.inf))
+            s = (Q[torch.from_numpy(n_i).to(W.device)] * Wc).sum(dim=1)
+            if self.metric == "angular":        # cosines: the gathered rows' norms
+                s = s / torch.linalg.vector_norm(Wc, dim=1).clamp_min(1e-12)
+            S = torch.full(nb.shape, -math.inf, dtype=torch.float32, device=W.device)
+            S[torch.from_numpy(n_i).to(W.device), torch.from_numpy(k_i).to(W.device)] = s
             if self.comm.distributed:
                 dist.all_reduce(S, op=dist.ReduceOp.MAX, group=self.comm.group)
         return nb, S.cpu().numpy()
