@@ -61,3 +61,19 @@ def test_an_index_that_cannot_be_saved_is_rebuilt(tmp_path, monkeypatch) -> None
     _run(tmp_path / "b", "head.index=forest", f"train.resume={tmp_path / 'a' / 'ckpt_00000003.pt'}",
          "train.steps=4")
     assert torch.load(tmp_path / "b" / "ckpt_last.pt", weights_only=False)["step"] == 4
+
+
+def test_only_deterministic_swaps_save_their_index() -> None:
+    """Builds that follow timing (W above the deterministic limit) are not saved: a resume could not
+    be exact anyway, and a large forest would weigh more than W in every snapshot."""
+    from paramserver.index import IndexManager, make_index
+
+    W = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    for det, saved in ((False, False), (True, True)):
+        mgr = IndexManager(lambda: make_index("exact", 8, "angular"), 2, background=True, deterministic=det)
+        mgr.build_now(W, 0)
+        assert (mgr.export_state() is not None) == saved, det
+        mgr.close()
+    mgr = IndexManager(lambda: make_index("exact", 8, "angular"), 2, background=False)    # synchronous builds
+    mgr.build_now(W, 0)
+    assert mgr.export_state() is not None

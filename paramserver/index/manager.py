@@ -260,8 +260,12 @@ class IndexManager:
         """(meta, arrays) of what a restored store needs to select exactly as this one from here on:
         the live index, and in deterministic mode the build due to go live (waited for, up to its
         deadline: it depends only on the rows of its start step, which a later snapshot no longer
-        holds) with the ids changed since it started. None when no index is live or one cannot be
-        written (logged: a restore then rebuilds). Call with the store's updates held back."""
+        holds) with the ids changed since it started. None when no index is live, when swaps are not
+        deterministic (builds then follow timing: a resumed run could not select exactly as this one
+        anyway, and a 1M-class forest would add gigabytes to every snapshot), or when an index cannot
+        be written (logged): a restore then rebuilds. Call with the store's updates held back."""
+        if self.background and not self.deterministic:      # (synchronous builds are deterministic)
+            return None
         with self._lock:
             build = self._build
         if build is not None and build.live_at is not None and build.thread is not None \
