@@ -508,3 +508,27 @@ def test_a_sharded_run_is_scored_from_its_snapshot_by_the_eval_tools(tmp_path) -
     torch.testing.assert_close(i1, i2, rtol=0, atol=0)
     torch.testing.assert_close(v1.float(), v2, rtol=1e-5, atol=1e-5)
     head.close()
+
+
+def test_a_non_finite_gradient_leaves_the_rows_and_is_counted() -> None:
+    """Decided on the device (no host sync per step): W and momentum stay, the step is counted and
+    reported by stats(); a skipped optimizer step (fp16 scaler) leaves them too."""
+    from hfsoftmax.heads.sharded import ShardedSoftmax
+
+    rows = ShardedRows(20, 4, HeadComm(0, 1), torch.device("cpu"), SGDConfig(sparse_momentum="lazy"), seed=0)
+    head = ShardedSoftmax(rows, 20)
+    W0, M0 = rows.W.clone(), rows.M.clone()
+    feats = torch.full((3, 4), float("inf"), requires_grad=True)
+    head.begin_step(0, 0.1)
+    head(feats, torch.tensor([1, 2, 3])).backward()
+    head.end_step(0)
+    assert torch.equal(rows.W, W0) and torch.equal(rows.M, M0)
+    assert head.stats()["nonfinite_skipped_steps"] == 1
+    head.begin_step(1, 0.1)
+    head(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3])).backward()
+    head.end_step(1, applied=False)
+    assert torch.equal(rows.W, W0)
+    head.begin_step(2, 0.1)
+    head(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3])).backward()
+    head.end_step(2)
+    assert not torch.equal(rows.W, W0) and rows.step == 3

@@ -165,12 +165,19 @@ class ShardedRows:
     def device(self) -> torch.device:
         return self.W.device
 
-    def update(self, local: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """One SGD step of rows ``local`` (indices into this shard, unique) with their gradient."""
+    def update(self, local: torch.Tensor, grad: torch.Tensor, lr: float, keep: Optional[torch.Tensor] = None) -> None:
+        """One SGD step of rows ``local`` (indices into this shard, unique) with their gradient.
+        ``keep``: a bool scalar tensor; where False the rows stay as they are (decided on the device:
+        no host sync)."""
         if local.numel():
-            w = self.W.index_select(0, local)
-            buf = self.M.index_select(0, local) if self.M is not None else None
+            w0 = self.W.index_select(0, local)
+            b0 = self.M.index_select(0, local) if self.M is not None else None
+            w = w0.clone() if keep is not None else w0
+            buf = b0.clone() if keep is not None and b0 is not None else b0
             sgd_rows_(w, buf, grad.to(w.dtype), lr, self.opt)
+            if keep is not None:
+                w = torch.where(keep, w, w0)
+                buf = torch.where(keep, buf, b0) if buf is not None and b0 is not None else buf
             self.W.index_copy_(0, local, w)
             if self.M is not None and buf is not None:
                 self.M.index_copy_(0, local, buf)
@@ -633,6 +640,8 @@ class ShardedSoftmax(ClassifierHead):
         self._owed: Optional[tuple[torch.Tensor, list]] = None   # this step's active rows and their grad box
         self.last_active: Optional[np.ndarray] = None
         self._grown = 0
+        self._skipped: Optional[torch.Tensor] = None    # device count of steps whose gradient was not finite
+        self._skipped_said = 0
 
     # -- step protocol ------------------------------------------------------------------------
     def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: Optional[torch.Tensor] = None) -> None:
@@ -657,13 +666,14 @@ class ShardedSoftmax(ClassifierHead):
             grad = box[0]
         bad = (~torch.isfinite(grad)).any().to(torch.float32).reshape(1)
         if self.comm.distributed:
-            dist.all_reduce(bad, group=self.comm.group)
+            dist.all_reduce(bad, group=self.comm.group)      # any rank's: every rank skips together
         if self._scale is not None:
             grad = grad / self._scale
-        if applied and float(bad) == 0:
-            self.rows.update(local, grad, self._lr)
-        elif applied:
-            logger.warning("step %d: non-finite gradient of the active rows; W is not updated this step", step)
+        if applied:         # decided on the device (no host sync); counted, and said at the next stats()
+            ok = bad[0] == 0
+            self.rows.update(local, grad, self._lr, keep=ok)
+            self._skipped = self._skipped + (~ok).to(torch.int64) if self._skipped is not None else \
+                (~ok).to(torch.int64)
         self.rows.step += 1
 
     @property
@@ -841,6 +851,14 @@ class ShardedSoftmax(ClassifierHead):
         out: dict[str, Any] = {"num_active": self.num_active}
         if self._grown:
             out["m_grown_steps"] = self._grown
+        if self._skipped is not None:
+            n = int(self._skipped)                # a host sync, at log steps only
+            if n:
+                out["nonfinite_skipped_steps"] = n
+                if n > self._skipped_said:
+                    logger.warning("%d step(s) so far with a non-finite gradient of the active rows (fp16 "
+                                   "overflow?): W was not updated in them", n)
+                    self._skipped_said = n
         if self.graph is not None:
             out.update(index_builds=self.graph.builds, index_waits=self.graph.waits,
                        index_wait_s=round(self.graph.wait_s, 3))
