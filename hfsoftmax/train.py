@@ -322,6 +322,20 @@ def classify(backbone: nn.Module, head: ClassifierHead, val_set: Dataset, cfg: C
     return classify_dataset(backbone, head, val_set, device, batch_size=256, num_workers=cfg.data.num_workers)
 
 
+def score_over_k(cfg: Config, backbone: nn.Module, head: ClassifierHead, val_set: Dataset | None,
+                 device: torch.device) -> dict[str, Any]:
+    """The end of a run's top-k over all K: ``classification`` of the held-out list (when there is
+    one) and ``identification`` of new images of the synthetic identities (when they train)."""
+    out: dict[str, Any] = {}
+    if val_set is not None:
+        out["classification"] = classify(backbone, head, val_set, cfg, device)
+    if not cfg.data.path and cfg.data.val_samples > 0:
+        from .data.synthetic import heldout_samples, spec_from_config
+        images, labels = heldout_samples(spec_from_config(cfg.data), cfg.data.val_samples)
+        out["identification"] = identify(backbone, head, images, labels, device)
+    return out
+
+
 def val_record(r: dict[str, Any]) -> dict[str, Any]:
     """The metrics.jsonl fields of a :func:`classify` result."""
     return {"val_top1": r["top1"], "val_top5": r["top5"], "val_samples": r["samples"]}
@@ -452,6 +466,8 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     else:
         head = build_head(cfg.head, num_classes, cfg.model.feature_dim, device=device, store=store,
                           seed=cfg.train.seed, pipeline=cfg.store.pipeline, prefetch=cfg.store.prefetch).to(device)
+    if val_set is None and not head.scores_alone():
+        val_set = open_val_set(cfg, num_classes)      # W split across the ranks: every rank scores it
     model = Model(backbone, head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
@@ -541,7 +557,9 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
     wall = time.time() - t_start
     result.update({"steps": total, "wall_s": wall,
                    "samples_per_s": (total - start_step) * cfg.train.batch_size * info.world_size / max(wall, 1e-9)})
-    if (ver_sets or val_set is not None) and info.is_main:
+    # top-k over all K: rank 0 alone, or every rank when W is split across them (each scores its rows)
+    scored = score_over_k(cfg, backbone, head, val_set, device) if info.is_main or not head.scores_alone() else {}
+    if (ver_sets or scored) and info.is_main:
         rec = {}
         if ver_sets:
             # The same report scripts/eval.sh writes (results.md, results.json, roc_<set>.png), on the .bins.
@@ -554,16 +572,11 @@ def _train(cfg: Config, info: hdist.DistInfo) -> dict[str, Any]:
             result["report"] = format_markdown(final)
             result["report_dir"] = eval_dir
             rec.update({f"{n}_acc": r["accuracy"] for n, r in final.items()})
-        if (val_set is not None or (not cfg.data.path and cfg.data.val_samples > 0)) and not head.scores_alone():
-            logger.info("top-k over all K skipped: W is sharded across the %d ranks; score the checkpoint with "
-                        "python -m hfsoftmax.eval classify (it reads the store snapshot)", info.world_size)
-        elif val_set is not None:
-            result["classification"] = classify(backbone, head, val_set, cfg, device)
+        if "classification" in scored:
+            result["classification"] = scored["classification"]
             rec.update(val_record(result["classification"]))
-        if not cfg.data.path and cfg.data.val_samples > 0 and head.scores_alone():
-            from .data.synthetic import heldout_samples, spec_from_config
-            images, labels = heldout_samples(spec_from_config(cfg.data), cfg.data.val_samples)
-            result["identification"] = identify(backbone, head, images, labels, device)
+        if "identification" in scored:
+            result["identification"] = scored["identification"]
             rec.update(heldout_top1=result["identification"]["top1"], heldout_top5=result["identification"]["top5"])
         metrics.log(event="eval", step=total, **rec)
     if info.is_main:
@@ -651,13 +664,13 @@ def _run_steps(cfg: Config, info: hdist.DistInfo, train_set: Dataset, model: Mod
         if bar is not None:
             bar.update(1)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total:
+            rec = {}
+            if val_set is not None and (info.is_main or not head.scores_alone()):   # W split: every rank
+                rec.update(val_record(classify(backbone, head, val_set, cfg, device)))
             if info.is_main and (ver_sets or val_set is not None):
-                rec = {}
                 if ver_sets:
                     r = verify(backbone, ver_sets, device, cfg.data.image_size)
                     rec.update({f"{n}_acc": v["accuracy"] for n, v in r.items()})
-                if val_set is not None and head.scores_alone():
-                    rec.update(val_record(classify(backbone, head, val_set, cfg, device)))
                 metrics.log(event="eval", step=done, **rec)
             hdist.wait_for_main()     # every rank; a long evaluation must not trip the 600 s collectives
         if is_ckpt:

@@ -532,3 +532,30 @@ def test_a_non_finite_gradient_leaves_the_rows_and_is_counted() -> None:
     head(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3])).backward()
     head.end_step(2)
     assert not torch.equal(rows.W, W0) and rows.step == 3
+
+
+def test_two_sharded_ranks_score_top_k_over_all_k_together(tmp_path) -> None:
+    """With W split across the ranks every rank joins the top-k over all K (each scores its rows):
+    the run reports it, and it equals the same checkpoint scored from its snapshot in one process."""
+    from hfsoftmax.config import load_config
+    from hfsoftmax.data.synthetic import heldout_samples, spec_from_config
+    from hfsoftmax.eval.classify import open_head
+    from hfsoftmax.backbones import get_backbone
+    from hfsoftmax.train import identify
+
+    out = tmp_path / "two"
+    over = TINY + ["store.kind=sharded", "data.val_samples=24", "train.batch_size=4", "train.steps=3",
+                   f"train.out_dir={out}"]
+    mp.spawn(_train_rank, args=(2, free_port(), over), nprocs=2, join=True)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in recs if r.get("event") == "eval" and "heldout_top1" in r]
+    assert final, "no top-k over all K in the 2-rank run"
+    ck = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    cfg = load_config(None, over)
+    backbone = get_backbone("tiny", D, 16, norm="group")
+    backbone.load_state_dict(ck["model"])
+    head = open_head(ck, str(out / "ckpt_last.pt"))
+    images, labels = heldout_samples(spec_from_config(cfg.data), 24)
+    r = identify(backbone, head, images, labels, torch.device("cpu"))
+    head.close()
+    assert r["top1"] == final[-1]["heldout_top1"] and r["top5"] == final[-1]["heldout_top5"]

@@ -741,7 +741,7 @@ class ShardedSoftmax(ClassifierHead):
         training = torch.is_grad_enabled()
         if training and self._train_step is None:
             raise RuntimeError("ShardedSoftmax: call head.begin_step(step, lr) before a training forward")
-        if training and self.comm.device != features.device:
+        if training and self.comm.distributed and self.comm.device != features.device:
             raise RuntimeError(f"ShardedSoftmax: features on {features.device}, but the head's collectives "
                                f"run on {self.comm.device}")
         host = self._host_labels if (training and self._host_labels is not None
