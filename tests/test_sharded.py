@@ -67,6 +67,7 @@ def config(v: Variant, kind: str) -> Config:
     cfg.head.num_active, cfg.head.candidates = (K if v.head == "full" else M), 6
     cfg.optim.sparse_momentum = v.momentum_rule
     cfg.head.rebuild_every, cfg.head.degree, cfg.head.nlist = 2, 4, 4
+    cfg.head.cpk_every = 2                       # a CPK probe at steps 0 and 2: measured, never steering
     cfg.store.kind = kind
     return cfg
 
@@ -91,8 +92,13 @@ def train_sharded(v: Variant, rank: int, world: int, snap: str) -> tuple[dict, l
     head.snapshot(snap)
     if head.graph is not None:      # the live graph and when it went live
         actives.append((head.graph.part, head.graph.live_since, head.graph.builds))
+    LAST_STATS.clear()
+    LAST_STATS.update(head.stats())
     head.close()
     return {k: t.clone() for k, t in model.backbone.state_dict().items()}, actives
+
+
+LAST_STATS: dict = {}                # the head's stats() at the end of the last train_sharded / train_local
 
 
 def train_local(v: Variant) -> tuple[dict, np.ndarray, list]:
@@ -104,6 +110,8 @@ def train_local(v: Variant) -> tuple[dict, np.ndarray, list]:
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0], momentum=0.9, weight_decay=5e-4)
     actives = train_steps(model, head, opt, 0, 1, global_batch, LRS[:STEPS])
     W = store.pull(np.arange(K))
+    LAST_STATS.clear()
+    LAST_STATS.update(head.stats())
     head.close()
     return {k: t.clone() for k, t in model.backbone.state_dict().items()}, W, actives
 
@@ -128,6 +136,7 @@ def _rank_main(rank: int, world: int, init: str, out: str, snaps: list[str]) -> 
         results = {"ce": dist_ce(rank, world, HeadComm(rank, world))}
         for v, s in zip(VARIANTS, snaps):
             results[v.name] = train_sharded(v, rank, world, s)
+            results[f"stats:{v.name}"] = dict(LAST_STATS)
         torch.save(results, f"{out}.{rank}")
         dist.barrier()
     finally:
@@ -166,6 +175,11 @@ def test_distributed_cross_entropy_equals_one_cross_entropy(two_ranks) -> None:
 def test_two_sharded_ranks_equal_one_process_with_a_local_store(two_ranks, v: Variant) -> None:
     ranks, snaps = two_ranks
     state, W, actives = train_local(v)
+    # the CPK probe (steps 0 and 2), the score over the two ranks' rows against the store's op
+    got, want = ranks[0][f"stats:{v.name}"], LAST_STATS
+    assert got["cpk_step"] == want["cpk_step"] == 2.0
+    for key in ("cpk_exact", "cpk_active"):
+        assert abs(got[key] - want[key]) < 1e-5 and got[key] == ranks[1][f"stats:{v.name}"][key], (v.name, key)
     s0, a0 = ranks[0][v.name]
     s1, a1 = ranks[1][v.name]
     for a, b, c in zip(actives, a0, a1):
@@ -559,3 +573,32 @@ def test_two_sharded_ranks_score_top_k_over_all_k_together(tmp_path) -> None:
     r = identify(backbone, head, images, labels, torch.device("cpu"))
     head.close()
     assert r["top1"] == final[-1]["heldout_top1"] and r["top5"] == final[-1]["heldout_top5"]
+
+
+def test_the_cpk_probe_of_the_sharded_head_equals_the_store_paths() -> None:
+    """cpk_exact and cpk_active of a sharded head (its own score op over the rows) equal those of the
+    selective head on a local store with the same W, features and active set, exact and sampled."""
+    from hfsoftmax.heads.sharded import ShardedSoftmax
+
+    n_cls, d, B, Mx = 60, 8, 16, 24
+    for sample in (200_000, 30):                  # exact over all K; sampled around the active set
+        cfg = config(Variant("x", head="random", index="random"), "local")
+        cfg.head.cpk_every, cfg.head.cpk_sample, cfg.model.feature_dim = 1, sample, d
+        store = make_store(cfg, n_cls, DistInfo(0, 1, 0, torch.device("cpu")))
+        sel = SelectiveSoftmax.from_config(cfg.head, store, n_cls, d, seed=5)
+        sel.num_active = Mx
+        rows = ShardedRows(n_cls, d, HeadComm(0, 1), torch.device("cpu"), SGDConfig(), seed=5)
+        rows.W.copy_(torch.from_numpy(store.pull(np.arange(n_cls))))
+        sh = ShardedSoftmax(rows, Mx, margin="cosface", scale=8.0, margin_m=0.2, seed=5, cpk_every=1,
+                            cpk_sample=sample)
+        g = np.random.default_rng(2)
+        feats = torch.from_numpy(g.standard_normal((B, d)).astype(np.float32))
+        labels = torch.from_numpy(g.integers(0, n_cls, B))
+        for head in (sel, sh):
+            head.begin_step(0, 0.0)
+            head(feats.clone().requires_grad_(True), labels)
+        a, b = sel.stats(), sh.stats()
+        for key in ("cpk_exact", "cpk_active"):
+            assert 0 < b[key] <= 1 and abs(a[key] - b[key]) < 1e-6, (sample, key, a[key], b[key])
+        np.testing.assert_array_equal(sel.last_active, sh.last_active)
+        sel.close()

@@ -50,6 +50,7 @@ from paramserver.store import init_rows, shard_ranges
 
 from .base import ClassifierHead
 from .collective import HeadComm
+from .cpk import CPKProbe
 from .margin import Margin, fp32_logits
 
 logger = logging.getLogger(__name__)
@@ -620,7 +621,8 @@ class ShardedSoftmax(ClassifierHead):
 
     def __init__(self, rows: ShardedRows, num_active: int, *, margin: str = "none", scale: float = 64.0,
                  margin_m: Any = 0.35, index: str = "random", candidates: int = 64, seed: int = 0,
-                 degree: int = 32, nlist: int = 0, rebuild_every: int = 100) -> None:
+                 degree: int = 32, nlist: int = 0, rebuild_every: int = 100, cpk_every: int = 0,
+                 cpk_probe: int = 64, cpk_sample: int = 200_000, block_size: int = 65536) -> None:
         super().__init__(rows.num_classes, rows.dim)
         if index not in SHARDED_INDEXES:
             raise ValueError(f"store.kind=sharded: head.index must be one of {', '.join(SHARDED_INDEXES)} "
@@ -642,6 +644,10 @@ class ShardedSoftmax(ClassifierHead):
         self._grown = 0
         self._skipped: Optional[torch.Tensor] = None    # device count of steps whose gradient was not finite
         self._skipped_said = 0
+        self.cpk = CPKProbe(rows.num_classes, cpk_every, cpk_probe, cpk_sample, seed)
+        self.block_size = int(block_size)
+        self._cpk: dict[str, float] = {}
+        self._probe_lse: Optional[torch.Tensor] = None
 
     # -- step protocol ------------------------------------------------------------------------
     def begin_step(self, step: int, lr: float, grad_scale: Any = None, labels: Optional[torch.Tensor] = None) -> None:
@@ -761,11 +767,22 @@ class ShardedSoftmax(ClassifierHead):
             M = n_unique
         if training and self.graph is not None:
             self.graph.on_step(self._train_step)
+        probe_step = training and self.cpk.due(self._train_step)
         gfeats = None
-        if self.index_name != "random":     # global order i*R + r from rank-major r*b + i
+        if self.index_name != "random" or probe_step:     # global order i*R + r from rank-major r*b + i
             pos = np.arange(R * b)
             gfeats = feats.detach()[torch.from_numpy((pos % R) * b + pos // R).to(feats.device)]
-        active, remap_g = self.select(gfeats, glab, M)
+        query = gfeats if self.index_name != "random" else None
+        probe = None
+        if probe_step:      # CPK of the exact top-M (sampled around the active set at large K), as the store path
+            probe = gfeats[: self.cpk.probe_size]
+            pre = self.select(query, glab, M)[0] if self.cpk.sampled else None
+            self._probe_lse, curve = self.cpk.curve(probe, self._score, self.num_active, pre, self._train_step or 0)
+            self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step or 0),
+                         "cpk_sampled": 1.0 if self.cpk.sampled else 0.0}
+        active, remap_g = self.select(query, glab, M)
+        if probe is not None:
+            self._cpk["cpk_active"] = self.cpk.active_mass(probe, self._score, active, self._probe_lse)
         # rank-major targets: sample i of rank r sits at i*R + r in the global order, r*b + i in feats
         target = remap_g.reshape(b, R).T.reshape(-1) if R > 1 else remap_g                        # [R*b] in 0..M-1
         lo, hi = self.rows.lo, self.rows.hi
@@ -785,6 +802,42 @@ class ShardedSoftmax(ClassifierHead):
         with fp32_logits(features.device):
             logits = self.rule.logits(feats, Wa.to(features.device), t_local, partial=True)       # [R*b, n_r]
             return DistCrossEntropy.apply(logits, t_local, self.comm)
+
+    def _score(self, features: np.ndarray, ids: Optional[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The store's ``score`` op over the sharded rows (a :class:`~hfsoftmax.heads.cpk.CPKProbe`
+        score): per feature, the log-sum-exp (float64) of its eval logits over the classes ``ids``
+        (None: all K) and its top-``k`` logits, each rank over the ids it holds, combined across the
+        ranks. Every rank calls it with the same arguments."""
+        W, lo, hi = self.rows.W, self.rows.lo, self.rows.hi
+        F = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(W.device)
+        P = F.shape[0]
+        if ids is None:
+            local = None
+        else:
+            ids = np.asarray(ids, dtype=np.int64)
+            local = torch.from_numpy(ids[(ids >= lo) & (ids < hi)] - lo).to(W.device)
+        n = (hi - lo) if local is None else int(local.numel())
+        lse = torch.full((P,), -math.inf, dtype=torch.float64, device=W.device)
+        best = torch.full((P, 0), -math.inf, dtype=torch.float64, device=W.device)
+        with torch.no_grad(), fp32_logits(W.device):
+            for s in range(0, n, self.block_size):
+                rows = W[s:s + self.block_size] if local is None else W[local[s:s + self.block_size]]
+                logits = self.rule.logits(F, rows).double()                                # [P, blk]
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+                best = torch.cat([best, logits.topk(min(k, logits.shape[1]), dim=1).values], 1)
+                best = best.topk(min(k, best.shape[1]), dim=1).values
+            if best.shape[1] < k:
+                best = torch.cat([best, torch.full((P, k - best.shape[1]), -math.inf, dtype=torch.float64,
+                                                   device=W.device)], 1)
+            if self.comm.distributed:
+                R = self.comm.world_size
+                both = torch.cat([lse[:, None], best], 1)                            # [P, 1 + k] float64
+                out = torch.empty((R * P, k + 1), dtype=both.dtype, device=W.device)
+                dist.all_gather_into_tensor(out, both.contiguous(), group=self.comm.group)
+                out = out.view(R, P, k + 1)
+                lse = torch.logsumexp(out[:, :, 0], dim=0)
+                best = out[:, :, 1:].permute(1, 0, 2).reshape(P, R * k).topk(k, dim=1).values
+        return lse.cpu().numpy(), best.cpu().numpy()
 
     # -- evaluation ---------------------------------------------------------------------------
     def scores_alone(self) -> bool:
@@ -848,7 +901,7 @@ class ShardedSoftmax(ClassifierHead):
             self.graph.load_state(path)
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_active": self.num_active}
+        out: dict[str, Any] = {"num_active": self.num_active, **self._cpk}
         if self._grown:
             out["m_grown_steps"] = self._grown
         if self._skipped is not None:
@@ -908,7 +961,8 @@ def make_sharded_head(cfg: Any, num_classes: int, device: torch.device, *, rank:
     rule = Margin.from_config(h)
     return ShardedSoftmax(rows, M, margin=rule.kind, scale=rule.scale, margin_m=rule.m, index=index,
                           candidates=int(h.candidates), seed=int(cfg.train.seed), degree=int(h.degree),
-                          nlist=int(h.nlist), rebuild_every=int(h.rebuild_every))
+                          nlist=int(h.nlist), rebuild_every=int(h.rebuild_every), cpk_every=int(h.cpk_every),
+                          cpk_sample=int(h.cpk_sample))
 
 
 # --------------------------------------------------------------------------------------------- #
