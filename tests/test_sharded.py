@@ -46,6 +46,7 @@ class Variant:
     index: str = "exact"
     margin: str = "cosface"
     momentum_rule: str = "unrolled"
+    adaptive: bool = False
 
 
 VARIANTS = [
@@ -54,6 +55,7 @@ VARIANTS = [
     Variant("exact_plain_lazy", margin="none", momentum_rule="lazy"),
     Variant("full", head="full", margin="cosface"),
     Variant("graph", index="graph"),
+    Variant("adaptive", adaptive=True),
 ]
 LOCAL = [v for v in VARIANTS if v.index != "graph"]     # the graph's timeline is its own (see its test)
 
@@ -68,6 +70,8 @@ def config(v: Variant, kind: str) -> Config:
     cfg.optim.sparse_momentum = v.momentum_rule
     cfg.head.rebuild_every, cfg.head.degree, cfg.head.nlist = 2, 4, 4
     cfg.head.cpk_every = 2                       # a CPK probe at steps 0 and 2: measured, never steering
+    if v.adaptive:                               # ... except here: M follows it (tau 0.5 within [10, 30])
+        cfg.head.adaptive, cfg.head.tau_cp, cfg.head.m_min, cfg.head.m_max = True, 0.5, 10, 30
     cfg.store.kind = kind
     return cfg
 
@@ -185,7 +189,10 @@ def test_two_sharded_ranks_equal_one_process_with_a_local_store(two_ranks, v: Va
     for a, b, c in zip(actives, a0, a1):
         np.testing.assert_array_equal(a, b, err_msg=f"{v.name}: active sets differ")
         np.testing.assert_array_equal(b, c, err_msg=f"{v.name}: the ranks' active sets differ")
-    assert all(len(a) == (K if v.head == "full" else M) for a in actives)
+    if v.adaptive:        # M chosen by the probe, the same as the store path's (the sets above)
+        assert all(10 <= len(a) <= 30 for a in actives) and len(actives[0]) != M, [len(a) for a in actives]
+    else:
+        assert all(len(a) == (K if v.head == "full" else M) for a in actives)
     man = read_manifest(snaps[v.name])
     assert man["step"] == STEPS and man["num_classes"] == K
     W2 = np.load(os.path.join(snaps[v.name], man["files"]["W"]))

@@ -50,7 +50,7 @@ from paramserver.store import init_rows, shard_ranges
 
 from .base import ClassifierHead
 from .collective import HeadComm
-from .cpk import CPKProbe
+from .cpk import AdaptiveAllocation, CPKProbe
 from .margin import Margin, fp32_logits
 
 logger = logging.getLogger(__name__)
@@ -622,7 +622,8 @@ class ShardedSoftmax(ClassifierHead):
     def __init__(self, rows: ShardedRows, num_active: int, *, margin: str = "none", scale: float = 64.0,
                  margin_m: Any = 0.35, index: str = "random", candidates: int = 64, seed: int = 0,
                  degree: int = 32, nlist: int = 0, rebuild_every: int = 100, cpk_every: int = 0,
-                 cpk_probe: int = 64, cpk_sample: int = 200_000, block_size: int = 65536) -> None:
+                 cpk_probe: int = 64, cpk_sample: int = 200_000, block_size: int = 65536,
+                 adapt: Optional[AdaptiveAllocation] = None) -> None:
         super().__init__(rows.num_classes, rows.dim)
         if index not in SHARDED_INDEXES:
             raise ValueError(f"store.kind=sharded: head.index must be one of {', '.join(SHARDED_INDEXES)} "
@@ -645,6 +646,9 @@ class ShardedSoftmax(ClassifierHead):
         self._skipped: Optional[torch.Tensor] = None    # device count of steps whose gradient was not finite
         self._skipped_said = 0
         self.cpk = CPKProbe(rows.num_classes, cpk_every, cpk_probe, cpk_sample, seed)
+        if adapt is not None and not cpk_every:
+            raise ValueError("head.adaptive=true needs head.cpk_every > 0 (CPK drives the allocation)")
+        self.adapt = adapt           # M follows the CPK probe; the graph's T stays fixed (its schedule)
         self.block_size = int(block_size)
         self._cpk: dict[str, float] = {}
         self._probe_lse: Optional[torch.Tensor] = None
@@ -760,11 +764,7 @@ class ShardedSoftmax(ClassifierHead):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), "
                              f"got range [{glab.min()}, {glab.max()}]")
         feats = _GatherFeatures.apply(features, self.comm) if self.comm.distributed else features   # [R*b, d] r*b + i
-        M = self.num_active
         n_unique = int(np.unique(glab).size)
-        if M < n_unique:
-            self._grown += int(training)
-            M = n_unique
         if training and self.graph is not None:
             self.graph.on_step(self._train_step)
         probe_step = training and self.cpk.due(self._train_step)
@@ -773,13 +773,24 @@ class ShardedSoftmax(ClassifierHead):
             pos = np.arange(R * b)
             gfeats = feats.detach()[torch.from_numpy((pos % R) * b + pos // R).to(feats.device)]
         query = gfeats if self.index_name != "random" else None
+        M = self.num_active
         probe = None
         if probe_step:      # CPK of the exact top-M (sampled around the active set at large K), as the store path
             probe = gfeats[: self.cpk.probe_size]
-            pre = self.select(query, glab, M)[0] if self.cpk.sampled else None
-            self._probe_lse, curve = self.cpk.curve(probe, self._score, self.num_active, pre, self._train_step or 0)
-            self._cpk = {"cpk_exact": float(curve[self.num_active - 1]), "cpk_step": float(self._train_step or 0),
+            pre = self.select(query, glab, max(M, n_unique))[0] if self.cpk.sampled else None
+            k = max(M, min(self.adapt.m_max, self.num_classes)) if self.adapt is not None else M
+            self._probe_lse, curve = self.cpk.curve(probe, self._score, k, pre, self._train_step or 0)
+            if self.adapt is not None:          # adaptive allocation: the smallest M reaching tau_cp
+                new_m = self.adapt.choose_m(curve, self.num_classes)
+                if new_m != M:
+                    logger.info("adaptive allocation at step %d: M %d -> %d (tau_cp %.3f)", self._train_step, M,
+                                new_m, self.adapt.tau_cp)
+                self.num_active = M = new_m
+            self._cpk = {"cpk_exact": float(curve[M - 1]), "cpk_step": float(self._train_step or 0),
                          "cpk_sampled": 1.0 if self.cpk.sampled else 0.0}
+        if M < n_unique:            # every label stays active: M grows for this step (counted)
+            self._grown += int(training)
+            M = n_unique
         active, remap_g = self.select(query, glab, M)
         if probe is not None:
             self._cpk["cpk_active"] = self.cpk.active_mass(probe, self._score, active, self._probe_lse)
@@ -927,7 +938,9 @@ class ShardedSoftmax(ClassifierHead):
         return {"num_active": self.num_active}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """M is the config's (no adaptive allocation here), also on resume."""
+        """An adaptive M continues where it was; a fixed M is the config's, also on resume."""
+        if self.adapt is not None and "num_active" in state:
+            self.num_active = int(state["num_active"])
 
     def extra_repr(self) -> str:
         return (f"rows=[{self.rows.lo}, {self.rows.hi}) of {self.num_classes} x {self.feature_dim}, "
@@ -954,15 +967,19 @@ def make_sharded_head(cfg: Any, num_classes: int, device: torch.device, *, rank:
     rows = ShardedRows(num_classes, spec.dim, comm, device, opt, init=spec.init, init_std=spec.init_std,
                        seed=spec.seed, dtype=spec.dtype)
     h = cfg.head
-    if h.adaptive:
-        raise ValueError("store.kind=sharded does not adapt M yet (head.adaptive=false)")
+    adapt = None
+    if h.adaptive:       # M only: the graph's rebuild period stays head.rebuild_every (its fixed schedule)
+        if not (0.0 < h.tau_cp <= 1.0 and 1 <= h.m_min <= h.m_max):
+            raise ValueError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, got "
+                             f"tau_cp={h.tau_cp}, m_min={h.m_min}, m_max={h.m_max}")
+        adapt = AdaptiveAllocation(float(h.tau_cp), int(h.m_min), int(h.m_max), int(h.rebuild_every))
     M = num_classes if h.name == "full" else min(int(h.num_active), num_classes)
     index = "random" if h.name == "full" else ("graph" if h.index == "auto" else head_index_name(h, num_classes))
     rule = Margin.from_config(h)
     return ShardedSoftmax(rows, M, margin=rule.kind, scale=rule.scale, margin_m=rule.m, index=index,
                           candidates=int(h.candidates), seed=int(cfg.train.seed), degree=int(h.degree),
                           nlist=int(h.nlist), rebuild_every=int(h.rebuild_every), cpk_every=int(h.cpk_every),
-                          cpk_sample=int(h.cpk_sample))
+                          cpk_sample=int(h.cpk_sample), adapt=adapt)
 
 
 # --------------------------------------------------------------------------------------------- #
