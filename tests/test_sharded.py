@@ -609,3 +609,24 @@ def test_the_cpk_probe_of_the_sharded_head_equals_the_store_paths() -> None:
             assert 0 < b[key] <= 1 and abs(a[key] - b[key]) < 1e-6, (sample, key, a[key], b[key])
         np.testing.assert_array_equal(sel.last_active, sh.last_active)
         sel.close()
+
+
+def test_the_adaptive_rule_moves_the_sharded_graphs_rebuild_period(monkeypatch) -> None:
+    """With head.adaptive the T rule (AdaptiveAllocation.observe, the server path's) sets the graph's
+    period at probe steps: T = 2 -> 3 at step 0 puts the swaps at steps 3 and 6 (not 2, 4, 6)."""
+    from hfsoftmax.heads.cpk import AdaptiveAllocation
+    from hfsoftmax.heads.sharded import ShardedSoftmax
+
+    monkeypatch.setattr(AdaptiveAllocation, "observe", lambda self, cpk_active, builds, period: 3)
+    rows = ShardedRows(40, 8, HeadComm(0, 1), torch.device("cpu"), SGDConfig(), seed=0)
+    head = ShardedSoftmax(rows, 12, margin="cosface", scale=8.0, margin_m=0.2, index="graph", degree=4, nlist=4,
+                          rebuild_every=2, cpk_every=1, adapt=AdaptiveAllocation(0.5, 10, 30, 2))
+    for step in range(7):
+        g = np.random.default_rng(step)
+        head.begin_step(step, 0.1)
+        head(torch.from_numpy(g.standard_normal((8, 8)).astype(np.float32)).requires_grad_(True),
+             torch.from_numpy(g.integers(0, 40, 8))).backward()
+        head.end_step(step)
+    assert head.graph.every == 3 and head.graph.builds == 2 and head.graph.live_since == 6
+    assert head.get_extra_state()["rebuild_every"] == 3
+    head.close()

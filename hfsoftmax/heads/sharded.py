@@ -648,7 +648,7 @@ class ShardedSoftmax(ClassifierHead):
         self.cpk = CPKProbe(rows.num_classes, cpk_every, cpk_probe, cpk_sample, seed)
         if adapt is not None and not cpk_every:
             raise ValueError("head.adaptive=true needs head.cpk_every > 0 (CPK drives the allocation)")
-        self.adapt = adapt           # M follows the CPK probe; the graph's T stays fixed (its schedule)
+        self.adapt = adapt           # M, and the graph's T, follow the CPK probe
         self.block_size = int(block_size)
         self._cpk: dict[str, float] = {}
         self._probe_lse: Optional[torch.Tensor] = None
@@ -794,6 +794,8 @@ class ShardedSoftmax(ClassifierHead):
         active, remap_g = self.select(query, glab, M)
         if probe is not None:
             self._cpk["cpk_active"] = self.cpk.active_mass(probe, self._score, active, self._probe_lse)
+            if self.adapt is not None and self.graph is not None:   # the T rule, as the server path's
+                self.graph.every = self.adapt.observe(self._cpk["cpk_active"], self.graph.builds, self.graph.every)
         # rank-major targets: sample i of rank r sits at i*R + r in the global order, r*b + i in feats
         target = remap_g.reshape(b, R).T.reshape(-1) if R > 1 else remap_g                        # [R*b] in 0..M-1
         lo, hi = self.rows.lo, self.rows.hi
@@ -935,12 +937,14 @@ class ShardedSoftmax(ClassifierHead):
             self.graph.close()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"num_active": self.num_active}
+        return {"num_active": self.num_active, "rebuild_every": self.graph.every if self.graph is not None else 0}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """An adaptive M continues where it was; a fixed M is the config's, also on resume."""
         if self.adapt is not None and "num_active" in state:
             self.num_active = int(state["num_active"])
+            if self.graph is not None and int(state.get("rebuild_every") or 0) > 0:
+                self.graph.every = int(state["rebuild_every"])
 
     def extra_repr(self) -> str:
         return (f"rows=[{self.rows.lo}, {self.rows.hi}) of {self.num_classes} x {self.feature_dim}, "
@@ -968,7 +972,7 @@ def make_sharded_head(cfg: Any, num_classes: int, device: torch.device, *, rank:
                        seed=spec.seed, dtype=spec.dtype)
     h = cfg.head
     adapt = None
-    if h.adaptive:       # M only: the graph's rebuild period stays head.rebuild_every (its fixed schedule)
+    if h.adaptive:       # M, and the graph's rebuild period T (changed at probe steps: the same on every rank)
         if not (0.0 < h.tau_cp <= 1.0 and 1 <= h.m_min <= h.m_max):
             raise ValueError(f"adaptive allocation needs 0 < tau_cp <= 1 and 1 <= m_min <= m_max, got "
                              f"tau_cp={h.tau_cp}, m_min={h.m_min}, m_max={h.m_max}")
