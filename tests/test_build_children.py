@@ -12,7 +12,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import List, Optional
@@ -24,7 +23,7 @@ from paramserver.index import ExactIndex, IndexManager
 from paramserver.index import spawn
 from paramserver.index.spawn import WORKDIR_PREFIX, ChildBuild
 from paramserver.store import WeightStore
-from test_index_spawn import _Store
+from test_index_spawn import _hf_dirs as _workdirs, _Store, tmpdir_only  # noqa: F401 (a fixture)
 
 WAIT_S = 60.0   # generous: a spawned child imports numpy and the package on a loaded 2-core machine
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -58,19 +57,6 @@ def _wait_until(cond, timeout: float = WAIT_S, poll: float = 0.05) -> bool:
             return False
         time.sleep(poll)
     return True
-
-
-def _workdirs(path) -> List[str]:
-    return sorted(p for p in os.listdir(path) if p.startswith(WORKDIR_PREFIX))
-
-
-@pytest.fixture
-def tmpdir_only(monkeypatch, tmp_path):
-    """tempfile's directory set to an empty one, so what a build leaves there is visible."""
-    d = tmp_path / "tmp"
-    d.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(d))
-    return d
 
 
 # ------------------------------------------------------------------ item 8: a hung build child

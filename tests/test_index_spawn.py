@@ -54,7 +54,8 @@ def _load_report(workdir: str) -> dict:
 
 
 def _hf_dirs(path) -> List[str]:
-    return [p for p in os.listdir(path) if p.startswith(WORKDIR_PREFIX)]
+    """The build workdirs in ``path``, sorted."""
+    return sorted(p for p in os.listdir(path) if p.startswith(WORKDIR_PREFIX))
 
 
 @pytest.fixture
