@@ -703,25 +703,30 @@ class ShardedSoftmax(ClassifierHead):
             if self.rule.metric == "angular":
                 Q, Wn = F.normalize(Q, dim=1), F.normalize(W, dim=1)
             S = Q @ Wn.t()                                                             # [N, n_r]
-            k = min(n, S.shape[1])
-            s, i = S.topk(k, dim=1) if k else (S[:, :0], torch.zeros_like(S[:, :0], dtype=torch.int64))
-            pad = n - k
-            if pad:
-                s = torch.cat([s, torch.full((S.shape[0], pad), -math.inf, device=S.device)], 1)
-                i = torch.cat([i, torch.full((S.shape[0], pad), -1 - self.rows.lo, device=S.device,
-                                             dtype=torch.int64)], 1)
-            i = i + self.rows.lo
-            if self.comm.distributed:
-                R, N = self.comm.world_size, S.shape[0]
-                s_all = torch.empty((R * N, n), dtype=s.dtype, device=s.device)
-                i_all = torch.empty((R * N, n), dtype=i.dtype, device=i.device)
-                dist.all_gather_into_tensor(s_all, s.contiguous(), group=self.comm.group)
-                dist.all_gather_into_tensor(i_all, i.contiguous(), group=self.comm.group)
-                s = s_all.view(R, N, n).permute(1, 0, 2).reshape(N, -1)                  # [N, R*n]
-                i = i_all.view(R, N, n).permute(1, 0, 2).reshape(N, -1)
-                s, top = s.topk(min(n, s.shape[1]), dim=1)
-                i = i.gather(1, top)
+            s, i = S.topk(min(n, S.shape[1]), dim=1)
+            s, i = self._merge_ranks_topk(s, i + self.rows.lo, n)
         return i.cpu().numpy(), s.cpu().numpy()
+
+    def _merge_ranks_topk(self, v: torch.Tensor, i: Optional[torch.Tensor], k: int
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Each rank's best values v [P, <= k] (and their global ids i, or None) -> the best k over all
+        ranks, the same on every rank; padded with -inf (ids -1) where fewer exist."""
+        P, pad = v.shape[0], k - v.shape[1]
+        if pad > 0:
+            v = torch.cat([v, torch.full((P, pad), -math.inf, dtype=v.dtype, device=v.device)], 1)
+            if i is not None:
+                i = torch.cat([i, torch.full((P, pad), -1, dtype=i.dtype, device=i.device)], 1)
+        if not self.comm.distributed:
+            return v, i
+        R = self.comm.world_size
+
+        def gathered(x: torch.Tensor) -> torch.Tensor:               # [P, k] per rank -> [P, R*k]
+            out = torch.empty((R * P, k), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x.contiguous(), group=self.comm.group)
+            return out.view(R, P, k).permute(1, 0, 2).reshape(P, R * k)
+
+        v, sel = gathered(v).topk(k, dim=1)
+        return v, (gathered(i).gather(1, sel) if i is not None else None)
 
     def select(self, feats: Optional[torch.Tensor], labels: np.ndarray, num_active: int
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -839,17 +844,11 @@ class ShardedSoftmax(ClassifierHead):
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
                 best = torch.cat([best, logits.topk(min(k, logits.shape[1]), dim=1).values], 1)
                 best = best.topk(min(k, best.shape[1]), dim=1).values
-            if best.shape[1] < k:
-                best = torch.cat([best, torch.full((P, k - best.shape[1]), -math.inf, dtype=torch.float64,
-                                                   device=W.device)], 1)
-            if self.comm.distributed:
-                R = self.comm.world_size
-                both = torch.cat([lse[:, None], best], 1)                            # [P, 1 + k] float64
-                out = torch.empty((R * P, k + 1), dtype=both.dtype, device=W.device)
-                dist.all_gather_into_tensor(out, both.contiguous(), group=self.comm.group)
-                out = out.view(R, P, k + 1)
-                lse = torch.logsumexp(out[:, :, 0], dim=0)
-                best = out[:, :, 1:].permute(1, 0, 2).reshape(P, R * k).topk(k, dim=1).values
+            best, _ = self._merge_ranks_topk(best, None, k)
+            if self.comm.distributed:       # the ranks' partitions: log-sum-exp of their log-sum-exps
+                parts = torch.empty(self.comm.world_size * P, dtype=lse.dtype, device=lse.device)
+                dist.all_gather_into_tensor(parts, lse.contiguous(), group=self.comm.group)
+                lse = torch.logsumexp(parts.view(self.comm.world_size, P), dim=0)
         return lse.cpu().numpy(), best.cpu().numpy()
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -871,19 +870,7 @@ class ShardedSoftmax(ClassifierHead):
                 v, i = v.topk(min(k, v.shape[1]), dim=1)
                 best_v, sel = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
                 best_i = torch.cat([best_i, i + s + self.rows.lo], 1).gather(1, sel)
-            if self.comm.distributed:
-                kk = min(k, self.num_classes)
-                pad = kk - best_v.shape[1]
-                if pad:
-                    best_v = torch.cat([best_v, torch.full((Fd.shape[0], pad), -math.inf, device=W.device)], 1)
-                    best_i = torch.cat([best_i, torch.full((Fd.shape[0], pad), -1, dtype=torch.int64,
-                                                           device=W.device)], 1)
-                vs = [torch.empty_like(best_v) for _ in range(self.comm.world_size)]
-                is_ = [torch.empty_like(best_i) for _ in range(self.comm.world_size)]
-                dist.all_gather(vs, best_v.contiguous(), group=self.comm.group)
-                dist.all_gather(is_, best_i.contiguous(), group=self.comm.group)
-                best_v, sel = torch.cat(vs, 1).topk(kk, dim=1)
-                best_i = torch.cat(is_, 1).gather(1, sel)
+            best_v, best_i = self._merge_ranks_topk(best_v, best_i, min(k, self.num_classes))
         return best_v.to(features.device), best_i.to(features.device)
 
     @torch.no_grad()
