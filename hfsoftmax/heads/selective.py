@@ -624,15 +624,24 @@ class SelectiveSoftmax(ClassifierHead):
             active, self.num_active = self.comm.broadcast_ids(active, self.num_active)
         # This rank's labels in 0..M-1: its positions r, r+R, ... of the global remapping, or (a rank
         # that received the set) searched in it (active holds every label of the global batch).
-        if remap_g is not None:
-            remapped = remap_g[self.comm.rank::self.comm.world_size] if coll else remap_g      # [b]
-        else:
+        if remap_g is None:
             order = np.argsort(active, kind="stable")
-            remapped = order[np.searchsorted(active, labels, sorter=order)]
+            remap_g = order[np.searchsorted(active, labels, sorter=order)]
+            coll_remap = False                                       # already this rank's [b]
+        else:
+            coll_remap = coll
+        plan = self._active_set(active, remap_g, coll_remap, coll, step)
+        plan.probe, plan.wait_s = probe, wait
+        return plan
+
+    def _active_set(self, active: np.ndarray, remap: np.ndarray, global_remap: bool, coll: bool,
+                    step: Optional[int]) -> ActiveSet:
+        """The plan of ``active`` ids: this rank's labels in 0..M-1 (its positions r, r+R, ... of the
+        global batch's remapping ``remap`` when ``global_remap``, else ``remap`` itself) and its slice."""
+        remapped = remap[self.comm.rank::self.comm.world_size] if global_remap else remap           # [b]
         M = len(active)
         return ActiveSet(ids=active, target=np.ascontiguousarray(remapped, dtype=np.int64),
-                         part=self.comm.my_slice(M) if coll else slice(0, M), step=step, gathered=coll,
-                         probe=probe, wait_s=wait)
+                         part=self.comm.my_slice(M) if coll else slice(0, M), step=step, gathered=coll)
 
     def fetch(self, plan: ActiveSet, features: torch.Tensor, ahead: Optional[_Ahead] = None
               ) -> tuple[torch.Tensor, np.dtype]:
@@ -688,10 +697,7 @@ class SelectiveSoftmax(ClassifierHead):
         store_step = step + self._offset
         M = self._grow(self.num_active, int(np.unique(glab).size), True, step)
         active, remap_g = self.select(None, glab, M, store_step, train_step=step)       # [M], [R*b]
-        remapped = remap_g[self.comm.rank::self.comm.world_size] if coll else remap_g
-        plan = ActiveSet(ids=active, target=np.ascontiguousarray(remapped, dtype=np.int64),
-                         part=self.comm.my_slice(len(active)) if coll else slice(0, len(active)),
-                         step=store_step, gathered=coll)
+        plan = self._active_set(active, remap_g, coll, coll, store_step)
         ids = plan.ids[plan.part]
         early = np.flatnonzero(~np.isin(ids, self.last_active))
         rows: list = []
